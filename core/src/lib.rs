@@ -1,0 +1,19 @@
+//! martd's core: everything that does not need nginx.
+//!
+//! * [`store`]: the channel store that lives in the shared zone (channels, message queues,
+//!   listener counts, worker mailboxes), generic over its allocator so it runs on the nginx slab
+//!   pool in production and on the global allocator in tests.
+//! * [`msgid`]: message ids and the parsing of the ids a listener sends back.
+//! * [`listeners`]: one worker's parked listeners and its copies of messages, driven by the
+//!   store.
+//! * [`info`]: the channel info bodies (plain text and JSON).
+//!
+//! Nothing here locks: the caller holds the zone's mutex around every call that takes the store.
+
+pub mod info;
+pub mod listeners;
+pub mod msgid;
+pub mod queue;
+pub mod store;
+
+pub use allocator_api2::alloc::{AllocError, Allocator, Global};

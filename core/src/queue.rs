@@ -1,0 +1,239 @@
+//! A channel's message queue: the stored messages, oldest first, in zone memory.
+
+use allocator_api2::alloc::Allocator;
+use allocator_api2::vec::Vec;
+
+use crate::msgid::MsgId;
+
+/// How long a message published with `martd_store_messages off` stays in the zone at most,
+/// waiting for the workers that had listeners to pick it up.
+pub const TRANSIENT_LIFE_MS: u64 = 5_000;
+
+/// One message. Content type and body share one allocation.
+pub struct Message<A: Allocator> {
+    /// The message id (the `Etag`).
+    pub id: MsgId,
+    /// Publish time, seconds since the epoch (the `Last-Modified`).
+    pub time: u64,
+    /// Wall-clock milliseconds after which the message is gone; `u64::MAX` = never.
+    expires_ms: u64,
+    /// Published with storing off: only listeners waiting at publish time may get it.
+    transient: bool,
+    /// For transient messages: workers that had listeners at publish time and have not yet
+    /// picked it up. At zero the message is dropped.
+    pending: u32,
+    ct_len: usize,
+    data: Vec<u8, A>,
+}
+
+impl<A: Allocator> Message<A> {
+    pub fn content_type(&self) -> &[u8] {
+        &self.data[..self.ct_len]
+    }
+
+    pub fn body(&self) -> &[u8] {
+        &self.data[self.ct_len..]
+    }
+
+    pub fn is_transient(&self) -> bool {
+        self.transient
+    }
+
+    /// Gone for listeners (expired, or a transient message every worker has seen).
+    pub fn is_dead(&self, now_ms: u64) -> bool {
+        now_ms >= self.expires_ms || (self.transient && self.pending == 0)
+    }
+}
+
+/// Why a message could not be stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoMemory;
+
+/// What the publisher asked for a message.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageSpec<'a> {
+    pub content_type: &'a [u8],
+    pub body: &'a [u8],
+    /// `0` = never expires.
+    pub timeout_ms: u64,
+}
+
+/// The stored messages of one channel, oldest first.
+pub struct MessageQueue<A: Allocator> {
+    messages: Vec<Message<A>, A>,
+}
+
+impl<A: Allocator + Clone> MessageQueue<A> {
+    pub fn new_in(alloc: A) -> Self {
+        MessageQueue { messages: Vec::new_in(alloc) }
+    }
+
+    /// Builds a message in zone memory; nothing is changed if memory runs out.
+    pub fn make_message(
+        &self,
+        spec: &MessageSpec<'_>,
+        id: MsgId,
+        now_ms: u64,
+        transient_for: Option<u32>,
+    ) -> Result<Message<A>, NoMemory> {
+        let alloc = self.messages.allocator().clone();
+        let mut data = Vec::new_in(alloc);
+        data.try_reserve_exact(spec.content_type.len() + spec.body.len()).map_err(|_| NoMemory)?;
+        data.extend_from_slice(spec.content_type);
+        data.extend_from_slice(spec.body);
+        let life = match (spec.timeout_ms, transient_for.is_some()) {
+            (0, false) => u64::MAX,
+            (t, false) => t,
+            (0, true) => TRANSIENT_LIFE_MS,
+            (t, true) => t.min(TRANSIENT_LIFE_MS),
+        };
+        Ok(Message {
+            id,
+            time: now_ms / 1000,
+            expires_ms: now_ms.saturating_add(life),
+            transient: transient_for.is_some(),
+            pending: transient_for.unwrap_or(0),
+            ct_len: spec.content_type.len(),
+            data,
+        })
+    }
+
+    /// Appends `msg`, dropping the oldest messages so that at most `max_len` stay.
+    /// Memory for the slot is reserved first, so on failure the queue is unchanged.
+    pub fn push(&mut self, msg: Message<A>, max_len: usize) -> Result<(), NoMemory> {
+        if self.messages.len() == self.messages.capacity() {
+            self.messages.try_reserve(1).map_err(|_| NoMemory)?;
+        }
+        let keep = max_len.max(1) - 1;
+        if self.messages.len() > keep {
+            let excess = self.messages.len() - keep;
+            self.messages.drain(..excess);
+        }
+        self.messages.push(msg);
+        Ok(())
+    }
+
+    /// Drops dead messages; returns how many were dropped.
+    pub fn expire(&mut self, now_ms: u64) -> usize {
+        let before = self.messages.len();
+        self.messages.retain(|m| !m.is_dead(now_ms));
+        if self.messages.is_empty() && self.messages.capacity() > 0 {
+            // Give the memory back without a reallocation that could fail.
+            let alloc = self.messages.allocator().clone();
+            self.messages = Vec::new_in(alloc);
+        }
+        before - self.messages.len()
+    }
+
+    /// The first live message after `since`; transient ones only if `include_transient`.
+    pub fn next_after(
+        &self,
+        since: MsgId,
+        now_ms: u64,
+        include_transient: bool,
+    ) -> Option<&Message<A>> {
+        // Ids increase along the queue: skip the older part with a binary search.
+        let start = self.messages.partition_point(|m| m.id <= since);
+        self.messages[start..]
+            .iter()
+            .find(|m| !m.is_dead(now_ms) && (include_transient || !m.transient))
+    }
+
+    /// The id of the newest live stored message published at or before second `time`
+    /// (`0` if none): the id an `If-Modified-Since` of `time` stands for.
+    pub fn id_at_time(&self, time: u64, now_ms: u64) -> MsgId {
+        self.messages
+            .iter()
+            .rev()
+            .find(|m| m.time <= time && !m.is_dead(now_ms))
+            .map_or(0, |m| m.id)
+    }
+
+    /// Live stored messages a new listener could receive.
+    pub fn stored_count(&self, now_ms: u64) -> usize {
+        self.messages.iter().filter(|m| !m.transient && !m.is_dead(now_ms)).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    /// A worker that had listeners when these were published has now seen every message
+    /// after `seen`.
+    pub fn ack_transient_after(&mut self, seen: MsgId) {
+        let start = self.messages.partition_point(|m| m.id <= seen);
+        for m in &mut self.messages[start..] {
+            if m.transient {
+                m.pending = m.pending.saturating_sub(1);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use allocator_api2::alloc::Global;
+
+    fn spec(body: &[u8]) -> MessageSpec<'_> {
+        MessageSpec { content_type: b"text/plain", body, timeout_ms: 0 }
+    }
+
+    #[test]
+    fn circular_and_ordered() {
+        let mut q = MessageQueue::new_in(Global);
+        for id in 1..=5u64 {
+            let m = q.make_message(&spec(format!("m{id}").as_bytes()), id, 1000, None).unwrap();
+            q.push(m, 3).unwrap();
+        }
+        assert_eq!(q.stored_count(1000), 3);
+        assert_eq!(q.next_after(0, 1000, false).unwrap().body(), b"m3");
+        assert_eq!(q.next_after(3, 1000, false).unwrap().body(), b"m4");
+        assert!(q.next_after(5, 1000, false).is_none());
+        assert_eq!(q.next_after(3, 1000, false).unwrap().content_type(), b"text/plain");
+    }
+
+    #[test]
+    fn expiry() {
+        let mut q = MessageQueue::new_in(Global);
+        let m = q
+            .make_message(&MessageSpec { content_type: b"", body: b"x", timeout_ms: 500 }, 1, 1000, None)
+            .unwrap();
+        q.push(m, 10).unwrap();
+        assert!(q.next_after(0, 1499, false).is_some());
+        assert!(q.next_after(0, 1500, false).is_none());
+        assert_eq!(q.expire(1500), 1);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn transient_messages_reach_only_waiting_listeners() {
+        let mut q = MessageQueue::new_in(Global);
+        let m = q.make_message(&spec(b"t"), 7, 1000, Some(2)).unwrap();
+        q.push(m, 10).unwrap();
+        assert!(q.next_after(0, 1000, false).is_none());
+        assert!(q.next_after(0, 1000, true).is_some());
+        assert_eq!(q.stored_count(1000), 0);
+        q.ack_transient_after(0);
+        assert!(q.next_after(0, 1000, true).is_some());
+        q.ack_transient_after(0);
+        assert!(q.next_after(0, 1000, true).is_none());
+        // And in any case they leave after TRANSIENT_LIFE_MS.
+        let m = q.make_message(&spec(b"u"), 8, 1000, Some(1)).unwrap();
+        q.push(m, 10).unwrap();
+        assert_eq!(q.expire(1000 + TRANSIENT_LIFE_MS), 2);
+    }
+
+    #[test]
+    fn modified_since_maps_to_ids() {
+        let mut q = MessageQueue::new_in(Global);
+        for (id, now) in [(10u64, 1_000u64), (11, 2_000), (12, 2_500), (13, 4_000)] {
+            let m = q.make_message(&spec(b"x"), id, now, None).unwrap();
+            q.push(m, 10).unwrap();
+        }
+        assert_eq!(q.id_at_time(0, 5_000), 0);
+        assert_eq!(q.id_at_time(1, 5_000), 10);
+        assert_eq!(q.id_at_time(2, 5_000), 12);
+        assert_eq!(q.id_at_time(9, 5_000), 13);
+    }
+}

@@ -1,0 +1,1 @@
+//! martd: the nginx module edge.
