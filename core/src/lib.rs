@@ -16,4 +16,5 @@ pub mod msgid;
 pub mod queue;
 pub mod store;
 
+pub use allocator_api2;
 pub use allocator_api2::alloc::{AllocError, Allocator, Global};

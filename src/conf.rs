@@ -1,0 +1,390 @@
+//! Directives and configuration.
+//!
+//! Location-level settings use nginx's own slot setters (so errors read like nginx's:
+//! `"martd_message_timeout" directive invalid value`, `is duplicate`), and merge
+//! http → server → location with the defaults documented in the README.
+
+use std::ffi::{c_char, c_void};
+use std::mem::offset_of;
+use std::ptr::{self, NonNull};
+
+use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
+use ngx::ngx_string;
+use nginx_sys::{
+    ngx_command_t, ngx_conf_enum_t, ngx_conf_log_error, ngx_conf_set_enum_slot,
+    ngx_conf_set_flag_slot, ngx_conf_set_msec_slot, ngx_conf_set_num_slot, ngx_conf_t,
+    ngx_flag_t, ngx_http_complex_value_t, ngx_http_conf_ctx_t, ngx_http_core_loc_conf_t,
+    ngx_http_core_module, ngx_http_set_complex_value_slot, ngx_int_t, ngx_msec_t, ngx_parse_size,
+    ngx_pcalloc, ngx_shared_memory_add, ngx_shm_zone_t, ngx_str_t, ngx_uint_t, NGX_CONF_FLAG,
+    NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF,
+    NGX_LOG_EMERG,
+};
+
+use martd_core::store::Concurrency;
+
+use crate::notify::Pipes;
+use crate::zone::ZoneRoot;
+
+const UNSET: isize = -1;
+const UNSET_UINT: usize = usize::MAX;
+const UNSET_MSEC: ngx_msec_t = ngx_msec_t::MAX;
+const UNSET_SIZE: usize = usize::MAX;
+
+/// Default `martd_shm_size`.
+pub const DEFAULT_SHM_SIZE: usize = 32 * 1024 * 1024;
+/// Smallest `martd_shm_size` accepted.
+pub const MIN_SHM_SIZE: usize = 256 * 1024;
+
+/// `http`-level state: the zone and, per configuration cycle, the worker pipes.
+#[repr(C)]
+pub struct MainConf {
+    pub shm_size: usize,
+    /// Some location uses `martd_push` or `martd_listen`: the zone is needed.
+    pub used: bool,
+    pub shm_zone: *mut ngx_shm_zone_t,
+    /// The store's root in the zone, set when the zone is initialised.
+    pub root: *mut ZoneRoot,
+    /// This cycle's number in the zone (see `zone::init_zone`).
+    pub generation: u64,
+    /// This cycle's notification pipes (see `notify`).
+    pub pipes: *mut Pipes,
+}
+
+/// What a location does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Role {
+    None = 0,
+    Push = 1,
+    Listen = 2,
+}
+
+/// Location-level settings.
+#[repr(C)]
+pub struct LocConf {
+    pub role: Role,
+    pub channel_id: *mut ngx_http_complex_value_t,
+    pub buffer_length: ngx_int_t,
+    pub message_timeout: ngx_msec_t,
+    pub store_messages: ngx_flag_t,
+    pub listener_timeout: ngx_msec_t,
+    pub concurrency: ngx_uint_t,
+    pub max_channel_id_length: ngx_int_t,
+    pub max_listeners: ngx_int_t,
+    pub authorized_only: ngx_flag_t,
+    pub channel_timeout: ngx_msec_t,
+}
+
+impl LocConf {
+    pub fn concurrency(&self) -> Concurrency {
+        match self.concurrency {
+            1 => Concurrency::Last,
+            2 => Concurrency::First,
+            _ => Concurrency::Broadcast,
+        }
+    }
+}
+
+const fn command(
+    name: ngx_str_t,
+    type_: u32,
+    set: unsafe extern "C" fn(*mut ngx_conf_t, *mut ngx_command_t, *mut c_void) -> *mut c_char,
+    conf: usize,
+    offset: usize,
+    post: *mut c_void,
+) -> ngx_command_t {
+    ngx_command_t {
+        name,
+        type_: type_ as ngx_uint_t,
+        set: Some(set),
+        conf,
+        offset,
+        post,
+    }
+}
+
+const ANY: u32 = NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF;
+const LOC: usize = offset_of!(ngx_http_conf_ctx_t, loc_conf);
+const MAIN: usize = offset_of!(ngx_http_conf_ctx_t, main_conf);
+
+static mut CONCURRENCY_VALUES: [ngx_conf_enum_t; 4] = [
+    ngx_conf_enum_t { name: ngx_string!("broadcast"), value: 0 },
+    ngx_conf_enum_t { name: ngx_string!("last"), value: 1 },
+    ngx_conf_enum_t { name: ngx_string!("first"), value: 2 },
+    ngx_conf_enum_t { name: ngx_str_t { len: 0, data: ptr::null_mut() }, value: 0 },
+];
+
+/// The directive table.
+pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 14] = [
+    command(ngx_string!("martd_shm_size"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, cmd_shm_size, MAIN, 0, ptr::null_mut()),
+    command(ngx_string!("martd_push"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, cmd_push, LOC, 0, ptr::null_mut()),
+    command(ngx_string!("martd_listen"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, cmd_listen, LOC, 0, ptr::null_mut()),
+    command(ngx_string!("martd_channel_id"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_http_set_complex_value_slot,
+        LOC,
+        offset_of!(LocConf, channel_id),
+        ptr::null_mut(),
+    ),
+    command(ngx_string!("martd_message_buffer_length"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_num_slot,
+        LOC,
+        offset_of!(LocConf, buffer_length),
+        ptr::null_mut(),
+    ),
+    command(ngx_string!("martd_message_timeout"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_msec_slot,
+        LOC,
+        offset_of!(LocConf, message_timeout),
+        ptr::null_mut(),
+    ),
+    command(ngx_string!("martd_store_messages"),
+        ANY | NGX_CONF_FLAG,
+        ngx_conf_set_flag_slot,
+        LOC,
+        offset_of!(LocConf, store_messages),
+        ptr::null_mut(),
+    ),
+    command(ngx_string!("martd_listener_timeout"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_msec_slot,
+        LOC,
+        offset_of!(LocConf, listener_timeout),
+        ptr::null_mut(),
+    ),
+    command(ngx_string!("martd_listener_concurrency"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_enum_slot,
+        LOC,
+        offset_of!(LocConf, concurrency),
+        // Only the address is taken; nginx reads the table at config time.
+        ptr::addr_of_mut!(CONCURRENCY_VALUES) as *mut c_void,
+    ),
+    command(ngx_string!("martd_max_channel_id_length"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_num_slot,
+        LOC,
+        offset_of!(LocConf, max_channel_id_length),
+        ptr::null_mut(),
+    ),
+    command(ngx_string!("martd_max_listeners"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_num_slot,
+        LOC,
+        offset_of!(LocConf, max_listeners),
+        ptr::null_mut(),
+    ),
+    command(ngx_string!("martd_authorized_channels_only"),
+        ANY | NGX_CONF_FLAG,
+        ngx_conf_set_flag_slot,
+        LOC,
+        offset_of!(LocConf, authorized_only),
+        ptr::null_mut(),
+    ),
+    command(ngx_string!("martd_channel_timeout"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_msec_slot,
+        LOC,
+        offset_of!(LocConf, channel_timeout),
+        ptr::null_mut(),
+    ),
+    ngx_command_t::empty(),
+];
+
+/// Logs a configuration error at `[emerg]` with the file and line nginx is reading.
+fn conf_error(cf: *mut ngx_conf_t, msg: &str) -> *mut c_char {
+    // SAFETY: `cf` is the live configuration nginx passed to the directive handler; the
+    // message is passed with an explicit length.
+    unsafe {
+        ngx_conf_log_error(NGX_LOG_EMERG as _, cf, 0, c"%*s".as_ptr(), msg.len(), msg.as_ptr());
+    }
+    NGX_CONF_ERROR
+}
+
+/// The arguments of the directive being read, as bytes.
+fn args(cf: *mut ngx_conf_t) -> Vec<Vec<u8>> {
+    // SAFETY: during a directive handler `cf->args` is an array of `ngx_str_t` whose data
+    // nginx keeps for the whole configuration read.
+    unsafe {
+        let a = &*(*cf).args;
+        a.as_slice::<ngx_str_t>().iter().map(|s| s.as_bytes().to_vec()).collect()
+    }
+}
+
+unsafe extern "C" fn cmd_shm_size(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: `conf` is this module's main conf, created by `create_main_conf`.
+    let mcf = unsafe { &mut *(conf as *mut MainConf) };
+    if mcf.shm_size != UNSET_SIZE {
+        return c"is duplicate".as_ptr() as *mut c_char;
+    }
+    let a = args(cf);
+    let value = String::from_utf8_lossy(&a[1]).into_owned();
+    let mut s = ngx_str_t { len: a[1].len(), data: a[1].as_ptr() as *mut u8 };
+    // SAFETY: `s` points at `a[1]`, alive for the call; ngx_parse_size only reads it.
+    let size = unsafe { ngx_parse_size(&mut s) };
+    if size < 0 {
+        return conf_error(cf, &format!("invalid martd_shm_size \"{value}\""));
+    }
+    let size = size as usize;
+    if size < MIN_SHM_SIZE {
+        return conf_error(
+            cf,
+            &format!("martd_shm_size \"{value}\" is too small, the minimum is {}k", MIN_SHM_SIZE / 1024),
+        );
+    }
+    mcf.shm_size = size;
+    NGX_CONF_OK
+}
+
+fn set_role(cf: *mut ngx_conf_t, conf: *mut c_void, role: Role) -> *mut c_char {
+    // SAFETY: `conf` is this module's location conf, created by `create_loc_conf`.
+    let lcf = unsafe { &mut *(conf as *mut LocConf) };
+    if lcf.role != Role::None {
+        return conf_error(
+            cf,
+            "martd: a location is either \"martd_push\" or \"martd_listen\", once",
+        );
+    }
+    lcf.role = role;
+    // SAFETY: during a location directive, `cf->ctx` is the location's `ngx_http_conf_ctx_t`
+    // and the core module's location conf is at its `ctx_index`.
+    unsafe {
+        let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
+        let clcf = *(*ctx).loc_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
+        (*clcf).handler = Some(match role {
+            Role::Push => crate::push::push_handler,
+            _ => crate::listen::listen_handler,
+        });
+        let mcf = *(*ctx).main_conf.add(crate::module().ctx_index) as *mut MainConf;
+        (*mcf).used = true;
+    }
+    NGX_CONF_OK
+}
+
+unsafe extern "C" fn cmd_push(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    set_role(cf, conf, Role::Push)
+}
+
+unsafe extern "C" fn cmd_listen(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    set_role(cf, conf, Role::Listen)
+}
+
+/// Allocates a zeroed `T` in the configuration pool and writes `value` into it.
+fn conf_alloc<T>(cf: *mut ngx_conf_t, value: T) -> *mut c_void {
+    // SAFETY: `cf->pool` lives as long as the configuration; the memory is sized and (pool
+    // alignment is at least that of pointers) aligned for `T`, and written before use.
+    unsafe {
+        let p = ngx_pcalloc((*cf).pool, size_of::<T>()) as *mut T;
+        if p.is_null() {
+            return ptr::null_mut();
+        }
+        ptr::write(p, value);
+        p as *mut c_void
+    }
+}
+
+pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
+    conf_alloc(
+        cf,
+        MainConf {
+            shm_size: UNSET_SIZE,
+            used: false,
+            shm_zone: ptr::null_mut(),
+            root: ptr::null_mut(),
+            generation: 0,
+            pipes: ptr::null_mut(),
+        },
+    )
+}
+
+pub unsafe extern "C" fn init_main_conf(_cf: *mut ngx_conf_t, conf: *mut c_void) -> *mut c_char {
+    // SAFETY: `conf` is this module's main conf.
+    let mcf = unsafe { &mut *(conf as *mut MainConf) };
+    if mcf.shm_size == UNSET_SIZE {
+        mcf.shm_size = DEFAULT_SHM_SIZE;
+    }
+    NGX_CONF_OK
+}
+
+pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
+    conf_alloc(
+        cf,
+        LocConf {
+            role: Role::None,
+            channel_id: ptr::null_mut(),
+            buffer_length: UNSET,
+            message_timeout: UNSET_MSEC,
+            store_messages: UNSET,
+            listener_timeout: UNSET_MSEC,
+            concurrency: UNSET_UINT,
+            max_channel_id_length: UNSET,
+            max_listeners: UNSET,
+            authorized_only: UNSET,
+            channel_timeout: UNSET_MSEC,
+        },
+    )
+}
+
+fn merge<T: PartialEq + Copy>(conf: &mut T, prev: T, unset: T, default: T) {
+    if *conf == unset {
+        *conf = if prev == unset { default } else { prev };
+    }
+}
+
+pub unsafe extern "C" fn merge_loc_conf(
+    _cf: *mut ngx_conf_t,
+    parent: *mut c_void,
+    child: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: both are this module's location confs.
+    let (prev, conf) = unsafe { (&*(parent as *const LocConf), &mut *(child as *mut LocConf)) };
+    if conf.channel_id.is_null() {
+        conf.channel_id = prev.channel_id;
+    }
+    merge(&mut conf.buffer_length, prev.buffer_length, UNSET, 10);
+    merge(&mut conf.message_timeout, prev.message_timeout, UNSET_MSEC, 3_600_000);
+    merge(&mut conf.store_messages, prev.store_messages, UNSET, 1);
+    merge(&mut conf.listener_timeout, prev.listener_timeout, UNSET_MSEC, 60_000);
+    merge(&mut conf.concurrency, prev.concurrency, UNSET_UINT, 0);
+    merge(&mut conf.max_channel_id_length, prev.max_channel_id_length, UNSET, 1024);
+    merge(&mut conf.max_listeners, prev.max_listeners, UNSET, 0);
+    merge(&mut conf.authorized_only, prev.authorized_only, UNSET, 0);
+    merge(&mut conf.channel_timeout, prev.channel_timeout, UNSET_MSEC, 300_000);
+    NGX_CONF_OK
+}
+
+/// Requests the shared zone once the whole `http` block is read, if any location needs it.
+pub unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> nginx_sys::ngx_int_t {
+    // SAFETY: during postconfiguration `cf->ctx` is the http block's `ngx_http_conf_ctx_t`.
+    let mcf = unsafe {
+        let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
+        &mut *(*(*ctx).main_conf.add(crate::module().ctx_index) as *mut MainConf)
+    };
+    if !mcf.used {
+        return nginx_sys::NGX_OK as ngx_int_t;
+    }
+    let mut name = ngx_string!("martd");
+    // SAFETY: `cf` is live; the tag is the module's static address, the same in every cycle,
+    // so nginx reuses the zone across reloads when its size is unchanged.
+    let zone = unsafe {
+        ngx_shared_memory_add(cf, &mut name, mcf.shm_size, ptr::addr_of_mut!(crate::ngx_http_martd_module) as *mut c_void)
+    };
+    let Some(zone) = NonNull::new(zone) else {
+        return nginx_sys::NGX_ERROR as ngx_int_t;
+    };
+    // SAFETY: `zone` was just returned by nginx and lives as long as the cycle.
+    unsafe {
+        let z = zone.as_ptr();
+        (*z).init = Some(crate::zone::init_zone);
+        (*z).data = mcf as *mut MainConf as *mut c_void;
+        (*z).noreuse = 0;
+    }
+    mcf.shm_zone = zone.as_ptr();
+    nginx_sys::NGX_OK as ngx_int_t
+}

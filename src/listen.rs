@@ -1,0 +1,246 @@
+//! The `martd_listen` endpoint: long-poll listeners.
+//!
+//! A listener gets a stored message at once when one is newer than its ids; otherwise its
+//! request is parked: counted in the zone, kept in the worker's [`Listeners`], held open with
+//! `r->main->count++`, watched for disconnects with `ngx_http_test_reading`, and given a
+//! timer. It leaves the park through exactly one of: [`answer`] after a wake-up (message,
+//! `409`, `410`), the timer (`304`), a graceful shutdown (`304`), or the request being freed
+//! (disconnect), whose pool cleanup takes it out of the worker and the zone.
+//!
+//! [`Listeners`]: martd_core::listeners::Listeners
+
+use std::ffi::c_void;
+use std::ptr;
+
+use martd_core::listeners::{ListenerKey, Verdict};
+use martd_core::msgid::{format_etag, parse_etag, Since};
+use martd_core::store::{Listen, ListenOpts, StoreError};
+use nginx_sys::{
+    ngx_del_timer, ngx_event_t, ngx_http_discard_request_body, ngx_http_finalize_request,
+    ngx_http_request_empty_handler, ngx_http_request_t, ngx_http_run_posted_requests,
+    ngx_http_test_reading, ngx_int_t, ngx_parse_http_time, ngx_pool_cleanup_add, ngx_table_elt_t,
+    NGX_DONE, NGX_ERROR, NGX_HTTP_GET, NGX_OK,
+};
+
+use crate::channel_id::channel_id;
+use crate::conf::{LocConf, MainConf};
+use crate::response::{self, Body};
+use crate::worker::{self, now_ms};
+use crate::zone;
+
+/// A parked listener, kept in the request pool (as the data of its pool cleanup).
+pub struct ListenerCtx {
+    request: *mut ngx_http_request_t,
+    /// Where it sits in the worker's listeners; `None` once it left.
+    key: Option<ListenerKey>,
+    timer: ngx_event_t,
+}
+
+fn header(elt: *mut ngx_table_elt_t) -> Option<&'static [u8]> {
+    // SAFETY: a non-null header element of a live request; its value lives in the request.
+    unsafe { elt.as_ref().map(|e| e.value.as_bytes()) }
+}
+
+/// The ids the request sent, as (`If-None-Match` id, `If-Modified-Since` seconds).
+fn request_ids(r: *mut ngx_http_request_t) -> (Option<u64>, Option<u64>) {
+    // SAFETY: `r` is a live request.
+    let (inm, ims) = unsafe { ((*r).headers_in.if_none_match, (*r).headers_in.if_modified_since) };
+    let etag = header(inm).and_then(parse_etag);
+    let since = header(ims).and_then(|v| {
+        // SAFETY: ngx_parse_http_time reads `len` bytes.
+        let t = unsafe { ngx_parse_http_time(v.as_ptr() as *mut u8, v.len()) };
+        (t >= 0).then_some(t as u64)
+    });
+    (etag, since)
+}
+
+fn loc_conf(r: *mut ngx_http_request_t) -> &'static LocConf {
+    // SAFETY: the handler runs in a location whose martd conf was created by us.
+    unsafe { &*(*(*r).loc_conf.add(crate::module().ctx_index) as *const LocConf) }
+}
+
+pub(crate) fn main_conf(r: *mut ngx_http_request_t) -> &'static MainConf {
+    // SAFETY: as above, for the http block's main conf.
+    unsafe { &*(*(*r).main_conf.add(crate::module().ctx_index) as *const MainConf) }
+}
+
+pub(crate) fn method(r: *mut ngx_http_request_t) -> usize {
+    // SAFETY: `r` is a live request.
+    unsafe { (*r).method }
+}
+
+/// The content handler of `martd_listen` locations.
+pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // SAFETY: nginx calls content handlers with a live request.
+    let rc = unsafe { ngx_http_discard_request_body(r) };
+    if rc != NGX_OK as ngx_int_t {
+        return rc;
+    }
+    if method(r) != NGX_HTTP_GET as usize {
+        response::add_header(r, "Allow", b"GET");
+        return response::text(r, 405, "martd: listeners only GET");
+    }
+    let lcf = loc_conf(r);
+    let name = match channel_id(r, lcf) {
+        Ok(n) => n,
+        Err(reason) => return response::text(r, 400, &reason),
+    };
+    if !worker::accepting() {
+        return not_modified(r);
+    }
+    let (etag, modified) = request_ids(r);
+    let since = Since::from_headers(etag, modified);
+
+    // The context is allocated first so that nothing can fail once the zone counts us.
+    // SAFETY: the cleanup's data area is sized for the context; the context is written
+    // before the handler is set; the handler runs when the request pool goes.
+    let ctx = unsafe {
+        let cln = ngx_pool_cleanup_add((*r).pool, size_of::<ListenerCtx>());
+        if cln.is_null() {
+            return NGX_ERROR as ngx_int_t;
+        }
+        let ctx = (*cln).data as *mut ListenerCtx;
+        ptr::write(ctx, ListenerCtx { request: r, key: None, timer: std::mem::zeroed() });
+        (*cln).handler = Some(listener_cleanup);
+        ctx
+    };
+
+    let mcf = main_conf(r);
+    let now = now_ms();
+    let mut wake = Vec::new();
+    let outcome = worker::with(|st| {
+        let slot = st.slot?;
+        let opts = ListenOpts {
+            concurrency: lcf.concurrency(),
+            max_listeners: lcf.max_listeners.clamp(0, u32::MAX as isize) as u32,
+            create: lcf.authorized_only == 0,
+            channel_timeout_ms: lcf.channel_timeout as u64,
+            slot,
+        };
+        let mut z = zone::lock(mcf)?;
+        Some(match z.store().listen(&name, since, &opts, now, &mut wake) {
+            Ok(Listen::Message(m)) => Ok(Err(st.listeners.cache.get(m))),
+            Ok(Listen::Park(p)) => Ok(Ok(st.listeners.park(&name, &p, ctx))),
+            Err(e) => Err(e),
+        })
+    })
+    .flatten();
+    worker::wake(&wake);
+
+    match outcome {
+        None => not_modified(r),
+        Some(Ok(Err(payload))) => deliver(r, &payload),
+        Some(Ok(Ok(key))) => {
+            // SAFETY: `ctx` lives in the request pool; the request is live. The count
+            // increment holds the request open past this handler's NGX_DONE.
+            unsafe {
+                (*ctx).key = Some(key);
+                (*r).main.as_mut().map(|m| m.set_count(m.count() + 1));
+                if (*r).discard_body() == 0 {
+                    (*r).read_event_handler = Some(ngx_http_test_reading);
+                }
+                (*r).write_event_handler = Some(ngx_http_request_empty_handler);
+                if lcf.listener_timeout > 0 {
+                    let t = &mut (*ctx).timer;
+                    t.handler = Some(listener_timeout);
+                    t.data = ctx as *mut c_void;
+                    t.log = (*(*r).connection).log;
+                    nginx_sys::ngx_add_timer(t, lcf.listener_timeout);
+                }
+            }
+            NGX_DONE as ngx_int_t
+        }
+        Some(Err(StoreError::Conflict)) => {
+            response::text(r, 409, "martd: another listener is waiting on this channel")
+        }
+        Some(Err(StoreError::NotFound)) => response::text(r, 403, "martd: no such channel"),
+        Some(Err(StoreError::TooManyListeners)) => {
+            response::text(r, 403, "martd: too many listeners on this channel")
+        }
+        Some(Err(StoreError::NoMemory)) => crate::push::zone_full(r, &name),
+    }
+}
+
+fn deliver(r: *mut ngx_http_request_t, payload: &std::rc::Rc<martd_core::listeners::Payload>) -> ngx_int_t {
+    if response::add_header(r, "Etag", format_etag(payload.id).as_bytes()).is_none()
+        || response::add_header(r, "Vary", b"If-None-Match, If-Modified-Since").is_none()
+    {
+        return NGX_ERROR as ngx_int_t;
+    }
+    response::send(r, 200, b"", Body::Payload(payload), Some(payload.time as _))
+}
+
+/// `304` echoing the request's ids.
+fn not_modified(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // SAFETY: `r` is a live request.
+    let (inm, ims) = unsafe { ((*r).headers_in.if_none_match, (*r).headers_in.if_modified_since) };
+    if let Some(v) = header(inm) {
+        response::add_header(r, "Etag", v);
+    }
+    if let Some(v) = header(ims) {
+        response::add_header(r, "Last-Modified", v);
+    }
+    response::send(r, 304, b"", Body::Bytes(b""), None)
+}
+
+/// Answers a parked listener that has already left the worker's listeners: with its
+/// verdict, or `304` when `None` (timeout, shutdown). Finalizes the request.
+pub fn answer(ctx: *mut ListenerCtx, verdict: Option<Verdict>) {
+    // SAFETY: `ctx` is a parked listener's context: its request is alive (it is removed
+    // from the worker's listeners before its request pool goes, see `listener_cleanup`).
+    unsafe {
+        (*ctx).key = None;
+        if (*ctx).timer.timer_set() != 0 {
+            ngx_del_timer(&mut (*ctx).timer);
+        }
+        let r = (*ctx).request;
+        let c = (*r).connection;
+        let rc = match verdict {
+            Some(Verdict::Deliver(p)) => deliver(r, &p),
+            Some(Verdict::Conflict) => {
+                response::text(r, 409, "martd: a newer listener took this channel")
+            }
+            Some(Verdict::Gone) => response::text(r, 410, "martd: channel deleted"),
+            None => not_modified(r),
+        };
+        ngx_http_finalize_request(r, rc);
+        ngx_http_run_posted_requests(c);
+    }
+}
+
+/// Takes a listener out of the worker and the zone; `false` if it had already left.
+fn leave(ctx: *mut ListenerCtx) -> bool {
+    // SAFETY: `ctx` is live (timer or cleanup of its own request).
+    let Some(key) = (unsafe { (*ctx).key.take() }) else {
+        return false;
+    };
+    worker::with(|st| {
+        let (Some(removed), Some(slot)) = (st.listeners.remove(key), st.slot) else {
+            return;
+        };
+        // SAFETY: `mcf` is this worker's cycle's main conf.
+        if let Some(mut z) = zone::lock(unsafe { &*st.mcf }) {
+            z.store().release(&removed.name, removed.serial, slot, 1, removed.last);
+        }
+    });
+    true
+}
+
+unsafe extern "C" fn listener_timeout(ev: *mut ngx_event_t) {
+    // SAFETY: the timer's data is its listener's context.
+    let ctx = unsafe { (*ev).data as *mut ListenerCtx };
+    if leave(ctx) {
+        answer(ctx, None);
+    }
+}
+
+extern "C" fn listener_cleanup(data: *mut c_void) {
+    let ctx = data as *mut ListenerCtx;
+    // SAFETY: the request pool is being destroyed; the timer must not fire afterwards.
+    unsafe {
+        if (*ctx).timer.timer_set() != 0 {
+            ngx_del_timer(&mut (*ctx).timer);
+        }
+    }
+    leave(ctx);
+}

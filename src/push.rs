@@ -1,0 +1,194 @@
+//! The `martd_push` endpoint: publish (`POST`/`PUT`), channel info (`GET`), delete
+//! (`DELETE`).
+
+use martd_core::info::{ChannelInfo, InfoFormat};
+use martd_core::queue::MessageSpec;
+use martd_core::store::{PublishOpts, StoreError};
+use nginx_sys::{
+    ngx_chain_t, ngx_http_discard_request_body, ngx_http_finalize_request,
+    ngx_http_read_client_request_body, ngx_http_request_t, ngx_int_t, NGX_DONE, NGX_ERROR,
+    NGX_HTTP_DELETE, NGX_HTTP_GET, NGX_HTTP_POST, NGX_HTTP_PUT, NGX_HTTP_SPECIAL_RESPONSE,
+    NGX_LOG_ERR, NGX_OK,
+};
+
+use crate::channel_id::channel_id;
+use crate::conf::LocConf;
+use crate::listen::{main_conf, method};
+use crate::response::{self, Body};
+use crate::worker::{self, now_ms};
+use crate::zone;
+
+fn loc_conf(r: *mut ngx_http_request_t) -> &'static LocConf {
+    // SAFETY: the handler runs in a location whose martd conf was created by us.
+    unsafe { &*(*(*r).loc_conf.add(crate::module().ctx_index) as *const LocConf) }
+}
+
+/// The `Accept` header, if any.
+fn accept(r: *mut ngx_http_request_t) -> Option<&'static [u8]> {
+    // SAFETY: `r` is a live request; its header list and values live as long as it.
+    let req = unsafe { ngx::http::Request::from_ngx_http_request(r) };
+    req.headers_in_iterator()
+        .find(|(k, _)| k.as_bytes().eq_ignore_ascii_case(b"accept"))
+        // SAFETY: the value belongs to the request's header list (see above).
+        .map(|(_, v)| unsafe { std::slice::from_raw_parts(v.as_bytes().as_ptr(), v.as_bytes().len()) })
+}
+
+fn info_response(r: *mut ngx_http_request_t, status: usize, info: &ChannelInfo) -> ngx_int_t {
+    let format = InfoFormat::from_accept(accept(r));
+    let body = info.render(format);
+    response::send(r, status, format.content_type().as_bytes(), Body::Bytes(body.as_bytes()), None)
+}
+
+/// `507`, with an error log line at most once a second per worker.
+pub fn zone_full(r: *mut ngx_http_request_t, channel: &[u8]) -> ngx_int_t {
+    let now = nginx_sys::ngx_time() as i64;
+    let log_now = worker::with(|st| {
+        let due = st.last_full_log != now;
+        st.last_full_log = now;
+        due
+    })
+    .unwrap_or(true);
+    if log_now {
+        // SAFETY: the connection's log is live.
+        let log = unsafe { (*(*r).connection).log };
+        martd_log!(
+            NGX_LOG_ERR,
+            log,
+            "shared zone \"martd\" is full (martd_shm_size), refused a message for channel \"{}\"",
+            String::from_utf8_lossy(&channel[..channel.len().min(64)])
+        );
+    }
+    response::text(r, 507, "martd: shared memory zone is full")
+}
+
+/// The content handler of `martd_push` locations.
+pub unsafe extern "C" fn push_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    let m = method(r);
+    let lcf = loc_conf(r);
+    if m == NGX_HTTP_POST as usize || m == NGX_HTTP_PUT as usize {
+        if let Err(reason) = channel_id(r, lcf) {
+            // SAFETY: live request.
+            let rc = unsafe { ngx_http_discard_request_body(r) };
+            if rc != NGX_OK as ngx_int_t {
+                return rc;
+            }
+            return response::text(r, 400, &reason);
+        }
+        // SAFETY: live request; nginx calls `publish_body` once the body is read (memory or
+        // temp file) and holds the request until then.
+        let rc = unsafe { ngx_http_read_client_request_body(r, Some(publish_body)) };
+        if rc >= NGX_HTTP_SPECIAL_RESPONSE as ngx_int_t {
+            return rc;
+        }
+        return NGX_DONE as ngx_int_t;
+    }
+    // SAFETY: live request.
+    let rc = unsafe { ngx_http_discard_request_body(r) };
+    if rc != NGX_OK as ngx_int_t {
+        return rc;
+    }
+    if m != NGX_HTTP_GET as usize && m != NGX_HTTP_DELETE as usize {
+        response::add_header(r, "Allow", b"GET, POST, PUT, DELETE");
+        return response::text(r, 405, "martd: publishers take GET, POST, PUT and DELETE");
+    }
+    let name = match channel_id(r, lcf) {
+        Ok(n) => n,
+        Err(reason) => return response::text(r, 400, &reason),
+    };
+    let mcf = main_conf(r);
+    let now = now_ms();
+    let mut wake = Vec::new();
+    let info = zone::lock(mcf).and_then(|mut z| {
+        if m == NGX_HTTP_GET as usize {
+            z.store().info(&name, now)
+        } else {
+            z.store().delete(&name, now, &mut wake)
+        }
+    });
+    worker::wake(&wake);
+    match info {
+        Some(info) => info_response(r, 200, &info),
+        None => response::text(r, 404, "martd: no such channel"),
+    }
+}
+
+/// The request body, from memory buffers and/or the temp file.
+fn read_body(r: *mut ngx_http_request_t) -> Result<Vec<u8>, std::io::Error> {
+    let mut out = Vec::new();
+    // SAFETY: `request_body` and its chain belong to the live request; file buffers name the
+    // temp file's descriptor and the byte range to read.
+    unsafe {
+        let rb = (*r).request_body;
+        if rb.is_null() {
+            return Ok(out);
+        }
+        let mut cl: *mut ngx_chain_t = (*rb).bufs;
+        while let Some(link) = cl.as_ref() {
+            let b = &*link.buf;
+            if b.in_file() != 0 && !b.file.is_null() {
+                let fd = (*b.file).fd;
+                let (start, end) = (b.file_pos, b.file_last);
+                let mut pos = start;
+                let base = out.len();
+                out.resize(base + (end - start) as usize, 0);
+                while pos < end {
+                    let dst = out.as_mut_ptr().add(base + (pos - start) as usize);
+                    let n = libc::pread(fd, dst as *mut _, (end - pos) as usize, pos);
+                    if n <= 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    pos += n as i64;
+                }
+            } else if !b.pos.is_null() && b.last > b.pos {
+                out.extend_from_slice(std::slice::from_raw_parts(b.pos, b.last.offset_from(b.pos) as usize));
+            }
+            cl = link.next;
+        }
+    }
+    Ok(out)
+}
+
+extern "C" fn publish_body(r: *mut ngx_http_request_t) {
+    let rc = publish(r);
+    // SAFETY: the body handler owns the request's final step.
+    unsafe { ngx_http_finalize_request(r, rc) };
+}
+
+fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
+    let lcf = loc_conf(r);
+    let Ok(name) = channel_id(r, lcf) else {
+        return response::text(r, 400, "martd: no channel id provided");
+    };
+    let body = match read_body(r) {
+        Ok(b) => b,
+        Err(e) => {
+            // SAFETY: the connection's log is live.
+            let log = unsafe { (*(*r).connection).log };
+            martd_log!(NGX_LOG_ERR, log, "could not read the request body: {}", e);
+            return NGX_ERROR as ngx_int_t;
+        }
+    };
+    // SAFETY: `r` is live; the Content-Type header (if any) lives as long as it.
+    let content_type = unsafe {
+        (*r).headers_in.content_type.as_ref().map(|h| h.value.as_bytes()).unwrap_or(b"")
+    };
+    let store = lcf.store_messages != 0;
+    let opts = PublishOpts {
+        buffer_len: lcf.buffer_length.max(0) as usize,
+        timeout_ms: lcf.message_timeout as u64,
+        store,
+        channel_timeout_ms: lcf.channel_timeout as u64,
+    };
+    let spec = MessageSpec { content_type, body: &body, timeout_ms: opts.timeout_ms };
+    let mcf = main_conf(r);
+    let now = now_ms();
+    let mut wake = Vec::new();
+    let result = zone::lock(mcf).map(|mut z| z.store().publish(&name, &spec, &opts, now, &mut wake));
+    worker::wake(&wake);
+    match result {
+        None => NGX_ERROR as ngx_int_t,
+        Some(Ok(p)) => info_response(r, if p.listeners > 0 { 201 } else { 202 }, &p.info),
+        Some(Err(StoreError::NoMemory)) => zone_full(r, &name),
+        Some(Err(_)) => NGX_ERROR as ngx_int_t,
+    }
+}

@@ -1,0 +1,250 @@
+//! The worker's own state: its slot in the zone, its parked listeners and its wake-ups.
+//!
+//! nginx runs a worker's handlers on one thread, so the state is a thread-local behind a
+//! `RefCell`. It is never borrowed while a request is answered (answering can run other
+//! handlers that need it): wake-ups collect verdicts under the borrow and the zone lock, then
+//! answer after both are released.
+
+use std::cell::RefCell;
+use std::ptr;
+
+use nginx_sys::{
+    ngx_add_timer, ngx_close_connection, ngx_connection_t, ngx_cycle_t, ngx_event_t,
+    ngx_get_connection, ngx_handle_read_event, ngx_int_t, ngx_post_event, ngx_posted_events,
+    NGX_LOG_ALERT, NGX_OK,
+};
+
+use martd_core::listeners::Listeners;
+use martd_core::store::WakeTarget;
+
+use crate::conf::MainConf;
+use crate::listen::{self, ListenerCtx};
+use crate::notify::{self, Pipes};
+use crate::zone;
+
+const GC_INTERVAL_MS: u64 = 1000;
+
+pub struct WorkerState {
+    /// Our slot in the zone; `None` once shutting down (or if registering failed).
+    pub slot: Option<u32>,
+    pub listeners: Listeners<*mut ListenerCtx>,
+    pub mcf: *mut MainConf,
+    notify_conn: *mut ngx_connection_t,
+    mailbox_ev: Box<ngx_event_t>,
+    gc_ev: Box<ngx_event_t>,
+    /// Second of the last "zone is full" log line.
+    pub last_full_log: i64,
+}
+
+thread_local! {
+    static WORKER: RefCell<Option<WorkerState>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` on the worker state; `None` outside a worker using martd.
+pub fn with<R>(f: impl FnOnce(&mut WorkerState) -> R) -> Option<R> {
+    WORKER.with(|w| w.try_borrow_mut().ok()?.as_mut().map(f))
+}
+
+/// Wall-clock milliseconds, as nginx cached them for this event loop iteration.
+pub fn now_ms() -> u64 {
+    let t = nginx_sys::ngx_timeofday();
+    (t.sec as u64) * 1000 + t.msec as u64
+}
+
+fn blank_event(handler: unsafe extern "C" fn(*mut ngx_event_t), log: *mut nginx_sys::ngx_log_t) -> Box<ngx_event_t> {
+    // SAFETY: an all-zero `ngx_event_t` is nginx's own initial state for events.
+    let mut ev: Box<ngx_event_t> = Box::new(unsafe { std::mem::zeroed() });
+    ev.handler = Some(handler);
+    ev.log = log;
+    ev
+}
+
+/// `init_process`: registers the worker in the zone and its pipe in the event loop.
+pub extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+    let Some(mcf) = notify::main_conf(cycle) else {
+        return NGX_OK as ngx_int_t;
+    };
+    // SAFETY: the cycle and its log are live; the globals are nginx's per-process values.
+    let (log, pid, index) = unsafe { ((*cycle).log, nginx_sys::ngx_pid, nginx_sys::ngx_worker) };
+    let generation = mcf.generation;
+    let slot = zone::lock(mcf).and_then(|mut z| {
+        let alive = |pid: i32| {
+            // SAFETY: signal 0 only checks whether the process exists.
+            unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
+        };
+        z.store().register_worker(pid, generation, index as u32, &alive).ok()
+    });
+    if slot.is_none() {
+        martd_log!(NGX_LOG_ALERT, log, "could not register worker {} in the \"martd\" zone", pid);
+    }
+    let mut notify_conn = ptr::null_mut();
+    // SAFETY: `pipes` was set by `init_module` in this cycle and lives as long as it.
+    if let Some(fd) = unsafe { mcf.pipes.as_ref() }.and_then(|p| p.read_fd(index as usize)) {
+        // SAFETY: `fd` is this worker's pipe read end; nginx's connection and event
+        // structures take it over like a socket (read events only).
+        unsafe {
+            let c = ngx_get_connection(fd, log);
+            if !c.is_null() {
+                (*c).data = ptr::null_mut();
+                (*(*c).read).handler = Some(notify_handler);
+                (*(*c).read).log = log;
+                // Idle: nginx calls the read handler with `c->close` set when a graceful
+                // shutdown starts, which is when the worker answers its listeners.
+                (*c).set_idle(1);
+                if ngx_handle_read_event((*c).read, 0) == NGX_OK as ngx_int_t {
+                    notify_conn = c;
+                } else {
+                    ngx_close_connection(c);
+                }
+            }
+        }
+    }
+    if notify_conn.is_null() {
+        martd_log!(NGX_LOG_ALERT, log, "worker {} has no notification pipe", pid);
+    }
+    let state = WorkerState {
+        slot,
+        listeners: Listeners::default(),
+        mcf,
+        notify_conn,
+        mailbox_ev: blank_event(mailbox_handler, log),
+        gc_ev: blank_event(gc_handler, log),
+        last_full_log: 0,
+    };
+    WORKER.with(|w| {
+        let mut w = w.borrow_mut();
+        let st = w.insert(state);
+        st.gc_ev.set_cancelable(1);
+        // SAFETY: the boxed event lives in the thread-local state for the worker's life.
+        unsafe { ngx_add_timer(&mut *st.gc_ev, GC_INTERVAL_MS as _) };
+    });
+    NGX_OK as ngx_int_t
+}
+
+/// `exit_process`: leaves the zone.
+pub extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
+    shutdown();
+    let st = WORKER.with(|w| w.borrow_mut().take());
+    if let Some(mut st) = st {
+        if !st.notify_conn.is_null() {
+            // SAFETY: the connection was made in `init_process` and not closed since.
+            unsafe { ngx_close_connection(st.notify_conn) };
+            st.notify_conn = ptr::null_mut();
+        }
+    }
+}
+
+/// Wakes the workers a store call named; our own slot is handled by a posted event, never
+/// inline, so the request being handled is not answered from inside its own handler.
+pub fn wake(targets: &[WakeTarget]) {
+    if targets.is_empty() {
+        return;
+    }
+    with(|st| {
+        // SAFETY: `mcf` is this worker's cycle's main conf; `pipes` lives as long.
+        let (pipes, generation) = unsafe { ((*st.mcf).pipes.as_ref(), (*st.mcf).generation) };
+        for t in targets {
+            if Some(t.slot) == st.slot {
+                if st.mailbox_ev.posted() == 0 {
+                    // SAFETY: the event is boxed in the worker state and outlives the queue.
+                    unsafe { ngx_post_event(&mut *st.mailbox_ev, ptr::addr_of_mut!(ngx_posted_events)) };
+                }
+            } else if t.generation == generation {
+                if let Some(p) = pipes {
+                    p.signal(t.index as usize);
+                }
+            }
+        }
+    });
+}
+
+unsafe extern "C" fn notify_handler(ev: *mut ngx_event_t) {
+    // SAFETY: nginx calls this with the read event of our pipe connection.
+    let c = unsafe { (*ev).data as *mut ngx_connection_t };
+    // SAFETY: as above; `close` is set by nginx's graceful shutdown.
+    if unsafe { (*c).close() } != 0 {
+        shutdown();
+        with(|st| st.notify_conn = ptr::null_mut());
+        // SAFETY: our connection, closed once: the state no longer refers to it.
+        unsafe { ngx_close_connection(c) };
+        return;
+    }
+    // SAFETY: `fd` is the pipe read end the connection wraps.
+    Pipes::drain(unsafe { (*c).fd });
+    process_mailbox();
+}
+
+unsafe extern "C" fn mailbox_handler(_ev: *mut ngx_event_t) {
+    process_mailbox();
+}
+
+/// Takes this worker's mailbox and answers every listener that can be answered.
+fn process_mailbox() {
+    let out = with(|st| {
+        let mut out = Vec::new();
+        let Some(slot) = st.slot else { return out };
+        // SAFETY: `mcf` is this worker's cycle's main conf.
+        let Some(mut z) = zone::lock(unsafe { &*st.mcf }) else { return out };
+        let mut serials = Vec::new();
+        if z.store().take_mailbox(slot, &mut serials) {
+            serials = st.listeners.serials();
+        }
+        let now = now_ms();
+        for serial in serials {
+            st.listeners.wake(z.store(), serial, slot, now, &mut out);
+        }
+        out
+    });
+    for (ctx, verdict) in out.unwrap_or_default() {
+        listen::answer(ctx, Some(verdict));
+    }
+}
+
+/// A graceful shutdown started (or the worker exits): answer every parked listener with
+/// `304` and leave the zone, so the old worker does not hold a reload up.
+fn shutdown() {
+    let drained = with(|st| {
+        let slot = st.slot.take()?;
+        let drained = st.listeners.drain_all();
+        // SAFETY: `mcf` is this worker's cycle's main conf.
+        if let Some(mut z) = zone::lock(unsafe { &*st.mcf }) {
+            for (removed, n, _) in &drained {
+                z.store().release(&removed.name, removed.serial, slot, *n, removed.last);
+            }
+            z.store().unregister_worker(slot);
+        }
+        Some(drained)
+    });
+    for (_, _, handles) in drained.flatten().unwrap_or_default() {
+        for ctx in handles {
+            listen::answer(ctx, None);
+        }
+    }
+}
+
+unsafe extern "C" fn gc_handler(ev: *mut ngx_event_t) {
+    let now = now_ms();
+    with(|st| {
+        // SAFETY: `mcf` is this worker's cycle's main conf.
+        if let Some(mut z) = zone::lock(unsafe { &*st.mcf }) {
+            let root = z.root();
+            if now.saturating_sub(root.last_gc_ms) >= GC_INTERVAL_MS {
+                root.last_gc_ms = now;
+                root.store.collect_garbage(now);
+            }
+        }
+    });
+    // SAFETY: `ngx_exiting` is nginx's per-process flag; `ev` is our boxed GC event.
+    unsafe {
+        if nginx_sys::ngx_exiting == 0 {
+            ngx_add_timer(ev, GC_INTERVAL_MS as _);
+        }
+    }
+}
+
+/// Whether this worker can park listeners now.
+pub fn accepting() -> bool {
+    // SAFETY: reading nginx's per-process flag.
+    let exiting = unsafe { nginx_sys::ngx_exiting } != 0;
+    !exiting && with(|st| st.slot.is_some()).unwrap_or(false)
+}
