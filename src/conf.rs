@@ -8,17 +8,16 @@ use std::ffi::{c_char, c_void};
 use std::mem::offset_of;
 use std::ptr::{self, NonNull};
 
-use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
-use ngx::ngx_string;
 use nginx_sys::{
     ngx_command_t, ngx_conf_enum_t, ngx_conf_log_error, ngx_conf_set_enum_slot,
-    ngx_conf_set_flag_slot, ngx_conf_set_msec_slot, ngx_conf_set_num_slot, ngx_conf_t,
-    ngx_flag_t, ngx_http_complex_value_t, ngx_http_conf_ctx_t, ngx_http_core_loc_conf_t,
-    ngx_http_core_module, ngx_http_set_complex_value_slot, ngx_int_t, ngx_msec_t, ngx_parse_size,
-    ngx_pcalloc, ngx_shared_memory_add, ngx_shm_zone_t, ngx_str_t, ngx_uint_t, NGX_CONF_FLAG,
-    NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF,
-    NGX_LOG_EMERG,
+    ngx_conf_set_flag_slot, ngx_conf_set_msec_slot, ngx_conf_set_num_slot, ngx_conf_t, ngx_flag_t,
+    ngx_http_complex_value_t, ngx_http_conf_ctx_t, ngx_http_core_loc_conf_t, ngx_http_core_module,
+    ngx_http_set_complex_value_slot, ngx_int_t, ngx_msec_t, ngx_parse_size, ngx_pcalloc,
+    ngx_shared_memory_add, ngx_shm_zone_t, ngx_str_t, ngx_uint_t, NGX_CONF_FLAG, NGX_CONF_NOARGS,
+    NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
 };
+use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
+use ngx::ngx_string;
 
 use martd_core::store::Concurrency;
 
@@ -108,53 +107,95 @@ const LOC: usize = offset_of!(ngx_http_conf_ctx_t, loc_conf);
 const MAIN: usize = offset_of!(ngx_http_conf_ctx_t, main_conf);
 
 static mut CONCURRENCY_VALUES: [ngx_conf_enum_t; 4] = [
-    ngx_conf_enum_t { name: ngx_string!("broadcast"), value: 0 },
-    ngx_conf_enum_t { name: ngx_string!("last"), value: 1 },
-    ngx_conf_enum_t { name: ngx_string!("first"), value: 2 },
-    ngx_conf_enum_t { name: ngx_str_t { len: 0, data: ptr::null_mut() }, value: 0 },
+    ngx_conf_enum_t {
+        name: ngx_string!("broadcast"),
+        value: 0,
+    },
+    ngx_conf_enum_t {
+        name: ngx_string!("last"),
+        value: 1,
+    },
+    ngx_conf_enum_t {
+        name: ngx_string!("first"),
+        value: 2,
+    },
+    ngx_conf_enum_t {
+        name: ngx_str_t {
+            len: 0,
+            data: ptr::null_mut(),
+        },
+        value: 0,
+    },
 ];
 
 /// The directive table.
 pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 14] = [
-    command(ngx_string!("martd_shm_size"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, cmd_shm_size, MAIN, 0, ptr::null_mut()),
-    command(ngx_string!("martd_push"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, cmd_push, LOC, 0, ptr::null_mut()),
-    command(ngx_string!("martd_listen"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, cmd_listen, LOC, 0, ptr::null_mut()),
-    command(ngx_string!("martd_channel_id"),
+    command(
+        ngx_string!("martd_shm_size"),
+        NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+        cmd_shm_size,
+        MAIN,
+        0,
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_push"),
+        NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
+        cmd_push,
+        LOC,
+        0,
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_listen"),
+        NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
+        cmd_listen,
+        LOC,
+        0,
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_channel_id"),
         ANY | NGX_CONF_TAKE1,
         ngx_http_set_complex_value_slot,
         LOC,
         offset_of!(LocConf, channel_id),
         ptr::null_mut(),
     ),
-    command(ngx_string!("martd_message_buffer_length"),
+    command(
+        ngx_string!("martd_message_buffer_length"),
         ANY | NGX_CONF_TAKE1,
         ngx_conf_set_num_slot,
         LOC,
         offset_of!(LocConf, buffer_length),
         ptr::null_mut(),
     ),
-    command(ngx_string!("martd_message_timeout"),
+    command(
+        ngx_string!("martd_message_timeout"),
         ANY | NGX_CONF_TAKE1,
         ngx_conf_set_msec_slot,
         LOC,
         offset_of!(LocConf, message_timeout),
         ptr::null_mut(),
     ),
-    command(ngx_string!("martd_store_messages"),
+    command(
+        ngx_string!("martd_store_messages"),
         ANY | NGX_CONF_FLAG,
         ngx_conf_set_flag_slot,
         LOC,
         offset_of!(LocConf, store_messages),
         ptr::null_mut(),
     ),
-    command(ngx_string!("martd_listener_timeout"),
+    command(
+        ngx_string!("martd_listener_timeout"),
         ANY | NGX_CONF_TAKE1,
         ngx_conf_set_msec_slot,
         LOC,
         offset_of!(LocConf, listener_timeout),
         ptr::null_mut(),
     ),
-    command(ngx_string!("martd_listener_concurrency"),
+    command(
+        ngx_string!("martd_listener_concurrency"),
         ANY | NGX_CONF_TAKE1,
         ngx_conf_set_enum_slot,
         LOC,
@@ -162,28 +203,32 @@ pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 14] = [
         // Only the address is taken; nginx reads the table at config time.
         ptr::addr_of_mut!(CONCURRENCY_VALUES) as *mut c_void,
     ),
-    command(ngx_string!("martd_max_channel_id_length"),
+    command(
+        ngx_string!("martd_max_channel_id_length"),
         ANY | NGX_CONF_TAKE1,
         ngx_conf_set_num_slot,
         LOC,
         offset_of!(LocConf, max_channel_id_length),
         ptr::null_mut(),
     ),
-    command(ngx_string!("martd_max_listeners"),
+    command(
+        ngx_string!("martd_max_listeners"),
         ANY | NGX_CONF_TAKE1,
         ngx_conf_set_num_slot,
         LOC,
         offset_of!(LocConf, max_listeners),
         ptr::null_mut(),
     ),
-    command(ngx_string!("martd_authorized_channels_only"),
+    command(
+        ngx_string!("martd_authorized_channels_only"),
         ANY | NGX_CONF_FLAG,
         ngx_conf_set_flag_slot,
         LOC,
         offset_of!(LocConf, authorized_only),
         ptr::null_mut(),
     ),
-    command(ngx_string!("martd_channel_timeout"),
+    command(
+        ngx_string!("martd_channel_timeout"),
         ANY | NGX_CONF_TAKE1,
         ngx_conf_set_msec_slot,
         LOC,
@@ -198,7 +243,14 @@ fn conf_error(cf: *mut ngx_conf_t, msg: &str) -> *mut c_char {
     // SAFETY: `cf` is the live configuration nginx passed to the directive handler; the
     // message is passed with an explicit length.
     unsafe {
-        ngx_conf_log_error(NGX_LOG_EMERG as _, cf, 0, c"%*s".as_ptr(), msg.len(), msg.as_ptr());
+        ngx_conf_log_error(
+            NGX_LOG_EMERG as _,
+            cf,
+            0,
+            c"%*s".as_ptr(),
+            msg.len(),
+            msg.as_ptr(),
+        );
     }
     NGX_CONF_ERROR
 }
@@ -209,7 +261,10 @@ fn args(cf: *mut ngx_conf_t) -> Vec<Vec<u8>> {
     // nginx keeps for the whole configuration read.
     unsafe {
         let a = &*(*cf).args;
-        a.as_slice::<ngx_str_t>().iter().map(|s| s.as_bytes().to_vec()).collect()
+        a.as_slice::<ngx_str_t>()
+            .iter()
+            .map(|s| s.as_bytes().to_vec())
+            .collect()
     }
 }
 
@@ -225,7 +280,10 @@ unsafe extern "C" fn cmd_shm_size(
     }
     let a = args(cf);
     let value = String::from_utf8_lossy(&a[1]).into_owned();
-    let mut s = ngx_str_t { len: a[1].len(), data: a[1].as_ptr() as *mut u8 };
+    let mut s = ngx_str_t {
+        len: a[1].len(),
+        data: a[1].as_ptr() as *mut u8,
+    };
     // SAFETY: `s` points at `a[1]`, alive for the call; ngx_parse_size only reads it.
     let size = unsafe { ngx_parse_size(&mut s) };
     if size < 0 {
@@ -235,7 +293,10 @@ unsafe extern "C" fn cmd_shm_size(
     if size < MIN_SHM_SIZE {
         return conf_error(
             cf,
-            &format!("martd_shm_size \"{value}\" is too small, the minimum is {}k", MIN_SHM_SIZE / 1024),
+            &format!(
+                "martd_shm_size \"{value}\" is too small, the minimum is {}k",
+                MIN_SHM_SIZE / 1024
+            ),
         );
     }
     mcf.shm_size = size;
@@ -256,7 +317,8 @@ fn set_role(cf: *mut ngx_conf_t, conf: *mut c_void, role: Role) -> *mut c_char {
     // and the core module's location conf is at its `ctx_index`.
     unsafe {
         let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
-        let clcf = *(*ctx).loc_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
+        let clcf =
+            *(*ctx).loc_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
         (*clcf).handler = Some(match role {
             Role::Push => crate::push::push_handler,
             _ => crate::listen::listen_handler,
@@ -267,11 +329,19 @@ fn set_role(cf: *mut ngx_conf_t, conf: *mut c_void, role: Role) -> *mut c_char {
     NGX_CONF_OK
 }
 
-unsafe extern "C" fn cmd_push(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+unsafe extern "C" fn cmd_push(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
     set_role(cf, conf, Role::Push)
 }
 
-unsafe extern "C" fn cmd_listen(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+unsafe extern "C" fn cmd_listen(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
     set_role(cf, conf, Role::Listen)
 }
 
@@ -348,14 +418,34 @@ pub unsafe extern "C" fn merge_loc_conf(
         conf.channel_id = prev.channel_id;
     }
     merge(&mut conf.buffer_length, prev.buffer_length, UNSET, 10);
-    merge(&mut conf.message_timeout, prev.message_timeout, UNSET_MSEC, 3_600_000);
+    merge(
+        &mut conf.message_timeout,
+        prev.message_timeout,
+        UNSET_MSEC,
+        3_600_000,
+    );
     merge(&mut conf.store_messages, prev.store_messages, UNSET, 1);
-    merge(&mut conf.listener_timeout, prev.listener_timeout, UNSET_MSEC, 60_000);
+    merge(
+        &mut conf.listener_timeout,
+        prev.listener_timeout,
+        UNSET_MSEC,
+        60_000,
+    );
     merge(&mut conf.concurrency, prev.concurrency, UNSET_UINT, 0);
-    merge(&mut conf.max_channel_id_length, prev.max_channel_id_length, UNSET, 1024);
+    merge(
+        &mut conf.max_channel_id_length,
+        prev.max_channel_id_length,
+        UNSET,
+        1024,
+    );
     merge(&mut conf.max_listeners, prev.max_listeners, UNSET, 0);
     merge(&mut conf.authorized_only, prev.authorized_only, UNSET, 0);
-    merge(&mut conf.channel_timeout, prev.channel_timeout, UNSET_MSEC, 300_000);
+    merge(
+        &mut conf.channel_timeout,
+        prev.channel_timeout,
+        UNSET_MSEC,
+        300_000,
+    );
     NGX_CONF_OK
 }
 
@@ -373,7 +463,12 @@ pub unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> nginx_sys::ng
     // SAFETY: `cf` is live; the tag is the module's static address, the same in every cycle,
     // so nginx reuses the zone across reloads when its size is unchanged.
     let zone = unsafe {
-        ngx_shared_memory_add(cf, &mut name, mcf.shm_size, ptr::addr_of_mut!(crate::ngx_http_martd_module) as *mut c_void)
+        ngx_shared_memory_add(
+            cf,
+            &mut name,
+            mcf.shm_size,
+            ptr::addr_of_mut!(crate::ngx_http_martd_module) as *mut c_void,
+        )
     };
     let Some(zone) = NonNull::new(zone) else {
         return nginx_sys::NGX_ERROR as ngx_int_t;

@@ -44,7 +44,12 @@ fn header(elt: *mut ngx_table_elt_t) -> Option<&'static [u8]> {
 /// The ids the request sent, as (`If-None-Match` id, `If-Modified-Since` seconds).
 fn request_ids(r: *mut ngx_http_request_t) -> (Option<u64>, Option<u64>) {
     // SAFETY: `r` is a live request.
-    let (inm, ims) = unsafe { ((*r).headers_in.if_none_match, (*r).headers_in.if_modified_since) };
+    let (inm, ims) = unsafe {
+        (
+            (*r).headers_in.if_none_match,
+            (*r).headers_in.if_modified_since,
+        )
+    };
     let etag = header(inm).and_then(parse_etag);
     let since = header(ims).and_then(|v| {
         // SAFETY: ngx_parse_http_time reads `len` bytes.
@@ -100,7 +105,14 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
             return NGX_ERROR as ngx_int_t;
         }
         let ctx = (*cln).data as *mut ListenerCtx;
-        ptr::write(ctx, ListenerCtx { request: r, key: None, timer: std::mem::zeroed() });
+        ptr::write(
+            ctx,
+            ListenerCtx {
+                request: r,
+                key: None,
+                timer: std::mem::zeroed(),
+            },
+        );
         (*cln).handler = Some(listener_cleanup);
         ctx
     };
@@ -118,11 +130,13 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
             slot,
         };
         let mut z = zone::lock(mcf)?;
-        Some(match z.store().listen(&name, since, &opts, now, &mut wake) {
-            Ok(Listen::Message(m)) => Ok(Err(st.listeners.cache.get(m))),
-            Ok(Listen::Park(p)) => Ok(Ok(st.listeners.park(&name, &p, ctx))),
-            Err(e) => Err(e),
-        })
+        Some(
+            match z.store().listen(&name, since, &opts, now, &mut wake) {
+                Ok(Listen::Message(m)) => Ok(Err(st.listeners.cache.get(m))),
+                Ok(Listen::Park(p)) => Ok(Ok(st.listeners.park(&name, &p, ctx))),
+                Err(e) => Err(e),
+            },
+        )
     })
     .flatten();
     worker::wake(&wake);
@@ -135,7 +149,9 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
             // increment holds the request open past this handler's NGX_DONE.
             unsafe {
                 (*ctx).key = Some(key);
-                (*r).main.as_mut().map(|m| m.set_count(m.count() + 1));
+                if let Some(m) = (*r).main.as_mut() {
+                    m.set_count(m.count() + 1);
+                }
                 if (*r).discard_body() == 0 {
                     (*r).read_event_handler = Some(ngx_http_test_reading);
                 }
@@ -161,7 +177,10 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
     }
 }
 
-fn deliver(r: *mut ngx_http_request_t, payload: &std::rc::Rc<martd_core::listeners::Payload>) -> ngx_int_t {
+fn deliver(
+    r: *mut ngx_http_request_t,
+    payload: &std::rc::Rc<martd_core::listeners::Payload>,
+) -> ngx_int_t {
     if response::add_header(r, "Etag", format_etag(payload.id).as_bytes()).is_none()
         || response::add_header(r, "Vary", b"If-None-Match, If-Modified-Since").is_none()
     {
@@ -173,7 +192,12 @@ fn deliver(r: *mut ngx_http_request_t, payload: &std::rc::Rc<martd_core::listene
 /// `304` echoing the request's ids.
 fn not_modified(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: `r` is a live request.
-    let (inm, ims) = unsafe { ((*r).headers_in.if_none_match, (*r).headers_in.if_modified_since) };
+    let (inm, ims) = unsafe {
+        (
+            (*r).headers_in.if_none_match,
+            (*r).headers_in.if_modified_since,
+        )
+    };
     if let Some(v) = header(inm) {
         response::add_header(r, "Etag", v);
     }
@@ -220,7 +244,8 @@ fn leave(ctx: *mut ListenerCtx) -> bool {
         };
         // SAFETY: `mcf` is this worker's cycle's main conf.
         if let Some(mut z) = zone::lock(unsafe { &*st.mcf }) {
-            z.store().release(&removed.name, removed.serial, slot, 1, removed.last);
+            z.store()
+                .release(&removed.name, removed.serial, slot, 1, removed.last);
         }
     });
     true

@@ -30,13 +30,21 @@ fn accept(r: *mut ngx_http_request_t) -> Option<&'static [u8]> {
     req.headers_in_iterator()
         .find(|(k, _)| k.as_bytes().eq_ignore_ascii_case(b"accept"))
         // SAFETY: the value belongs to the request's header list (see above).
-        .map(|(_, v)| unsafe { std::slice::from_raw_parts(v.as_bytes().as_ptr(), v.as_bytes().len()) })
+        .map(|(_, v)| unsafe {
+            std::slice::from_raw_parts(v.as_bytes().as_ptr(), v.as_bytes().len())
+        })
 }
 
 fn info_response(r: *mut ngx_http_request_t, status: usize, info: &ChannelInfo) -> ngx_int_t {
     let format = InfoFormat::from_accept(accept(r));
     let body = info.render(format);
-    response::send(r, status, format.content_type().as_bytes(), Body::Bytes(body.as_bytes()), None)
+    response::send(
+        r,
+        status,
+        format.content_type().as_bytes(),
+        Body::Bytes(body.as_bytes()),
+        None,
+    )
 }
 
 /// `507`, with an error log line at most once a second per worker.
@@ -140,7 +148,10 @@ fn read_body(r: *mut ngx_http_request_t) -> Result<Vec<u8>, std::io::Error> {
                     pos += n as i64;
                 }
             } else if !b.pos.is_null() && b.last > b.pos {
-                out.extend_from_slice(std::slice::from_raw_parts(b.pos, b.last.offset_from(b.pos) as usize));
+                out.extend_from_slice(std::slice::from_raw_parts(
+                    b.pos,
+                    b.last.offset_from(b.pos) as usize,
+                ));
             }
             cl = link.next;
         }
@@ -170,7 +181,11 @@ fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
     };
     // SAFETY: `r` is live; the Content-Type header (if any) lives as long as it.
     let content_type = unsafe {
-        (*r).headers_in.content_type.as_ref().map(|h| h.value.as_bytes()).unwrap_or(b"")
+        (*r).headers_in
+            .content_type
+            .as_ref()
+            .map(|h| h.value.as_bytes())
+            .unwrap_or(b"")
     };
     let store = lcf.store_messages != 0;
     let opts = PublishOpts {
@@ -179,11 +194,16 @@ fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
         store,
         channel_timeout_ms: lcf.channel_timeout as u64,
     };
-    let spec = MessageSpec { content_type, body: &body, timeout_ms: opts.timeout_ms };
+    let spec = MessageSpec {
+        content_type,
+        body: &body,
+        timeout_ms: opts.timeout_ms,
+    };
     let mcf = main_conf(r);
     let now = now_ms();
     let mut wake = Vec::new();
-    let result = zone::lock(mcf).map(|mut z| z.store().publish(&name, &spec, &opts, now, &mut wake));
+    let result =
+        zone::lock(mcf).map(|mut z| z.store().publish(&name, &spec, &opts, now, &mut wake));
     worker::wake(&wake);
     match result {
         None => NGX_ERROR as ngx_int_t,

@@ -51,7 +51,10 @@ pub fn now_ms() -> u64 {
     (t.sec as u64) * 1000 + t.msec as u64
 }
 
-fn blank_event(handler: unsafe extern "C" fn(*mut ngx_event_t), log: *mut nginx_sys::ngx_log_t) -> Box<ngx_event_t> {
+fn blank_event(
+    handler: unsafe extern "C" fn(*mut ngx_event_t),
+    log: *mut nginx_sys::ngx_log_t,
+) -> Box<ngx_event_t> {
     // SAFETY: an all-zero `ngx_event_t` is nginx's own initial state for events.
     let mut ev: Box<ngx_event_t> = Box::new(unsafe { std::mem::zeroed() });
     ev.handler = Some(handler);
@@ -72,14 +75,21 @@ pub extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
             // SAFETY: signal 0 only checks whether the process exists.
             unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
         };
-        z.store().register_worker(pid, generation, index as u32, &alive).ok()
+        z.store()
+            .register_worker(pid, generation, index as u32, &alive)
+            .ok()
     });
     if slot.is_none() {
-        martd_log!(NGX_LOG_ALERT, log, "could not register worker {} in the \"martd\" zone", pid);
+        martd_log!(
+            NGX_LOG_ALERT,
+            log,
+            "could not register worker {} in the \"martd\" zone",
+            pid
+        );
     }
     let mut notify_conn = ptr::null_mut();
     // SAFETY: `pipes` was set by `init_module` in this cycle and lives as long as it.
-    if let Some(fd) = unsafe { mcf.pipes.as_ref() }.and_then(|p| p.read_fd(index as usize)) {
+    if let Some(fd) = unsafe { mcf.pipes.as_ref() }.and_then(|p| p.read_fd(index)) {
         // SAFETY: `fd` is this worker's pipe read end; nginx's connection and event
         // structures take it over like a socket (read events only).
         unsafe {
@@ -100,7 +110,12 @@ pub extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         }
     }
     if notify_conn.is_null() {
-        martd_log!(NGX_LOG_ALERT, log, "worker {} has no notification pipe", pid);
+        martd_log!(
+            NGX_LOG_ALERT,
+            log,
+            "worker {} has no notification pipe",
+            pid
+        );
     }
     let state = WorkerState {
         slot,
@@ -147,7 +162,9 @@ pub fn wake(targets: &[WakeTarget]) {
             if Some(t.slot) == st.slot {
                 if st.mailbox_ev.posted() == 0 {
                     // SAFETY: the event is boxed in the worker state and outlives the queue.
-                    unsafe { ngx_post_event(&mut *st.mailbox_ev, ptr::addr_of_mut!(ngx_posted_events)) };
+                    unsafe {
+                        ngx_post_event(&mut *st.mailbox_ev, ptr::addr_of_mut!(ngx_posted_events))
+                    };
                 }
             } else if t.generation == generation {
                 if let Some(p) = pipes {
@@ -184,7 +201,9 @@ fn process_mailbox() {
         let mut out = Vec::new();
         let Some(slot) = st.slot else { return out };
         // SAFETY: `mcf` is this worker's cycle's main conf.
-        let Some(mut z) = zone::lock(unsafe { &*st.mcf }) else { return out };
+        let Some(mut z) = zone::lock(unsafe { &*st.mcf }) else {
+            return out;
+        };
         let mut serials = Vec::new();
         if z.store().take_mailbox(slot, &mut serials) {
             serials = st.listeners.serials();
@@ -209,7 +228,8 @@ fn shutdown() {
         // SAFETY: `mcf` is this worker's cycle's main conf.
         if let Some(mut z) = zone::lock(unsafe { &*st.mcf }) {
             for (removed, n, _) in &drained {
-                z.store().release(&removed.name, removed.serial, slot, *n, removed.last);
+                z.store()
+                    .release(&removed.name, removed.serial, slot, *n, removed.last);
             }
             z.store().unregister_worker(slot);
         }

@@ -352,7 +352,8 @@ impl<A: Allocator + Clone> Store<A> {
         if keep || listeners > 0 {
             let transient = (!keep).then_some(ch.waiters.len() as u32);
             let msg = ch.queue.make_message(spec, id, now_ms, transient)?;
-            ch.queue.push(msg, if keep { opts.buffer_len } else { usize::MAX })?;
+            ch.queue
+                .push(msg, if keep { opts.buffer_len } else { usize::MAX })?;
         }
         ch.last_id = id;
         let serial = ch.serial;
@@ -363,7 +364,11 @@ impl<A: Allocator + Clone> Store<A> {
         for slot in slots {
             self.notify(slot, serial, wake);
         }
-        Ok(Published { id, listeners, info })
+        Ok(Published {
+            id,
+            listeners,
+            info,
+        })
     }
 
     /// A listen request: a message at once, or the listener is counted and parks.
@@ -405,7 +410,10 @@ impl<A: Allocator + Clone> Store<A> {
                 Some(w) => w.count += 1,
                 None => {
                     ch.waiters.try_reserve(1).map_err(|_| NoMemory)?;
-                    ch.waiters.push(Waiter { slot: opts.slot, count: 1 });
+                    ch.waiters.push(Waiter {
+                        slot: opts.slot,
+                        count: 1,
+                    });
                 }
             }
             ch.listeners += 1;
@@ -414,7 +422,12 @@ impl<A: Allocator + Clone> Store<A> {
             if opts.concurrency == Concurrency::Last {
                 ch.evict_below = park_seq;
             }
-            Ok(Ok(Parked { serial: ch.serial, since: since_id, park_seq, last_id: ch.last_id }))
+            Ok(Ok(Parked {
+                serial: ch.serial,
+                since: since_id,
+                park_seq,
+                last_id: ch.last_id,
+            }))
         })?;
         match parked {
             Ok(p) => {
@@ -504,7 +517,12 @@ impl<A: Allocator + Clone> Store<A> {
         }
         if !w.signaled {
             w.signaled = true;
-            wake.push(WakeTarget { slot: w.id, pid: w.pid, generation: w.generation, index: w.index });
+            wake.push(WakeTarget {
+                slot: w.id,
+                pid: w.pid,
+                generation: w.generation,
+                index: w.index,
+            });
         }
     }
 
@@ -538,7 +556,9 @@ impl<A: Allocator + Clone> Store<A> {
         for slot in stale {
             self.unregister_worker(slot);
         }
-        self.workers.try_reserve(1).map_err(|_| StoreError::NoMemory)?;
+        self.workers
+            .try_reserve(1)
+            .map_err(|_| StoreError::NoMemory)?;
         let id = self.next_slot;
         self.next_slot = self.next_slot.wrapping_add(1).max(1);
         self.workers.push(WorkerSlot {
