@@ -7,10 +7,7 @@ use crate::conf::LocConf;
 /// Evaluates `martd_channel_id` (default `$arg_channel`) and checks it; the error is the
 /// one-line reason for a `400`.
 pub fn channel_id(r: *mut ngx_http_request_t, lcf: &LocConf) -> Result<Vec<u8>, String> {
-    let mut v = ngx_str_t {
-        len: 0,
-        data: std::ptr::null_mut(),
-    };
+    let mut v = ngx_str_t { len: 0, data: std::ptr::null_mut() };
     // SAFETY: `r` is a live request; `channel_id` (if set) was compiled for this location;
     // the result points into the request pool and is copied before returning.
     let ok = unsafe {
@@ -21,11 +18,7 @@ pub fn channel_id(r: *mut ngx_http_request_t, lcf: &LocConf) -> Result<Vec<u8>, 
             ngx_http_complex_value(r, lcf.channel_id, &mut v) == NGX_OK as isize
         }
     };
-    let id = if ok && v.len > 0 && !v.data.is_null() {
-        v.as_bytes().to_vec()
-    } else {
-        Vec::new()
-    };
+    let id = if ok && v.len > 0 && !v.data.is_null() { v.as_bytes().to_vec() } else { Vec::new() };
     if id.is_empty() {
         return Err("martd: no channel id provided".into());
     }

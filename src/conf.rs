@@ -92,14 +92,7 @@ const fn command(
     offset: usize,
     post: *mut c_void,
 ) -> ngx_command_t {
-    ngx_command_t {
-        name,
-        type_: type_ as ngx_uint_t,
-        set: Some(set),
-        conf,
-        offset,
-        post,
-    }
+    ngx_command_t { name, type_: type_ as ngx_uint_t, set: Some(set), conf, offset, post }
 }
 
 const ANY: u32 = NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF;
@@ -107,25 +100,10 @@ const LOC: usize = offset_of!(ngx_http_conf_ctx_t, loc_conf);
 const MAIN: usize = offset_of!(ngx_http_conf_ctx_t, main_conf);
 
 static mut CONCURRENCY_VALUES: [ngx_conf_enum_t; 4] = [
-    ngx_conf_enum_t {
-        name: ngx_string!("broadcast"),
-        value: 0,
-    },
-    ngx_conf_enum_t {
-        name: ngx_string!("last"),
-        value: 1,
-    },
-    ngx_conf_enum_t {
-        name: ngx_string!("first"),
-        value: 2,
-    },
-    ngx_conf_enum_t {
-        name: ngx_str_t {
-            len: 0,
-            data: ptr::null_mut(),
-        },
-        value: 0,
-    },
+    ngx_conf_enum_t { name: ngx_string!("broadcast"), value: 0 },
+    ngx_conf_enum_t { name: ngx_string!("last"), value: 1 },
+    ngx_conf_enum_t { name: ngx_string!("first"), value: 2 },
+    ngx_conf_enum_t { name: ngx_str_t { len: 0, data: ptr::null_mut() }, value: 0 },
 ];
 
 /// The directive table.
@@ -243,14 +221,7 @@ fn conf_error(cf: *mut ngx_conf_t, msg: &str) -> *mut c_char {
     // SAFETY: `cf` is the live configuration nginx passed to the directive handler; the
     // message is passed with an explicit length.
     unsafe {
-        ngx_conf_log_error(
-            NGX_LOG_EMERG as _,
-            cf,
-            0,
-            c"%*s".as_ptr(),
-            msg.len(),
-            msg.as_ptr(),
-        );
+        ngx_conf_log_error(NGX_LOG_EMERG as _, cf, 0, c"%*s".as_ptr(), msg.len(), msg.as_ptr());
     }
     NGX_CONF_ERROR
 }
@@ -261,10 +232,7 @@ fn args(cf: *mut ngx_conf_t) -> Vec<Vec<u8>> {
     // nginx keeps for the whole configuration read.
     unsafe {
         let a = &*(*cf).args;
-        a.as_slice::<ngx_str_t>()
-            .iter()
-            .map(|s| s.as_bytes().to_vec())
-            .collect()
+        a.as_slice::<ngx_str_t>().iter().map(|s| s.as_bytes().to_vec()).collect()
     }
 }
 
@@ -280,10 +248,7 @@ unsafe extern "C" fn cmd_shm_size(
     }
     let a = args(cf);
     let value = String::from_utf8_lossy(&a[1]).into_owned();
-    let mut s = ngx_str_t {
-        len: a[1].len(),
-        data: a[1].as_ptr() as *mut u8,
-    };
+    let mut s = ngx_str_t { len: a[1].len(), data: a[1].as_ptr() as *mut u8 };
     // SAFETY: `s` points at `a[1]`, alive for the call; ngx_parse_size only reads it.
     let size = unsafe { ngx_parse_size(&mut s) };
     if size < 0 {
@@ -418,34 +383,14 @@ pub unsafe extern "C" fn merge_loc_conf(
         conf.channel_id = prev.channel_id;
     }
     merge(&mut conf.buffer_length, prev.buffer_length, UNSET, 10);
-    merge(
-        &mut conf.message_timeout,
-        prev.message_timeout,
-        UNSET_MSEC,
-        3_600_000,
-    );
+    merge(&mut conf.message_timeout, prev.message_timeout, UNSET_MSEC, 3_600_000);
     merge(&mut conf.store_messages, prev.store_messages, UNSET, 1);
-    merge(
-        &mut conf.listener_timeout,
-        prev.listener_timeout,
-        UNSET_MSEC,
-        60_000,
-    );
+    merge(&mut conf.listener_timeout, prev.listener_timeout, UNSET_MSEC, 60_000);
     merge(&mut conf.concurrency, prev.concurrency, UNSET_UINT, 0);
-    merge(
-        &mut conf.max_channel_id_length,
-        prev.max_channel_id_length,
-        UNSET,
-        1024,
-    );
+    merge(&mut conf.max_channel_id_length, prev.max_channel_id_length, UNSET, 1024);
     merge(&mut conf.max_listeners, prev.max_listeners, UNSET, 0);
     merge(&mut conf.authorized_only, prev.authorized_only, UNSET, 0);
-    merge(
-        &mut conf.channel_timeout,
-        prev.channel_timeout,
-        UNSET_MSEC,
-        300_000,
-    );
+    merge(&mut conf.channel_timeout, prev.channel_timeout, UNSET_MSEC, 300_000);
     NGX_CONF_OK
 }
 

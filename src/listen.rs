@@ -44,12 +44,7 @@ fn header(elt: *mut ngx_table_elt_t) -> Option<&'static [u8]> {
 /// The ids the request sent, as (`If-None-Match` id, `If-Modified-Since` seconds).
 fn request_ids(r: *mut ngx_http_request_t) -> (Option<u64>, Option<u64>) {
     // SAFETY: `r` is a live request.
-    let (inm, ims) = unsafe {
-        (
-            (*r).headers_in.if_none_match,
-            (*r).headers_in.if_modified_since,
-        )
-    };
+    let (inm, ims) = unsafe { ((*r).headers_in.if_none_match, (*r).headers_in.if_modified_since) };
     let etag = header(inm).and_then(parse_etag);
     let since = header(ims).and_then(|v| {
         // SAFETY: ngx_parse_http_time reads `len` bytes.
@@ -105,14 +100,7 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
             return NGX_ERROR as ngx_int_t;
         }
         let ctx = (*cln).data as *mut ListenerCtx;
-        ptr::write(
-            ctx,
-            ListenerCtx {
-                request: r,
-                key: None,
-                timer: std::mem::zeroed(),
-            },
-        );
+        ptr::write(ctx, ListenerCtx { request: r, key: None, timer: std::mem::zeroed() });
         (*cln).handler = Some(listener_cleanup);
         ctx
     };
@@ -130,13 +118,11 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
             slot,
         };
         let mut z = zone::lock(mcf)?;
-        Some(
-            match z.store().listen(&name, since, &opts, now, &mut wake) {
-                Ok(Listen::Message(m)) => Ok(Err(st.listeners.cache.get(m))),
-                Ok(Listen::Park(p)) => Ok(Ok(st.listeners.park(&name, &p, ctx))),
-                Err(e) => Err(e),
-            },
-        )
+        Some(match z.store().listen(&name, since, &opts, now, &mut wake) {
+            Ok(Listen::Message(m)) => Ok(Err(st.listeners.cache.get(m))),
+            Ok(Listen::Park(p)) => Ok(Ok(st.listeners.park(&name, &p, ctx))),
+            Err(e) => Err(e),
+        })
     })
     .flatten();
     worker::wake(&wake);
@@ -192,12 +178,7 @@ fn deliver(
 /// `304` echoing the request's ids.
 fn not_modified(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: `r` is a live request.
-    let (inm, ims) = unsafe {
-        (
-            (*r).headers_in.if_none_match,
-            (*r).headers_in.if_modified_since,
-        )
-    };
+    let (inm, ims) = unsafe { ((*r).headers_in.if_none_match, (*r).headers_in.if_modified_since) };
     if let Some(v) = header(inm) {
         response::add_header(r, "Etag", v);
     }
@@ -244,8 +225,7 @@ fn leave(ctx: *mut ListenerCtx) -> bool {
         };
         // SAFETY: `mcf` is this worker's cycle's main conf.
         if let Some(mut z) = zone::lock(unsafe { &*st.mcf }) {
-            z.store()
-                .release(&removed.name, removed.serial, slot, 1, removed.last);
+            z.store().release(&removed.name, removed.serial, slot, 1, removed.last);
         }
     });
     true

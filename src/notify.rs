@@ -104,21 +104,14 @@ pub fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         let ccf = *(*cycle).conf_ctx.add(ngx_core_module.index) as *const ngx_core_conf_t;
         (*ccf).worker_processes.max(1) as usize
     };
-    let mut pipes = Pipes {
-        fds: Vec::with_capacity(workers),
-    };
+    let mut pipes = Pipes { fds: Vec::with_capacity(workers) };
     for _ in 0..workers {
         let mut fds = [0 as c_int; 2];
         // SAFETY: `fds` is a live two-element array.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
             // SAFETY: the cycle's log is live.
             let log = unsafe { (*cycle).log };
-            martd_log!(
-                NGX_LOG_EMERG,
-                log,
-                "pipe2() failed: {}",
-                std::io::Error::last_os_error()
-            );
+            martd_log!(NGX_LOG_EMERG, log, "pipe2() failed: {}", std::io::Error::last_os_error());
             return NGX_ERROR as ngx_int_t;
         }
         pipes.fds.push(fds);

@@ -38,13 +38,7 @@ fn accept(r: *mut ngx_http_request_t) -> Option<&'static [u8]> {
 fn info_response(r: *mut ngx_http_request_t, status: usize, info: &ChannelInfo) -> ngx_int_t {
     let format = InfoFormat::from_accept(accept(r));
     let body = info.render(format);
-    response::send(
-        r,
-        status,
-        format.content_type().as_bytes(),
-        Body::Bytes(body.as_bytes()),
-        None,
-    )
+    response::send(r, status, format.content_type().as_bytes(), Body::Bytes(body.as_bytes()), None)
 }
 
 /// `507`, with an error log line at most once a second per worker.
@@ -180,13 +174,8 @@ fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
         }
     };
     // SAFETY: `r` is live; the Content-Type header (if any) lives as long as it.
-    let content_type = unsafe {
-        (*r).headers_in
-            .content_type
-            .as_ref()
-            .map(|h| h.value.as_bytes())
-            .unwrap_or(b"")
-    };
+    let content_type =
+        unsafe { (*r).headers_in.content_type.as_ref().map(|h| h.value.as_bytes()).unwrap_or(b"") };
     let store = lcf.store_messages != 0;
     let opts = PublishOpts {
         buffer_len: lcf.buffer_length.max(0) as usize,
@@ -194,11 +183,7 @@ fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
         store,
         channel_timeout_ms: lcf.channel_timeout as u64,
     };
-    let spec = MessageSpec {
-        content_type,
-        body: &body,
-        timeout_ms: opts.timeout_ms,
-    };
+    let spec = MessageSpec { content_type, body: &body, timeout_ms: opts.timeout_ms };
     let mcf = main_conf(r);
     let now = now_ms();
     let mut wake = Vec::new();

@@ -24,10 +24,7 @@ pub enum Body<'a> {
 /// Copies `bytes` into the request pool.
 fn pool_bytes(r: *mut ngx_http_request_t, bytes: &[u8]) -> Option<ngx_str_t> {
     if bytes.is_empty() {
-        return Some(ngx_str_t {
-            len: 0,
-            data: ptr::null_mut(),
-        });
+        return Some(ngx_str_t { len: 0, data: ptr::null_mut() });
     }
     // SAFETY: `r->pool` is the live request pool; the copy fits the allocation.
     unsafe {
@@ -36,10 +33,7 @@ fn pool_bytes(r: *mut ngx_http_request_t, bytes: &[u8]) -> Option<ngx_str_t> {
             return None;
         }
         ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
-        Some(ngx_str_t {
-            len: bytes.len(),
-            data: p,
-        })
+        Some(ngx_str_t { len: bytes.len(), data: p })
     }
 }
 
@@ -55,10 +49,7 @@ pub fn add_header(r: *mut ngx_http_request_t, name: &'static str, value: &[u8]) 
         }
         ptr::write_bytes(h, 0, 1);
         (*h).hash = 1;
-        (*h).key = ngx_str_t {
-            len: name.len(),
-            data: name.as_ptr() as *mut u8,
-        };
+        (*h).key = ngx_str_t { len: name.len(), data: name.as_ptr() as *mut u8 };
         (*h).value = value;
     }
     Some(())
@@ -127,10 +118,9 @@ fn send_inner(
             }
         } else {
             let ct = match &body {
-                Body::Payload(_) => ngx_str_t {
-                    len: content_type.len(),
-                    data: content_type.as_ptr() as *mut u8,
-                },
+                Body::Payload(_) => {
+                    ngx_str_t { len: content_type.len(), data: content_type.as_ptr() as *mut u8 }
+                }
                 Body::Bytes(_) => pool_bytes(r, content_type)?,
             };
             (*r).headers_out.content_type = ct;
@@ -164,10 +154,7 @@ fn send_inner(
         (*b).set_memory(1);
         (*b).set_last_buf(u32::from(r == (*r).main));
         (*b).set_last_in_chain(1);
-        let mut out = ngx_chain_t {
-            buf: b,
-            next: ptr::null_mut(),
-        };
+        let mut out = ngx_chain_t { buf: b, next: ptr::null_mut() };
         Some(ngx_http_output_filter(r, &mut out))
     }
 }

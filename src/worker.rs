@@ -75,17 +75,10 @@ pub extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
             // SAFETY: signal 0 only checks whether the process exists.
             unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
         };
-        z.store()
-            .register_worker(pid, generation, index as u32, &alive)
-            .ok()
+        z.store().register_worker(pid, generation, index as u32, &alive).ok()
     });
     if slot.is_none() {
-        martd_log!(
-            NGX_LOG_ALERT,
-            log,
-            "could not register worker {} in the \"martd\" zone",
-            pid
-        );
+        martd_log!(NGX_LOG_ALERT, log, "could not register worker {} in the \"martd\" zone", pid);
     }
     let mut notify_conn = ptr::null_mut();
     // SAFETY: `pipes` was set by `init_module` in this cycle and lives as long as it.
@@ -110,12 +103,7 @@ pub extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         }
     }
     if notify_conn.is_null() {
-        martd_log!(
-            NGX_LOG_ALERT,
-            log,
-            "worker {} has no notification pipe",
-            pid
-        );
+        martd_log!(NGX_LOG_ALERT, log, "worker {} has no notification pipe", pid);
     }
     let state = WorkerState {
         slot,
@@ -228,8 +216,7 @@ fn shutdown() {
         // SAFETY: `mcf` is this worker's cycle's main conf.
         if let Some(mut z) = zone::lock(unsafe { &*st.mcf }) {
             for (removed, n, _) in &drained {
-                z.store()
-                    .release(&removed.name, removed.serial, slot, *n, removed.last);
+                z.store().release(&removed.name, removed.serial, slot, *n, removed.last);
             }
             z.store().unregister_worker(slot);
         }
@@ -242,18 +229,23 @@ fn shutdown() {
     }
 }
 
+/// Once a second: zone garbage collection (by whichever worker comes first), and the
+/// mailbox backstop for wake-ups that could not be delivered across a reload.
 unsafe extern "C" fn gc_handler(ev: *mut ngx_event_t) {
     let now = now_ms();
-    with(|st| {
+    let mail = with(|st| {
         // SAFETY: `mcf` is this worker's cycle's main conf.
-        if let Some(mut z) = zone::lock(unsafe { &*st.mcf }) {
-            let root = z.root();
-            if now.saturating_sub(root.last_gc_ms) >= GC_INTERVAL_MS {
-                root.last_gc_ms = now;
-                root.store.collect_garbage(now);
-            }
+        let mut z = zone::lock(unsafe { &*st.mcf })?;
+        let root = z.root();
+        if now.saturating_sub(root.last_gc_ms) >= GC_INTERVAL_MS {
+            root.last_gc_ms = now;
+            root.store.collect_garbage(now);
         }
+        st.slot.map(|slot| root.store.has_mail(slot))
     });
+    if mail.flatten() == Some(true) {
+        process_mailbox();
+    }
     // SAFETY: `ngx_exiting` is nginx's per-process flag; `ev` is our boxed GC event.
     unsafe {
         if nginx_sys::ngx_exiting == 0 {

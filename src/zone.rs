@@ -32,9 +32,7 @@ unsafe impl Allocator for ShmAlloc {
         let size = layout.size().max(layout.align());
         // SAFETY: the pool is the zone's, and the caller holds its mutex (see `lock`).
         let p = unsafe { ngx_slab_alloc_locked(self.0.as_ptr(), size) } as *mut u8;
-        NonNull::new(p)
-            .map(|p| NonNull::slice_from_raw_parts(p, size))
-            .ok_or(AllocError)
+        NonNull::new(p).map(|p| NonNull::slice_from_raw_parts(p, size)).ok_or(AllocError)
     }
 
     unsafe fn deallocate(&self, ptr: NonNull<u8>, _layout: Layout) {
@@ -112,10 +110,7 @@ pub unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
     // SAFETY: nginx passes the zone it created in `postconfiguration`, whose `data` we set
     // to this cycle's main conf; `shm.addr` is the slab pool nginx initialised.
     let (mcf, pool) = unsafe {
-        (
-            &mut *((*shm_zone).data as *mut MainConf),
-            (*shm_zone).shm.addr as *mut ngx_slab_pool_t,
-        )
+        (&mut *((*shm_zone).data as *mut MainConf), (*shm_zone).shm.addr as *mut ngx_slab_pool_t)
     };
     let Some(pool_nn) = NonNull::new(pool) else {
         return NGX_ERROR as ngx_int_t;

@@ -73,12 +73,7 @@ mod tests {
 
     #[test]
     fn text_and_json() {
-        let info = ChannelInfo {
-            messages: 2,
-            requested: 3,
-            listeners: 1,
-            last_message_id: 17,
-        };
+        let info = ChannelInfo { messages: 2, requested: 3, listeners: 1, last_message_id: 17 };
         assert_eq!(
             info.render(InfoFormat::Text),
             "queued messages: 2\r\nlast requested: 3 sec. ago\r\nactive listeners: 1\r\nlast message id: 17\r\n"
@@ -88,34 +83,16 @@ mod tests {
         assert_eq!(v["requested"], 3);
         assert_eq!(v["listeners"], 1);
         assert_eq!(v["last_message_id"], "17");
-        let never = ChannelInfo {
-            messages: 0,
-            requested: -1,
-            listeners: 0,
-            last_message_id: 0,
-        };
-        assert!(never
-            .render(InfoFormat::Text)
-            .contains("last requested: -1 sec. ago"));
-        assert!(never
-            .render(InfoFormat::Json)
-            .contains("\"last_message_id\":\"\""));
+        let never = ChannelInfo { messages: 0, requested: -1, listeners: 0, last_message_id: 0 };
+        assert!(never.render(InfoFormat::Text).contains("last requested: -1 sec. ago"));
+        assert!(never.render(InfoFormat::Json).contains("\"last_message_id\":\"\""));
     }
 
     #[test]
     fn accept_negotiation() {
         assert_eq!(InfoFormat::from_accept(None), InfoFormat::Text);
-        assert_eq!(
-            InfoFormat::from_accept(Some(b"text/html, */*")),
-            InfoFormat::Text
-        );
-        assert_eq!(
-            InfoFormat::from_accept(Some(b"application/JSON")),
-            InfoFormat::Json
-        );
-        assert_eq!(
-            InfoFormat::from_accept(Some(b"text/json;q=0.5")),
-            InfoFormat::Json
-        );
+        assert_eq!(InfoFormat::from_accept(Some(b"text/html, */*")), InfoFormat::Text);
+        assert_eq!(InfoFormat::from_accept(Some(b"application/JSON")), InfoFormat::Json);
+        assert_eq!(InfoFormat::from_accept(Some(b"text/json;q=0.5")), InfoFormat::Json);
     }
 }

@@ -121,35 +121,25 @@ pub struct Listeners<H> {
 
 impl<H> Default for Listeners<H> {
     fn default() -> Self {
-        Listeners {
-            channels: HashMap::new(),
-            cache: PayloadCache::default(),
-            count: 0,
-        }
+        Listeners { channels: HashMap::new(), cache: PayloadCache::default(), count: 0 }
     }
 }
 
 impl<H: Copy> Listeners<H> {
     /// Keeps a listener the store told to park.
     pub fn park(&mut self, name: &[u8], parked: &Parked, handle: H) -> ListenerKey {
-        let ch = self
-            .channels
-            .entry(parked.serial)
-            .or_insert_with(|| LocalChannel {
-                name: name.into(),
-                seen: parked.last_id,
-                parked: Slab::new(),
-            });
+        let ch = self.channels.entry(parked.serial).or_insert_with(|| LocalChannel {
+            name: name.into(),
+            seen: parked.last_id,
+            parked: Slab::new(),
+        });
         let index = ch.parked.insert(ParkedListener {
             handle,
             since: parked.since,
             park_seq: parked.park_seq,
         });
         self.count += 1;
-        ListenerKey {
-            serial: parked.serial,
-            index,
-        }
+        ListenerKey { serial: parked.serial, index }
     }
 
     /// Removes a listener (timeout, disconnect); `None` if it was already answered.
@@ -158,11 +148,7 @@ impl<H: Copy> Listeners<H> {
         ch.parked.try_remove(key.index)?;
         self.count -= 1;
         let last = ch.parked.is_empty().then_some(ch.seen);
-        let removed = Removed {
-            name: ch.name.clone(),
-            serial: key.serial,
-            last,
-        };
+        let removed = Removed { name: ch.name.clone(), serial: key.serial, last };
         if last.is_some() {
             self.channels.remove(&key.serial);
         }
@@ -177,11 +163,7 @@ impl<H: Copy> Listeners<H> {
             .drain()
             .map(|(serial, ch)| {
                 let handles: Vec<H> = ch.parked.into_iter().map(|(_, p)| p.handle).collect();
-                let removed = Removed {
-                    name: ch.name,
-                    serial,
-                    last: Some(ch.seen),
-                };
+                let removed = Removed { name: ch.name, serial, last: Some(ch.seen) };
                 (removed, handles.len() as u32, handles)
             })
             .collect()
@@ -229,8 +211,7 @@ impl<H: Copy> Listeners<H> {
             let verdict = if p.park_seq < evict_below {
                 Some(Verdict::Conflict)
             } else {
-                ch.next_for(p.since, now_ms)
-                    .map(|m| Verdict::Deliver(cache.get(m)))
+                ch.next_for(p.since, now_ms).map(|m| Verdict::Deliver(cache.get(m)))
             };
             match verdict {
                 Some(v) => {

@@ -49,9 +49,7 @@ pub fn parse_etag(value: &[u8]) -> Option<MsgId> {
     if v.is_empty() || v.len() > 20 || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    v.iter().try_fold(0u64, |acc, &d| {
-        acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
+    v.iter().try_fold(0u64, |acc, &d| acc.checked_mul(10)?.checked_add(u64::from(d - b'0')))
 }
 
 /// Formats an id as the quoted `Etag` value.
@@ -95,10 +93,7 @@ mod tests {
             assert_eq!(parse_etag(bad), None, "{:?}", String::from_utf8_lossy(bad));
         }
         assert_eq!(format_etag(7), "\"7\"");
-        assert_eq!(
-            parse_etag(format_etag(123456789).as_bytes()),
-            Some(123456789)
-        );
+        assert_eq!(parse_etag(format_etag(123456789).as_bytes()), Some(123456789));
     }
 
     #[test]

@@ -65,9 +65,7 @@ pub struct MessageQueue<A: Allocator> {
 
 impl<A: Allocator + Clone> MessageQueue<A> {
     pub fn new_in(alloc: A) -> Self {
-        MessageQueue {
-            messages: Vec::new_in(alloc),
-        }
+        MessageQueue { messages: Vec::new_in(alloc) }
     }
 
     /// Builds a message in zone memory; nothing is changed if memory runs out.
@@ -80,8 +78,7 @@ impl<A: Allocator + Clone> MessageQueue<A> {
     ) -> Result<Message<A>, NoMemory> {
         let alloc = self.messages.allocator().clone();
         let mut data = Vec::new_in(alloc);
-        data.try_reserve_exact(spec.content_type.len() + spec.body.len())
-            .map_err(|_| NoMemory)?;
+        data.try_reserve_exact(spec.content_type.len() + spec.body.len()).map_err(|_| NoMemory)?;
         data.extend_from_slice(spec.content_type);
         data.extend_from_slice(spec.body);
         let life = match (spec.timeout_ms, transient_for.is_some()) {
@@ -154,10 +151,7 @@ impl<A: Allocator + Clone> MessageQueue<A> {
 
     /// Live stored messages a new listener could receive.
     pub fn stored_count(&self, now_ms: u64) -> usize {
-        self.messages
-            .iter()
-            .filter(|m| !m.transient && !m.is_dead(now_ms))
-            .count()
+        self.messages.iter().filter(|m| !m.transient && !m.is_dead(now_ms)).count()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -182,30 +176,21 @@ mod tests {
     use allocator_api2::alloc::Global;
 
     fn spec(body: &[u8]) -> MessageSpec<'_> {
-        MessageSpec {
-            content_type: b"text/plain",
-            body,
-            timeout_ms: 0,
-        }
+        MessageSpec { content_type: b"text/plain", body, timeout_ms: 0 }
     }
 
     #[test]
     fn circular_and_ordered() {
         let mut q = MessageQueue::new_in(Global);
         for id in 1..=5u64 {
-            let m = q
-                .make_message(&spec(format!("m{id}").as_bytes()), id, 1000, None)
-                .unwrap();
+            let m = q.make_message(&spec(format!("m{id}").as_bytes()), id, 1000, None).unwrap();
             q.push(m, 3).unwrap();
         }
         assert_eq!(q.stored_count(1000), 3);
         assert_eq!(q.next_after(0, 1000, false).unwrap().body(), b"m3");
         assert_eq!(q.next_after(3, 1000, false).unwrap().body(), b"m4");
         assert!(q.next_after(5, 1000, false).is_none());
-        assert_eq!(
-            q.next_after(3, 1000, false).unwrap().content_type(),
-            b"text/plain"
-        );
+        assert_eq!(q.next_after(3, 1000, false).unwrap().content_type(), b"text/plain");
     }
 
     #[test]
@@ -213,11 +198,7 @@ mod tests {
         let mut q = MessageQueue::new_in(Global);
         let m = q
             .make_message(
-                &MessageSpec {
-                    content_type: b"",
-                    body: b"x",
-                    timeout_ms: 500,
-                },
+                &MessageSpec { content_type: b"", body: b"x", timeout_ms: 500 },
                 1,
                 1000,
                 None,

@@ -343,6 +343,7 @@ impl<A: Allocator + Clone> Store<A> {
         wake: &mut std::vec::Vec<WakeTarget>,
     ) -> Result<Published, StoreError> {
         let id = next_id(self.last_id, now_ms.saturating_mul(1000));
+        let created = !self.channels.contains_key(name);
         let ch = self.get_or_create(name, now_ms, opts.channel_timeout_ms)?;
         ch.channel_timeout_ms = opts.channel_timeout_ms;
         ch.last_active_ms = now_ms;
@@ -351,9 +352,18 @@ impl<A: Allocator + Clone> Store<A> {
         let keep = opts.store && opts.buffer_len > 0;
         if keep || listeners > 0 {
             let transient = (!keep).then_some(ch.waiters.len() as u32);
-            let msg = ch.queue.make_message(spec, id, now_ms, transient)?;
-            ch.queue
-                .push(msg, if keep { opts.buffer_len } else { usize::MAX })?;
+            let max_len = if keep { opts.buffer_len } else { usize::MAX };
+            let stored = ch
+                .queue
+                .make_message(spec, id, now_ms, transient)
+                .and_then(|msg| ch.queue.push(msg, max_len));
+            if let Err(e) = stored {
+                if created {
+                    // A refused publish leaves nothing behind.
+                    self.channels.remove(name);
+                }
+                return Err(e.into());
+            }
         }
         ch.last_id = id;
         let serial = ch.serial;
@@ -364,11 +374,7 @@ impl<A: Allocator + Clone> Store<A> {
         for slot in slots {
             self.notify(slot, serial, wake);
         }
-        Ok(Published {
-            id,
-            listeners,
-            info,
-        })
+        Ok(Published { id, listeners, info })
     }
 
     /// A listen request: a message at once, or the listener is counted and parks.
@@ -410,10 +416,7 @@ impl<A: Allocator + Clone> Store<A> {
                 Some(w) => w.count += 1,
                 None => {
                     ch.waiters.try_reserve(1).map_err(|_| NoMemory)?;
-                    ch.waiters.push(Waiter {
-                        slot: opts.slot,
-                        count: 1,
-                    });
+                    ch.waiters.push(Waiter { slot: opts.slot, count: 1 });
                 }
             }
             ch.listeners += 1;
@@ -422,12 +425,7 @@ impl<A: Allocator + Clone> Store<A> {
             if opts.concurrency == Concurrency::Last {
                 ch.evict_below = park_seq;
             }
-            Ok(Ok(Parked {
-                serial: ch.serial,
-                since: since_id,
-                park_seq,
-                last_id: ch.last_id,
-            }))
+            Ok(Ok(Parked { serial: ch.serial, since: since_id, park_seq, last_id: ch.last_id }))
         })?;
         match parked {
             Ok(p) => {
@@ -537,6 +535,19 @@ impl<A: Allocator + Clone> Store<A> {
         std::mem::replace(&mut w.overflow, false)
     }
 
+    /// Forgets that a slot was signalled: its pipe could not be written (a worker of another
+    /// configuration generation, during a reload), so the next publisher must try again.
+    pub fn clear_signal(&mut self, slot: u32) {
+        if let Some(w) = self.workers.iter_mut().find(|w| w.id == slot) {
+            w.signaled = false;
+        }
+    }
+
+    /// Whether a slot's mailbox holds anything.
+    pub fn has_mail(&self, slot: u32) -> bool {
+        self.workers.iter().any(|w| w.id == slot && (w.overflow || !w.mailbox.is_empty()))
+    }
+
     /// Registers a starting worker process. Slots of processes that are gone (`alive`
     /// says no) and the slot this process replaces (same generation and worker number, as
     /// after a crash and respawn) are purged first, with their listener counts.
@@ -556,9 +567,7 @@ impl<A: Allocator + Clone> Store<A> {
         for slot in stale {
             self.unregister_worker(slot);
         }
-        self.workers
-            .try_reserve(1)
-            .map_err(|_| StoreError::NoMemory)?;
+        self.workers.try_reserve(1).map_err(|_| StoreError::NoMemory)?;
         let id = self.next_slot;
         self.next_slot = self.next_slot.wrapping_add(1).max(1);
         self.workers.push(WorkerSlot {

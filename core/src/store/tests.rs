@@ -31,12 +31,7 @@ unsafe impl Allocator for Budget {
 }
 
 fn popts(buffer_len: usize) -> PublishOpts {
-    PublishOpts {
-        buffer_len,
-        timeout_ms: 0,
-        store: true,
-        channel_timeout_ms: 300_000,
-    }
+    PublishOpts { buffer_len, timeout_ms: 0, store: true, channel_timeout_ms: 300_000 }
 }
 
 fn lopts(slot: u32) -> ListenOpts {
@@ -50,18 +45,13 @@ fn lopts(slot: u32) -> ListenOpts {
 }
 
 fn msg(body: &[u8]) -> MessageSpec<'_> {
-    MessageSpec {
-        content_type: b"text/plain",
-        body,
-        timeout_ms: 0,
-    }
+    MessageSpec { content_type: b"text/plain", body, timeout_ms: 0 }
 }
 
 fn store_with_workers(n: u32) -> (Store<Global>, std::vec::Vec<u32>) {
     let mut s = Store::new_in(Global);
-    let slots = (0..n)
-        .map(|i| s.register_worker(100 + i as i32, 1, i, &|_| true).unwrap())
-        .collect();
+    let slots =
+        (0..n).map(|i| s.register_worker(100 + i as i32, 1, i, &|_| true).unwrap()).collect();
     (s, slots)
 }
 
@@ -69,43 +59,26 @@ fn store_with_workers(n: u32) -> (Store<Global>, std::vec::Vec<u32>) {
 fn publish_without_listeners_is_stored_and_served_oldest_first() {
     let (mut s, slots) = store_with_workers(1);
     let mut wake = vec![];
-    let p1 = s
-        .publish(b"a", &msg(b"one"), &popts(10), 1_000, &mut wake)
-        .unwrap();
-    let p2 = s
-        .publish(b"a", &msg(b"two"), &popts(10), 1_000, &mut wake)
-        .unwrap();
+    let p1 = s.publish(b"a", &msg(b"one"), &popts(10), 1_000, &mut wake).unwrap();
+    let p2 = s.publish(b"a", &msg(b"two"), &popts(10), 1_000, &mut wake).unwrap();
     assert_eq!(p1.listeners, 0);
     assert!(p2.id > p1.id);
     assert!(wake.is_empty());
-    let Listen::Message(m) = s
-        .listen(b"a", Since::Oldest, &lopts(slots[0]), 1_000, &mut wake)
-        .unwrap()
+    let Listen::Message(m) =
+        s.listen(b"a", Since::Oldest, &lopts(slots[0]), 1_000, &mut wake).unwrap()
     else {
         panic!("expected a message")
     };
     assert_eq!(m.body(), b"one");
-    let Listen::Message(m) = s
-        .listen(
-            b"a",
-            Since::After(p1.id),
-            &lopts(slots[0]),
-            1_000,
-            &mut wake,
-        )
-        .unwrap()
+    let Listen::Message(m) =
+        s.listen(b"a", Since::After(p1.id), &lopts(slots[0]), 1_000, &mut wake).unwrap()
     else {
         panic!("expected a message")
     };
     assert_eq!(m.body(), b"two");
     let info = s.info(b"a", 3_500).unwrap();
     assert_eq!(
-        (
-            info.messages,
-            info.requested,
-            info.listeners,
-            info.last_message_id
-        ),
+        (info.messages, info.requested, info.listeners, info.last_message_id),
         (2, 2, 0, p2.id)
     );
 }
@@ -116,24 +89,20 @@ fn parked_listener_in_another_worker_is_woken_with_one_copy() {
     let mut wake = vec![];
     let mut worker_b: Listeners<u32> = Listeners::default();
     for h in 0..3u32 {
-        let Listen::Park(p) = s
-            .listen(b"c", Since::Oldest, &lopts(slots[1]), 10, &mut wake)
-            .unwrap()
+        let Listen::Park(p) =
+            s.listen(b"c", Since::Oldest, &lopts(slots[1]), 10, &mut wake).unwrap()
         else {
             panic!("expected to park")
         };
         worker_b.park(b"c", &p, h);
     }
     assert_eq!(s.info(b"c", 10).unwrap().listeners, 3);
-    let p = s
-        .publish(b"c", &msg(b"hi"), &popts(10), 20, &mut wake)
-        .unwrap();
+    let p = s.publish(b"c", &msg(b"hi"), &popts(10), 20, &mut wake).unwrap();
     assert_eq!(p.listeners, 3);
     assert_eq!(wake.len(), 1);
     assert_eq!(wake[0].slot, slots[1]);
     // A second publish before the worker ran does not signal it again.
-    s.publish(b"c", &msg(b"again"), &popts(10), 20, &mut wake)
-        .unwrap();
+    s.publish(b"c", &msg(b"again"), &popts(10), 20, &mut wake).unwrap();
     assert_eq!(wake.len(), 1);
     let mut serials = vec![];
     assert!(!s.take_mailbox(slots[1], &mut serials));
@@ -142,9 +111,7 @@ fn parked_listener_in_another_worker_is_woken_with_one_copy() {
     worker_b.wake(&mut s, serials[0], slots[1], 30, &mut out);
     assert_eq!(out.len(), 3);
     for (_, v) in &out {
-        let Verdict::Deliver(pl) = v else {
-            panic!("expected delivery")
-        };
+        let Verdict::Deliver(pl) = v else { panic!("expected delivery") };
         assert_eq!(pl.body(), b"hi");
     }
     assert_eq!(worker_b.cache.copies_made(), 1);
@@ -158,10 +125,7 @@ fn concurrency_last_and_first() {
     let mut wake = vec![];
     let mut a: Listeners<u32> = Listeners::default();
     let mut b: Listeners<u32> = Listeners::default();
-    let last = ListenOpts {
-        concurrency: Concurrency::Last,
-        ..lopts(slots[0])
-    };
+    let last = ListenOpts { concurrency: Concurrency::Last, ..lopts(slots[0]) };
     let Listen::Park(p) = s.listen(b"l", Since::Oldest, &last, 1, &mut wake).unwrap() else {
         panic!()
     };
@@ -169,14 +133,8 @@ fn concurrency_last_and_first() {
     let mut serials = vec![];
     s.take_mailbox(slots[0], &mut serials);
     wake.clear();
-    let last_b = ListenOpts {
-        slot: slots[1],
-        ..last
-    };
-    let Listen::Park(p) = s
-        .listen(b"l", Since::Oldest, &last_b, 2, &mut wake)
-        .unwrap()
-    else {
+    let last_b = ListenOpts { slot: slots[1], ..last };
+    let Listen::Park(p) = s.listen(b"l", Since::Oldest, &last_b, 2, &mut wake).unwrap() else {
         panic!()
     };
     b.park(b"l", &p, 2);
@@ -189,23 +147,12 @@ fn concurrency_last_and_first() {
     b.wake(&mut s, p.serial, slots[1], 3, &mut out);
     assert!(out.is_empty(), "the newest listener keeps waiting");
 
-    let first = ListenOpts {
-        concurrency: Concurrency::First,
-        ..lopts(slots[0])
-    };
+    let first = ListenOpts { concurrency: Concurrency::First, ..lopts(slots[0]) };
     let Listen::Park(_) = s.listen(b"f", Since::Oldest, &first, 1, &mut wake).unwrap() else {
         panic!()
     };
-    let again = s.listen(
-        b"f",
-        Since::Oldest,
-        &ListenOpts {
-            slot: slots[1],
-            ..first
-        },
-        1,
-        &mut wake,
-    );
+    let again =
+        s.listen(b"f", Since::Oldest, &ListenOpts { slot: slots[1], ..first }, 1, &mut wake);
     assert!(matches!(again, Err(StoreError::Conflict)));
 }
 
@@ -214,12 +161,9 @@ fn delete_sends_gone_and_ids_survive_recreation() {
     let (mut s, slots) = store_with_workers(1);
     let mut wake = vec![];
     let mut w: Listeners<u32> = Listeners::default();
-    let p0 = s
-        .publish(b"d", &msg(b"x"), &popts(10), 5, &mut wake)
-        .unwrap();
-    let Listen::Park(p) = s
-        .listen(b"d", Since::After(p0.id), &lopts(slots[0]), 5, &mut wake)
-        .unwrap()
+    let p0 = s.publish(b"d", &msg(b"x"), &popts(10), 5, &mut wake).unwrap();
+    let Listen::Park(p) =
+        s.listen(b"d", Since::After(p0.id), &lopts(slots[0]), 5, &mut wake).unwrap()
     else {
         panic!()
     };
@@ -228,13 +172,8 @@ fn delete_sends_gone_and_ids_survive_recreation() {
     assert_eq!(info.listeners, 1);
     assert_eq!(wake.len(), 1);
     // Created again before the worker looked: the old listeners still get 410.
-    let p1 = s
-        .publish(b"d", &msg(b"y"), &popts(10), 0, &mut wake)
-        .unwrap();
-    assert!(
-        p1.id > p0.id,
-        "ids keep increasing even if the clock went back"
-    );
+    let p1 = s.publish(b"d", &msg(b"y"), &popts(10), 0, &mut wake).unwrap();
+    assert!(p1.id > p0.id, "ids keep increasing even if the clock went back");
     let mut out = vec![];
     w.wake(&mut s, p.serial, slots[0], 7, &mut out);
     assert!(matches!(out.as_slice(), [(9, Verdict::Gone)]));
@@ -245,22 +184,13 @@ fn delete_sends_gone_and_ids_survive_recreation() {
 fn limits_and_authorized_only() {
     let (mut s, slots) = store_with_workers(1);
     let mut wake = vec![];
-    let strict = ListenOpts {
-        create: false,
-        ..lopts(slots[0])
-    };
+    let strict = ListenOpts { create: false, ..lopts(slots[0]) };
     assert!(matches!(
         s.listen(b"x", Since::Oldest, &strict, 1, &mut wake),
         Err(StoreError::NotFound)
     ));
-    let max1 = ListenOpts {
-        max_listeners: 1,
-        ..lopts(slots[0])
-    };
-    assert!(matches!(
-        s.listen(b"m", Since::Oldest, &max1, 1, &mut wake),
-        Ok(Listen::Park(_))
-    ));
+    let max1 = ListenOpts { max_listeners: 1, ..lopts(slots[0]) };
+    assert!(matches!(s.listen(b"m", Since::Oldest, &max1, 1, &mut wake), Ok(Listen::Park(_))));
     assert!(matches!(
         s.listen(b"m", Since::Oldest, &max1, 1, &mut wake),
         Err(StoreError::TooManyListeners)
@@ -271,36 +201,24 @@ fn limits_and_authorized_only() {
 fn future_ids_wait_for_the_next_message_and_old_ids_get_the_oldest() {
     let (mut s, slots) = store_with_workers(1);
     let mut wake = vec![];
-    s.publish(b"f", &msg(b"1"), &popts(2), 1_000, &mut wake)
-        .unwrap();
-    s.publish(b"f", &msg(b"2"), &popts(2), 1_000, &mut wake)
-        .unwrap();
-    s.publish(b"f", &msg(b"3"), &popts(2), 1_000, &mut wake)
-        .unwrap();
-    let Listen::Message(m) = s
-        .listen(b"f", Since::After(1), &lopts(slots[0]), 1_000, &mut wake)
-        .unwrap()
+    s.publish(b"f", &msg(b"1"), &popts(2), 1_000, &mut wake).unwrap();
+    s.publish(b"f", &msg(b"2"), &popts(2), 1_000, &mut wake).unwrap();
+    s.publish(b"f", &msg(b"3"), &popts(2), 1_000, &mut wake).unwrap();
+    let Listen::Message(m) =
+        s.listen(b"f", Since::After(1), &lopts(slots[0]), 1_000, &mut wake).unwrap()
     else {
         panic!()
     };
     assert_eq!(m.body(), b"2");
-    let Listen::Park(p) = s
-        .listen(
-            b"f",
-            Since::After(u64::MAX),
-            &lopts(slots[0]),
-            1_000,
-            &mut wake,
-        )
-        .unwrap()
+    let Listen::Park(p) =
+        s.listen(b"f", Since::After(u64::MAX), &lopts(slots[0]), 1_000, &mut wake).unwrap()
     else {
         panic!()
     };
     assert_eq!(p.since, s.last_id());
     let mut w: Listeners<u32> = Listeners::default();
     w.park(b"f", &p, 1);
-    s.publish(b"f", &msg(b"4"), &popts(2), 1_000, &mut wake)
-        .unwrap();
+    s.publish(b"f", &msg(b"4"), &popts(2), 1_000, &mut wake).unwrap();
     let mut out = vec![];
     w.wake(&mut s, p.serial, slots[0], 1_000, &mut out);
     assert!(matches!(&out[..], [(1, Verdict::Deliver(pl))] if pl.body() == b"4"));
@@ -310,10 +228,7 @@ fn future_ids_wait_for_the_next_message_and_old_ids_get_the_oldest() {
 fn store_off_reaches_waiting_listeners_only_and_frees_itself() {
     let (mut s, slots) = store_with_workers(2);
     let mut wake = vec![];
-    let off = PublishOpts {
-        store: false,
-        ..popts(10)
-    };
+    let off = PublishOpts { store: false, ..popts(10) };
     let p = s.publish(b"t", &msg(b"lost"), &off, 1, &mut wake).unwrap();
     assert_eq!(p.listeners, 0);
     assert!(matches!(
@@ -322,27 +237,19 @@ fn store_off_reaches_waiting_listeners_only_and_frees_itself() {
     ));
     let mut a: Listeners<u32> = Listeners::default();
     let mut b: Listeners<u32> = Listeners::default();
-    let Listen::Park(pa) = s
-        .listen(b"t", Since::Oldest, &lopts(slots[0]), 1, &mut wake)
-        .unwrap()
+    let Listen::Park(pa) = s.listen(b"t", Since::Oldest, &lopts(slots[0]), 1, &mut wake).unwrap()
     else {
         panic!()
     };
     a.park(b"t", &pa, 1);
-    let Listen::Park(pb) = s
-        .listen(b"t", Since::Oldest, &lopts(slots[1]), 1, &mut wake)
-        .unwrap()
+    let Listen::Park(pb) = s.listen(b"t", Since::Oldest, &lopts(slots[1]), 1, &mut wake).unwrap()
     else {
         panic!()
     };
     b.park(b"t", &pb, 2);
     let p = s.publish(b"t", &msg(b"live"), &off, 2, &mut wake).unwrap();
     assert_eq!(p.listeners, 3);
-    assert_eq!(
-        s.info(b"t", 2).unwrap().messages,
-        0,
-        "not stored for later listeners"
-    );
+    assert_eq!(s.info(b"t", 2).unwrap().messages, 0, "not stored for later listeners");
     let mut out = vec![];
     a.wake(&mut s, pa.serial, slots[0], 3, &mut out);
     b.wake(&mut s, pb.serial, slots[1], 3, &mut out);
@@ -358,11 +265,9 @@ fn a_respawned_worker_purges_the_counts_of_the_dead_one() {
     let (mut s, slots) = store_with_workers(2);
     let mut wake = vec![];
     for _ in 0..5 {
-        s.listen(b"k", Since::Oldest, &lopts(slots[1]), 1, &mut wake)
-            .unwrap();
+        s.listen(b"k", Since::Oldest, &lopts(slots[1]), 1, &mut wake).unwrap();
     }
-    s.listen(b"k", Since::Oldest, &lopts(slots[0]), 1, &mut wake)
-        .unwrap();
+    s.listen(b"k", Since::Oldest, &lopts(slots[0]), 1, &mut wake).unwrap();
     assert_eq!(s.total_listeners(), 6);
     let new_slot = s.register_worker(999, 1, 1, &|pid| pid != 101).unwrap();
     assert_ne!(new_slot, slots[1]);
@@ -374,30 +279,13 @@ fn a_respawned_worker_purges_the_counts_of_the_dead_one() {
 fn idle_channels_go_after_their_timeout() {
     let (mut s, slots) = store_with_workers(1);
     let mut wake = vec![];
-    let short = PublishOpts {
-        timeout_ms: 1_000,
-        channel_timeout_ms: 5_000,
-        ..popts(10)
-    };
-    s.publish(
-        b"i",
-        &MessageSpec {
-            timeout_ms: 1_000,
-            ..msg(b"x")
-        },
-        &short,
-        0,
-        &mut wake,
-    )
-    .unwrap();
+    let short = PublishOpts { timeout_ms: 1_000, channel_timeout_ms: 5_000, ..popts(10) };
+    s.publish(b"i", &MessageSpec { timeout_ms: 1_000, ..msg(b"x") }, &short, 0, &mut wake).unwrap();
     let Listen::Park(p) = s
         .listen(
             b"j",
             Since::Oldest,
-            &ListenOpts {
-                channel_timeout_ms: 5_000,
-                ..lopts(slots[0])
-            },
+            &ListenOpts { channel_timeout_ms: 5_000, ..lopts(slots[0]) },
             0,
             &mut wake,
         )
@@ -407,11 +295,7 @@ fn idle_channels_go_after_their_timeout() {
     };
     assert_eq!(s.collect_garbage(4_000), 0);
     assert_eq!(s.info(b"i", 4_000).unwrap().messages, 0, "expired");
-    assert_eq!(
-        s.collect_garbage(5_000),
-        1,
-        "channel i removed, j has a listener"
-    );
+    assert_eq!(s.collect_garbage(5_000), 1, "channel i removed, j has a listener");
     s.release(b"j", p.serial, slots[0], 1, Some(0));
     assert_eq!(s.collect_garbage(6_000), 1);
     assert_eq!(s.channel_count(), 0);
@@ -440,15 +324,10 @@ fn a_full_zone_refuses_then_recovers() {
     assert!(full_at > 5);
     assert_eq!(s.stats.out_of_memory, 1);
     for i in 0..full_at {
-        assert!(s
-            .delete(format!("ch{i}").as_bytes(), 2, &mut wake)
-            .is_some());
+        assert!(s.delete(format!("ch{i}").as_bytes(), 2, &mut wake).is_some());
     }
-    s.publish(b"again", &msg(&big), &popts(10), 3, &mut wake)
-        .unwrap();
-    let _ = s
-        .listen(b"again", Since::Oldest, &lopts(slot), 3, &mut wake)
-        .unwrap();
+    s.publish(b"again", &msg(&big), &popts(10), 3, &mut wake).unwrap();
+    let _ = s.listen(b"again", Since::Oldest, &lopts(slot), 3, &mut wake).unwrap();
     drop(s);
     assert_eq!(budget.0.get(), 64 * 1024, "everything was given back");
 }
@@ -456,28 +335,12 @@ fn a_full_zone_refuses_then_recovers() {
 /// Operations for the model-based test.
 #[derive(Debug, Clone)]
 enum Op {
-    Publish {
-        ch: u8,
-        len: usize,
-        ttl: u8,
-    },
-    Listen {
-        ch: u8,
-        worker: u8,
-        since: Option<u8>,
-    },
-    Delete {
-        ch: u8,
-    },
-    Tick {
-        ms: u16,
-    },
-    Drop {
-        worker: u8,
-    },
-    Wake {
-        worker: u8,
-    },
+    Publish { ch: u8, len: usize, ttl: u8 },
+    Listen { ch: u8, worker: u8, since: Option<u8> },
+    Delete { ch: u8 },
+    Tick { ms: u16 },
+    Drop { worker: u8 },
+    Wake { worker: u8 },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -500,10 +363,7 @@ struct Model {
 
 impl Model {
     fn next_after(&self, ch: u8, since: u64, now: u64) -> Option<&(u64, std::vec::Vec<u8>, u64)> {
-        self.channels
-            .get(&ch)?
-            .iter()
-            .find(|(id, _, exp)| *id > since && now < *exp)
+        self.channels.get(&ch)?.iter().find(|(id, _, exp)| *id > since && now < *exp)
     }
 }
 
