@@ -3,10 +3,11 @@
 use nginx_sys::{ngx_http_arg, ngx_http_complex_value, ngx_http_request_t, ngx_str_t, NGX_OK};
 
 use crate::conf::LocConf;
+use crate::error::ChannelIdError;
 
 /// Evaluates `martd_channel_id` (default `$arg_channel`) and checks it; the error is the
 /// one-line reason for a `400`.
-pub fn channel_id(r: *mut ngx_http_request_t, lcf: &LocConf) -> Result<Vec<u8>, String> {
+pub fn channel_id(r: *mut ngx_http_request_t, lcf: &LocConf) -> Result<Vec<u8>, ChannelIdError> {
     let mut v = ngx_str_t { len: 0, data: std::ptr::null_mut() };
     // SAFETY: `r` is a live request; `channel_id` (if set) was compiled for this location;
     // the result points into the request pool and is copied before returning.
@@ -20,13 +21,10 @@ pub fn channel_id(r: *mut ngx_http_request_t, lcf: &LocConf) -> Result<Vec<u8>, 
     };
     let id = if ok && v.len > 0 && !v.data.is_null() { v.as_bytes().to_vec() } else { Vec::new() };
     if id.is_empty() {
-        return Err("martd: no channel id provided".into());
+        return Err(ChannelIdError::Missing);
     }
     if id.len() > lcf.max_channel_id_length.max(0) as usize {
-        return Err(format!(
-            "martd: channel id longer than {} bytes (martd_max_channel_id_length)",
-            lcf.max_channel_id_length
-        ));
+        return Err(ChannelIdError::TooLong(lcf.max_channel_id_length.max(0) as usize));
     }
     Ok(id)
 }

@@ -21,6 +21,7 @@ use ngx::ngx_string;
 
 use martd_core::store::Concurrency;
 
+use crate::error::ConfError;
 use crate::notify::Pipes;
 use crate::zone::ZoneRoot;
 
@@ -218,6 +219,7 @@ pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 14] = [
 
 /// Logs a configuration error at `[emerg]` with the file and line nginx is reading.
 fn conf_error(cf: *mut ngx_conf_t, msg: &str) -> *mut c_char {
+    let msg = format!("martd: {msg}");
     // SAFETY: `cf` is the live configuration nginx passed to the directive handler; the
     // message is passed with an explicit length.
     unsafe {
@@ -252,17 +254,11 @@ unsafe extern "C" fn cmd_shm_size(
     // SAFETY: `s` points at `a[1]`, alive for the call; ngx_parse_size only reads it.
     let size = unsafe { ngx_parse_size(&mut s) };
     if size < 0 {
-        return conf_error(cf, &format!("invalid martd_shm_size \"{value}\""));
+        return conf_error(cf, &ConfError::InvalidSize(value).to_string());
     }
     let size = size as usize;
     if size < MIN_SHM_SIZE {
-        return conf_error(
-            cf,
-            &format!(
-                "martd_shm_size \"{value}\" is too small, the minimum is {}k",
-                MIN_SHM_SIZE / 1024
-            ),
-        );
+        return conf_error(cf, &ConfError::ZoneTooSmall(value, MIN_SHM_SIZE / 1024).to_string());
     }
     mcf.shm_size = size;
     NGX_CONF_OK
@@ -272,10 +268,7 @@ fn set_role(cf: *mut ngx_conf_t, conf: *mut c_void, role: Role) -> *mut c_char {
     // SAFETY: `conf` is this module's location conf, created by `create_loc_conf`.
     let lcf = unsafe { &mut *(conf as *mut LocConf) };
     if lcf.role != Role::None {
-        return conf_error(
-            cf,
-            "martd: a location is either \"martd_push\" or \"martd_listen\", once",
-        );
+        return conf_error(cf, &ConfError::RoleTwice.to_string());
     }
     lcf.role = role;
     // SAFETY: during a location directive, `cf->ctx` is the location's `ngx_http_conf_ctx_t`

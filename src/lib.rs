@@ -22,6 +22,7 @@ use nginx_sys::{
 mod log;
 mod channel_id;
 mod conf;
+mod error;
 mod listen;
 mod notify;
 mod push;

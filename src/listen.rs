@@ -83,7 +83,7 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
     let lcf = loc_conf(r);
     let name = match channel_id(r, lcf) {
         Ok(n) => n,
-        Err(reason) => return response::text(r, 400, &reason),
+        Err(reason) => return response::text(r, 400, &reason.to_string()),
     };
     if !worker::accepting() {
         return not_modified(r);

@@ -74,7 +74,7 @@ pub unsafe extern "C" fn push_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
             if rc != NGX_OK as ngx_int_t {
                 return rc;
             }
-            return response::text(r, 400, &reason);
+            return response::text(r, 400, &reason.to_string());
         }
         // SAFETY: live request; nginx calls `publish_body` once the body is read (memory or
         // temp file) and holds the request until then.
@@ -95,7 +95,7 @@ pub unsafe extern "C" fn push_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     }
     let name = match channel_id(r, lcf) {
         Ok(n) => n,
-        Err(reason) => return response::text(r, 400, &reason),
+        Err(reason) => return response::text(r, 400, &reason.to_string()),
     };
     let mcf = main_conf(r);
     let now = now_ms();

@@ -1,0 +1,23 @@
+//! Errors, worded like nginx's own.
+
+use thiserror::Error;
+
+/// A directive's value is wrong (logged at `[emerg]` with the file and line).
+#[derive(Debug, Error)]
+pub enum ConfError {
+    #[error("invalid martd_shm_size \"{0}\"")]
+    InvalidSize(String),
+    #[error("martd_shm_size \"{0}\" is too small, the minimum is {1}k")]
+    ZoneTooSmall(String, usize),
+    #[error("a location is either \"martd_push\" or \"martd_listen\", once")]
+    RoleTwice,
+}
+
+/// Why a request's channel id is refused (the one-line body of a `400`).
+#[derive(Debug, Error)]
+pub enum ChannelIdError {
+    #[error("martd: no channel id provided")]
+    Missing,
+    #[error("martd: channel id longer than {0} bytes (martd_max_channel_id_length)")]
+    TooLong(usize),
+}
