@@ -241,7 +241,7 @@ unsafe extern "C" fn gc_handler(ev: *mut ngx_event_t) {
             root.last_gc_ms = now;
             root.store.collect_garbage(now);
         }
-        st.slot.map(|slot| root.store.has_mail(slot))
+        st.slot.map(|slot| root.store.has_unsignalled_mail(slot))
     });
     if mail.flatten() == Some(true) {
         process_mailbox();

@@ -543,9 +543,12 @@ impl<A: Allocator + Clone> Store<A> {
         }
     }
 
-    /// Whether a slot's mailbox holds anything.
-    pub fn has_mail(&self, slot: u32) -> bool {
-        self.workers.iter().any(|w| w.id == slot && (w.overflow || !w.mailbox.is_empty()))
+    /// Whether a slot's mailbox holds something nobody signalled it about (see
+    /// [`Store::clear_signal`]). A signalled slot's pipe already carries the wake-up.
+    pub fn has_unsignalled_mail(&self, slot: u32) -> bool {
+        self.workers
+            .iter()
+            .any(|w| w.id == slot && !w.signaled && (w.overflow || !w.mailbox.is_empty()))
     }
 
     /// Registers a starting worker process. Slots of processes that are gone (`alive`

@@ -469,3 +469,18 @@ proptest! {
         prop_assert_eq!(s.total_listeners(), held);
     }
 }
+
+#[test]
+fn only_unsignalled_mail_needs_the_backstop() {
+    let (mut s, slots) = store_with_workers(2);
+    let mut wake = vec![];
+    s.listen(b"u", Since::Oldest, &lopts(slots[1]), 1, &mut wake).unwrap();
+    s.publish(b"u", &msg(b"x"), &popts(10), 2, &mut wake).unwrap();
+    assert_eq!(wake.len(), 1);
+    assert!(!s.has_unsignalled_mail(slots[1]), "the pipe carries this one");
+    s.clear_signal(slots[1]);
+    assert!(s.has_unsignalled_mail(slots[1]), "nobody could write the pipe");
+    let mut serials = vec![];
+    s.take_mailbox(slots[1], &mut serials);
+    assert!(!s.has_unsignalled_mail(slots[1]));
+}
