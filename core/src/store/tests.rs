@@ -322,7 +322,10 @@ fn a_full_zone_refuses_then_recovers() {
     }
     let full_at = full_at.expect("the zone filled up");
     assert!(full_at > 5);
-    assert!(s.info(format!("ch{full_at}").as_bytes(), 1).is_none(), "a refused publish creates no channel");
+    assert!(
+        s.info(format!("ch{full_at}").as_bytes(), 1).is_none(),
+        "a refused publish creates no channel"
+    );
     assert_eq!(s.stats.out_of_memory, 1);
     for i in 0..full_at {
         assert!(s.delete(format!("ch{i}").as_bytes(), 2, &mut wake).is_some());
