@@ -12,8 +12,10 @@
 use std::ffi::c_void;
 use std::ptr;
 
-use martd_core::listeners::{ListenerKey, Verdict};
-use martd_core::msgid::{format_etag, parse_etag, Since};
+use std::rc::Rc;
+
+use martd_core::listeners::{ListenerKey, Payload, Verdict};
+use martd_core::msgid::{parse_etag, Since};
 use martd_core::store::{Listen, ListenOpts, StoreError};
 use nginx_sys::{
     ngx_del_timer, ngx_event_t, ngx_http_discard_request_body, ngx_http_finalize_request,
@@ -163,16 +165,8 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
     }
 }
 
-fn deliver(
-    r: *mut ngx_http_request_t,
-    payload: &std::rc::Rc<martd_core::listeners::Payload>,
-) -> ngx_int_t {
-    if response::add_header(r, "Etag", format_etag(payload.id).as_bytes()).is_none()
-        || response::add_header(r, "Vary", b"If-None-Match, If-Modified-Since").is_none()
-    {
-        return NGX_ERROR as ngx_int_t;
-    }
-    response::send(r, 200, b"", Body::Payload(payload), Some(payload.time as _))
+fn deliver(r: *mut ngx_http_request_t, payload: &Rc<Payload>) -> ngx_int_t {
+    response::message(r, payload)
 }
 
 /// `304` echoing the request's ids.

@@ -17,8 +17,9 @@ use martd_core::listeners::Payload;
 pub enum Body<'a> {
     /// Bytes copied into the request pool.
     Bytes(&'a [u8]),
-    /// A message shared with every other listener of this worker: no copy.
-    Payload(&'a Rc<Payload>),
+    /// A message shared with every other listener of this worker, already held by the
+    /// request: no copy.
+    Held(&'a Rc<Payload>),
 }
 
 /// Copies `bytes` into the request pool.
@@ -98,13 +99,10 @@ fn send_inner(
             let s = pool_bytes(r, b)?;
             (s.data as *const u8, s.len)
         }
-        Body::Payload(p) => {
-            hold_payload(r, p)?;
-            (p.body().as_ptr(), p.body().len())
-        }
+        Body::Held(p) => (p.body().as_ptr(), p.body().len()),
     };
     let content_type = match &body {
-        Body::Payload(p) => p.content_type(),
+        Body::Held(p) => p.content_type(),
         Body::Bytes(_) => content_type,
     };
     // SAFETY: `r` is a live request owned by this worker; the strings given to nginx live in
@@ -118,7 +116,7 @@ fn send_inner(
             }
         } else {
             let ct = match &body {
-                Body::Payload(_) => {
+                Body::Held(_) => {
                     ngx_str_t { len: content_type.len(), data: content_type.as_ptr() as *mut u8 }
                 }
                 Body::Bytes(_) => pool_bytes(r, content_type)?,
@@ -157,6 +155,35 @@ fn send_inner(
         let mut out = ngx_chain_t { buf: b, next: ptr::null_mut() };
         Some(ngx_http_output_filter(r, &mut out))
     }
+}
+
+/// Adds a response header whose value lives at least as long as the request (a static, or
+/// memory of a payload the request holds).
+fn add_header_ref(r: *mut ngx_http_request_t, name: &'static str, value: &[u8]) -> Option<()> {
+    // SAFETY: as in `add_header`; the value outlives the request by the caller's contract.
+    unsafe {
+        let h = ngx_list_push(&mut (*r).headers_out.headers) as *mut ngx_table_elt_t;
+        if h.is_null() {
+            return None;
+        }
+        ptr::write_bytes(h, 0, 1);
+        (*h).hash = 1;
+        (*h).key = ngx_str_t { len: name.len(), data: name.as_ptr() as *mut u8 };
+        (*h).value = ngx_str_t { len: value.len(), data: value.as_ptr() as *mut u8 };
+    }
+    Some(())
+}
+
+/// A message response: `200`, its body, `Content-Type`, `Last-Modified` and `Etag`, with no
+/// copy of the message (the request holds the worker's shared copy).
+pub fn message(r: *mut ngx_http_request_t, payload: &Rc<Payload>) -> ngx_int_t {
+    let headers = hold_payload(r, payload)
+        .and_then(|()| add_header_ref(r, "Etag", payload.etag()))
+        .and_then(|()| add_header_ref(r, "Vary", b"If-None-Match, If-Modified-Since"));
+    if headers.is_none() {
+        return NGX_ERROR as ngx_int_t;
+    }
+    send(r, 200, b"", Body::Held(payload), Some(payload.time as _))
 }
 
 /// A one-line `text/plain` response (errors, displaced listeners).

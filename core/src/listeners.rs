@@ -12,7 +12,7 @@ use std::rc::{Rc, Weak};
 use allocator_api2::alloc::Allocator;
 use slab::Slab;
 
-use crate::msgid::MsgId;
+use crate::msgid::{format_etag, MsgId};
 use crate::queue::Message;
 use crate::store::{Parked, Store};
 
@@ -21,17 +21,24 @@ use crate::store::{Parked, Store};
 pub struct Payload {
     pub id: MsgId,
     pub time: u64,
+    etag_len: usize,
     ct_len: usize,
+    /// The quoted `Etag` value, the content type and the body, formatted once.
     data: Box<[u8]>,
 }
 
 impl Payload {
+    /// The `Etag` header value (the quoted id).
+    pub fn etag(&self) -> &[u8] {
+        &self.data[..self.etag_len]
+    }
+
     pub fn content_type(&self) -> &[u8] {
-        &self.data[..self.ct_len]
+        &self.data[self.etag_len..self.etag_len + self.ct_len]
     }
 
     pub fn body(&self) -> &[u8] {
-        &self.data[self.ct_len..]
+        &self.data[self.etag_len + self.ct_len..]
     }
 }
 
@@ -49,12 +56,15 @@ impl PayloadCache {
             return p;
         }
         let ct = msg.content_type();
-        let mut data = Vec::with_capacity(ct.len() + msg.body().len());
+        let etag = format_etag(msg.id);
+        let mut data = Vec::with_capacity(etag.len() + ct.len() + msg.body().len());
+        data.extend_from_slice(etag.as_bytes());
         data.extend_from_slice(ct);
         data.extend_from_slice(msg.body());
         let p = Rc::new(Payload {
             id: msg.id,
             time: msg.time,
+            etag_len: etag.len(),
             ct_len: ct.len(),
             data: data.into_boxed_slice(),
         });
@@ -207,11 +217,21 @@ impl<H: Copy> Listeners<H> {
         let evict_below = ch.evict_below();
         let mut answered = 0u32;
         let cache = &mut self.cache;
+        // Listeners of a channel mostly wait past the same id: remember the last answer.
+        let mut last: Option<(MsgId, Option<Rc<Payload>>)> = None;
         local.parked.retain(|_, p| {
             let verdict = if p.park_seq < evict_below {
                 Some(Verdict::Conflict)
             } else {
-                ch.next_for(p.since, now_ms).map(|m| Verdict::Deliver(cache.get(m)))
+                let payload = match &last {
+                    Some((since, payload)) if *since == p.since => payload.clone(),
+                    _ => {
+                        let payload = ch.next_for(p.since, now_ms).map(|m| cache.get(m));
+                        last = Some((p.since, payload.clone()));
+                        payload
+                    }
+                };
+                payload.map(Verdict::Deliver)
             };
             match verdict {
                 Some(v) => {

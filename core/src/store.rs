@@ -368,11 +368,10 @@ impl<A: Allocator + Clone> Store<A> {
         ch.last_id = id;
         let serial = ch.serial;
         let info = ch.info(now_ms);
-        let slots: std::vec::Vec<u32> = ch.waiters.iter().map(|w| w.slot).collect();
         self.last_id = id;
         self.stats.published += 1;
-        for slot in slots {
-            self.notify(slot, serial, wake);
+        if listeners > 0 {
+            self.notify_waiters(name, serial, wake);
         }
         Ok(Published { id, listeners, info })
     }
@@ -430,14 +429,7 @@ impl<A: Allocator + Clone> Store<A> {
         match parked {
             Ok(p) => {
                 if opts.concurrency == Concurrency::Last {
-                    let slots: std::vec::Vec<u32> = self
-                        .channels
-                        .get(name)
-                        .map(|c| c.waiters.iter().map(|w| w.slot).collect())
-                        .unwrap_or_default();
-                    for slot in slots {
-                        self.notify(slot, p.serial, wake);
-                    }
+                    self.notify_waiters(name, p.serial, wake);
                 }
                 Ok(Listen::Park(p))
             }
@@ -487,7 +479,7 @@ impl<A: Allocator + Clone> Store<A> {
         let ch = self.channels.remove(name)?;
         let info = ch.info(now_ms);
         for w in ch.waiters.iter() {
-            self.notify(w.slot, ch.serial, wake);
+            notify(&mut self.workers, w.slot, ch.serial, wake);
         }
         Some(info)
     }
@@ -502,25 +494,12 @@ impl<A: Allocator + Clone> Store<A> {
         before - self.channels.len()
     }
 
-    fn notify(&mut self, slot: u32, serial: u64, wake: &mut std::vec::Vec<WakeTarget>) {
-        let Some(w) = self.workers.iter_mut().find(|w| w.id == slot) else {
-            return;
-        };
-        if !w.overflow && !w.mailbox.contains(&serial) {
-            if w.mailbox.len() < MAILBOX_CAP && w.mailbox.try_reserve(1).is_ok() {
-                w.mailbox.push(serial);
-            } else {
-                w.overflow = true;
+    /// Tells every worker with listeners on `name` to look at it.
+    fn notify_waiters(&mut self, name: &[u8], serial: u64, wake: &mut std::vec::Vec<WakeTarget>) {
+        if let Some(ch) = self.channels.get(name) {
+            for w in ch.waiters.iter() {
+                notify(&mut self.workers, w.slot, serial, wake);
             }
-        }
-        if !w.signaled {
-            w.signaled = true;
-            wake.push(WakeTarget {
-                slot: w.id,
-                pid: w.pid,
-                generation: w.generation,
-                index: w.index,
-            });
         }
     }
 
@@ -596,6 +575,31 @@ impl<A: Allocator + Clone> Store<A> {
     /// Total listeners counted in every channel (for tests and stats).
     pub fn total_listeners(&self) -> u64 {
         self.channels.values().map(|c| u64::from(c.listeners)).sum()
+    }
+}
+
+/// Puts channel `serial` in worker `slot`'s mailbox, and names the worker in `wake` unless it
+/// has been signalled already and not yet looked.
+fn notify<A: Allocator>(
+    workers: &mut [WorkerSlot<A>],
+    slot: u32,
+    serial: u64,
+    wake: &mut std::vec::Vec<WakeTarget>,
+) {
+    let Some(w) = workers.iter_mut().find(|w| w.id == slot) else {
+        return;
+    };
+
+    if !w.overflow && !w.mailbox.contains(&serial) {
+        if w.mailbox.len() < MAILBOX_CAP && w.mailbox.try_reserve(1).is_ok() {
+            w.mailbox.push(serial);
+        } else {
+            w.overflow = true;
+        }
+    }
+    if !w.signaled {
+        w.signaled = true;
+        wake.push(WakeTarget { slot: w.id, pid: w.pid, generation: w.generation, index: w.index });
     }
 }
 
