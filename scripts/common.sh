@@ -53,16 +53,22 @@ apt_install_missing() {
         as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q </dev/null
         _martd_apt_updated=1
     fi
+    apt_no_services install -y -q --no-install-recommends "${missing[@]}" \
+        || die "apt-get install ${missing[*]} failed"
+}
+
+# `apt-get "$@"` as root, non-interactive, keeping services that packages would start or reload
+# (nginx on port 80) from being started, when the machine has no policy-rc.d of its own.
+apt_no_services() {
     local policy=/usr/sbin/policy-rc.d made_policy=
     if [ ! -e "$policy" ]; then
         as_root sh -c "printf '#!/bin/sh\nexit 101\n' > $policy && chmod 755 $policy"
         made_policy=1
     fi
     local rc=0
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-        "${missing[@]}" </dev/null || rc=$?
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get "$@" </dev/null || rc=$?
     [ -n "$made_policy" ] && as_root rm -f "$policy"
-    [ $rc -eq 0 ] || die "apt-get install ${missing[*]} failed"
+    return $rc
 }
 
 # Rust: use what is there (PATH or ~/.cargo/bin); install with rustup only if cargo is absent.

@@ -1,0 +1,75 @@
+//! martd-bench: martd vs nchan, side by side, on the same nginx binary.
+//!
+//! Every scenario subcommand starts its own fresh nginx (Debian's `/usr/sbin/nginx` by default)
+//! with either martd or nchan loaded, 2 workers, on a free 127.0.0.1 port, runs long-poll
+//! clients against it (HTTP/1.1, hyper, connections spread over 127.0.N.x source addresses),
+//! stops it, prints a human table and ends with one JSON line. `report` turns the JSON lines of
+//! many runs into medians, martd/nchan ratios and BENCHMARKS.md. Only loopback addresses are
+//! ever used, and every run is bounded in time.
+
+mod args;
+mod http;
+mod report;
+mod scenarios;
+mod server;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: martd-bench <scenario> --server martd|nchan [options]
+       martd-bench report --results FILE [--md FILE] [--meta KEY=VALUE ...]
+
+scenarios (each starts a fresh nginx, prints a table and a final JSON line):
+  fanout    --listeners 10000 --channels 1 --rounds 10 [--size 64]
+  publish   --publishers 16 --channels 100 --seconds 5 [--warmup 1] [--size 64]
+  idle      --listeners 15000 [--channels 100] [--keepalive: idle keep-alive
+            connections after one GET /ret instead of long-polls: nginx's own floor]
+  capacity  --listeners 30000 --procs 2 [--channels 1]
+  latency   --rate 1000 --seconds 10
+  big       --listeners 1000 --size 65536 --rounds 10
+
+common options:
+  --server martd|nchan     which module to load (required)
+  --nginx PATH             nginx binary (default /usr/sbin/nginx)
+  --martd-module PATH      martd .so (default target/debian-nginx/ngx_http_martd_module.so)
+  --nchan-module PATH      nchan .so (default /usr/lib/nginx/modules/ngx_nchan_module.so)
+  --workers N              worker_processes (default 2)
+  --deadline SECS          hard bound for the whole run (default 300)
+  --case NAME              label in the JSON line (default: the scenario name)
+  --strict                 exit 1 unless the run had zero errors (smoke mode)
+  --keep                   keep the nginx prefix directory
+";
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = argv.first().cloned() else {
+        eprint!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let args = match args::Args::parse(&argv[1..]) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("martd-bench: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let res = match cmd.as_str() {
+        "report" => report::run(&args),
+        "capacity-child" => scenarios::capacity_child(&args),
+        "fanout" | "publish" | "idle" | "capacity" | "latency" | "big" => {
+            scenarios::run(&cmd, &args)
+        }
+        "-h" | "--help" | "help" => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        _ => Err(format!("unknown subcommand {cmd:?}")),
+    };
+    match res {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("martd-bench {cmd}: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
