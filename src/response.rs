@@ -40,20 +40,9 @@ fn pool_bytes(r: *mut ngx_http_request_t, bytes: &[u8]) -> Option<ngx_str_t> {
 
 /// Adds a response header (`name` must be static; `value` is copied into the pool).
 pub fn add_header(r: *mut ngx_http_request_t, name: &'static str, value: &[u8]) -> Option<()> {
+    // The copy lives in the request pool, as long as the headers.
     let value = pool_bytes(r, value)?;
-    // SAFETY: `headers_out.headers` is the request's live header list; the new element is
-    // zeroed first so fields this nginx version has and we do not set stay empty.
-    unsafe {
-        let h = ngx_list_push(&mut (*r).headers_out.headers) as *mut ngx_table_elt_t;
-        if h.is_null() {
-            return None;
-        }
-        ptr::write_bytes(h, 0, 1);
-        (*h).hash = 1;
-        (*h).key = ngx_str_t { len: name.len(), data: name.as_ptr() as *mut u8 };
-        (*h).value = value;
-    }
-    Some(())
+    add_header_ref(r, name, value.as_bytes())
 }
 
 extern "C" fn release_payload(data: *mut c_void) {
@@ -160,7 +149,9 @@ fn send_inner(
 /// Adds a response header whose value lives at least as long as the request (a static, or
 /// memory of a payload the request holds).
 fn add_header_ref(r: *mut ngx_http_request_t, name: &'static str, value: &[u8]) -> Option<()> {
-    // SAFETY: as in `add_header`; the value outlives the request by the caller's contract.
+    // SAFETY: `headers_out.headers` is the request's live header list; the new element is
+    // zeroed first so fields this nginx version has and we do not set stay empty; the value
+    // outlives the request by the caller's contract.
     unsafe {
         let h = ngx_list_push(&mut (*r).headers_out.headers) as *mut ngx_table_elt_t;
         if h.is_null() {
