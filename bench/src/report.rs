@@ -53,18 +53,11 @@ fn key_metrics(scenario: &str) -> &'static [&'static str] {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.retain(|x| x.is_finite() && *x >= 0.0);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+/// Median of the non-negative values (metrics are never negative; a negative one is a
+/// placeholder for "not measured").
+fn median(v: Vec<f64>) -> f64 {
+    let v: Vec<f64> = v.into_iter().filter(|x| *x >= 0.0).collect();
+    crate::scenarios::median(&v)
 }
 
 fn num(v: f64) -> String {

@@ -78,7 +78,8 @@ fn percentile(sorted: &[u32], q: f64) -> f64 {
     sorted[i] as f64
 }
 
-fn median(v: &[f64]) -> f64 {
+/// Median of the finite values, NaN if there are none.
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {
         return f64::NAN;
