@@ -365,25 +365,28 @@ async fn listen_loop(fan: &Fan, s: &mut Sender, path: &str) -> Result<(), String
     Ok(())
 }
 
-/// One listener on its own connection (connect bounded by `gate`).
-async fn listener(
-    fan: Arc<Fan>,
+/// Opens one connection (at most `gate` connecting at once), counts it, runs `work` on it until
+/// `work` ends or the server closes the connection, and records any error in `fan`.
+async fn on_connection<F, Fut>(
+    fan: &Fan,
     dst: SocketAddr,
-    srcs: Arc<Sources>,
-    path: String,
+    srcs: &Sources,
     gate: Arc<Semaphore>,
-) {
+    work: F,
+) where
+    F: FnOnce(Sender) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
     let permit = gate.acquire_owned().await;
     let conn = http::connect(dst, srcs.next()).await;
     drop(permit);
     let res = match conn {
         Err(e) => Err(e),
-        Ok((mut s, conn)) => {
+        Ok((s, conn)) => {
             fan.connected.fetch_add(1, Relaxed);
-            let work = listen_loop(&fan, &mut s, &path);
             tokio::select! {
                 biased;
-                r = work => r,
+                r = work(s) => r,
                 r = conn => Err(format!("connection closed by the server ({r:?})")),
             }
         }
@@ -392,6 +395,21 @@ async fn listener(
         fan.failed.fetch_add(1, Relaxed);
         fan.errs.add(e);
     }
+}
+
+/// One listener on its own connection.
+async fn listener(
+    fan: Arc<Fan>,
+    dst: SocketAddr,
+    srcs: Arc<Sources>,
+    path: String,
+    gate: Arc<Semaphore>,
+) {
+    on_connection(&fan, dst, &srcs, gate, |mut s| {
+        let fan = fan.clone();
+        async move { listen_loop(&fan, &mut s, &path).await }
+    })
+    .await;
     fan.done.fetch_add(1, Relaxed);
 }
 
@@ -757,32 +775,18 @@ async fn publish(
 /// nginx's own floor for comparison: a keep-alive connection that made one request (`GET /ret`)
 /// and now sits idle.
 async fn keepalive_conn(fan: Arc<Fan>, dst: SocketAddr, srcs: Arc<Sources>, gate: Arc<Semaphore>) {
-    let permit = gate.acquire_owned().await;
-    let conn = http::connect(dst, srcs.next()).await;
-    drop(permit);
-    let res = match conn {
-        Err(e) => Err(e),
-        Ok((mut s, conn)) => {
-            fan.connected.fetch_add(1, Relaxed);
-            let work = async {
-                let r = http::send(&mut s, http::get("/ret")).await?;
-                if r.status != 200 {
-                    return Err(format!("GET /ret: status {}", r.status));
-                }
-                fan.got[0].fetch_add(1, Relaxed);
-                std::future::pending::<Result<(), String>>().await
-            };
-            tokio::select! {
-                biased;
-                r = work => r,
-                r = conn => Err(format!("connection closed by the server ({r:?})")),
+    on_connection(&fan, dst, &srcs, gate, |mut s| {
+        let fan = fan.clone();
+        async move {
+            let r = http::send(&mut s, http::get("/ret")).await?;
+            if r.status != 200 {
+                return Err(format!("GET /ret: status {}", r.status));
             }
+            fan.got[0].fetch_add(1, Relaxed);
+            std::future::pending::<Result<(), String>>().await
         }
-    };
-    if let Err(e) = res {
-        fan.failed.fetch_add(1, Relaxed);
-        fan.errs.add(e);
-    }
+    })
+    .await;
 }
 
 async fn idle(
