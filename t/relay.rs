@@ -1232,21 +1232,31 @@ async fn fill_zone(c: &mut Conn, pub_loc: &str, channels: &[String]) -> usize {
     panic!("a 256k zone took 5000 messages of 8 KB without a 507");
 }
 
+/// A 256k zone filled with 8 KB messages (timeout `message_timeout`) on 8 channels named
+/// `{prefix}0..7`: the server, a connection, the channels and how many messages fitted.
+async fn full_zone(message_timeout: &str, prefix: &str) -> (Nginx, Conn, Vec<String>, usize) {
+    let mut ng = Nginx::start(
+        Conf::new(&pubsub(
+            &format!(
+                "martd_message_buffer_length 1000; martd_message_timeout {message_timeout}; \
+                 client_body_buffer_size 16k;"
+            ),
+            "",
+        ))
+        .http("martd_shm_size 256k;"),
+    );
+    ng.allow_log_if(is_zone_full_line);
+    let mut c = Conn::open_probed(ng.port).await;
+    let chans: Vec<String> = (0..8).map(|i| format!("{prefix}{i}")).collect();
+    let n = fill_zone(&mut c, "/pub", &chans).await;
+    (ng, c, chans, n)
+}
+
 #[test]
 fn zone_exhaustion_507_then_delete_recovers() {
     heavy_test(async {
-        let mut ng = Nginx::start(
-            Conf::new(&pubsub(
-                "martd_message_buffer_length 1000; martd_message_timeout 1h; client_body_buffer_size 16k;",
-                "",
-            ))
-            .http("martd_shm_size 256k;"),
-        );
-        ng.allow_log_if(is_zone_full_line);
-        let mut c = Conn::open_probed(ng.port).await;
-        let chans: Vec<String> = (0..8).map(|i| format!("full{i}")).collect();
         let t0 = Instant::now();
-        let n1 = fill_zone(&mut c, "/pub", &chans).await;
+        let (ng, mut c, chans, n1) = full_zone("1h", "full").await;
         assert!(n1 > 0, "not even one message fitted");
         for _ in 0..30 {
             let r = c.send("POST", &pub_path("full0"), &[], vec![b'z'; 8192]).await;
@@ -1279,17 +1289,7 @@ fn zone_exhaustion_507_then_delete_recovers() {
 #[test]
 fn zone_exhaustion_then_expiry_recovers() {
     heavy_test(async {
-        let mut ng = Nginx::start(
-            Conf::new(&pubsub(
-                "martd_message_buffer_length 1000; martd_message_timeout 2s; client_body_buffer_size 16k;",
-                "",
-            ))
-            .http("martd_shm_size 256k;"),
-        );
-        ng.allow_log_if(is_zone_full_line);
-        let mut c = Conn::open_probed(ng.port).await;
-        let chans: Vec<String> = (0..8).map(|i| format!("exp{i}")).collect();
-        let n1 = fill_zone(&mut c, "/pub", &chans).await;
+        let (ng, mut c, _chans, n1) = full_zone("2s", "exp").await;
         assert!(n1 > 0);
         // Publishing works again once the messages expired (on a channel never used before).
         let deadline = Instant::now() + Duration::from_secs(20);
