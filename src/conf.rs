@@ -9,9 +9,11 @@ use std::mem::offset_of;
 use std::ptr::{self, NonNull};
 
 use nginx_sys::{
-    ngx_command_t, ngx_conf_enum_t, ngx_conf_log_error, ngx_conf_set_enum_slot,
+    ngx_array_push, ngx_command_t, ngx_conf_enum_t, ngx_conf_log_error, ngx_conf_set_enum_slot,
     ngx_conf_set_flag_slot, ngx_conf_set_msec_slot, ngx_conf_set_num_slot, ngx_conf_t, ngx_flag_t,
-    ngx_http_complex_value_t, ngx_http_conf_ctx_t, ngx_http_core_loc_conf_t, ngx_http_core_module,
+    ngx_http_complex_value_t, ngx_http_conf_ctx_t, ngx_http_core_loc_conf_t,
+    ngx_http_core_main_conf_t, ngx_http_core_module, ngx_http_handler_pt,
+    ngx_http_phases_NGX_HTTP_PREACCESS_PHASE as NGX_HTTP_PREACCESS_PHASE,
     ngx_http_set_complex_value_slot, ngx_int_t, ngx_msec_t, ngx_parse_size, ngx_pcalloc,
     ngx_shared_memory_add, ngx_shm_zone_t, ngx_str_t, ngx_uint_t, NGX_CONF_FLAG, NGX_CONF_NOARGS,
     NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
@@ -73,6 +75,7 @@ pub struct LocConf {
     pub max_listeners: ngx_int_t,
     pub authorized_only: ngx_flag_t,
     pub channel_timeout: ngx_msec_t,
+    pub detach_listeners: ngx_flag_t,
 }
 
 impl LocConf {
@@ -108,7 +111,7 @@ static mut CONCURRENCY_VALUES: [ngx_conf_enum_t; 4] = [
 ];
 
 /// The directive table.
-pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 14] = [
+pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 15] = [
     command(
         ngx_string!("martd_shm_size"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
@@ -212,6 +215,14 @@ pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 14] = [
         ngx_conf_set_msec_slot,
         LOC,
         offset_of!(LocConf, channel_timeout),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_detach_listeners"),
+        ANY | NGX_CONF_FLAG,
+        ngx_conf_set_flag_slot,
+        LOC,
+        offset_of!(LocConf, detach_listeners),
         ptr::null_mut(),
     ),
     ngx_command_t::empty(),
@@ -355,6 +366,7 @@ pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             max_listeners: UNSET,
             authorized_only: UNSET,
             channel_timeout: UNSET_MSEC,
+            detach_listeners: UNSET,
         },
     )
 }
@@ -384,6 +396,7 @@ pub unsafe extern "C" fn merge_loc_conf(
     merge(&mut conf.max_listeners, prev.max_listeners, UNSET, 0);
     merge(&mut conf.authorized_only, prev.authorized_only, UNSET, 0);
     merge(&mut conf.channel_timeout, prev.channel_timeout, UNSET_MSEC, 300_000);
+    merge(&mut conf.detach_listeners, prev.detach_listeners, UNSET, 1);
     NGX_CONF_OK
 }
 
@@ -419,5 +432,19 @@ pub unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> nginx_sys::ng
         (*z).noreuse = 0;
     }
     mcf.shm_zone = zone.as_ptr();
+    // Replayed requests of detached listeners skip the access phases (see `detach`).
+    // SAFETY: the core module's main conf of this http block; its phase arrays are
+    // initialized before postconfiguration and read when the phase engine is built after it.
+    unsafe {
+        let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
+        let cmcf =
+            *(*ctx).main_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_main_conf_t;
+        let phase = &mut (*cmcf).phases[NGX_HTTP_PREACCESS_PHASE as usize].handlers;
+        let h = ngx_array_push(phase) as *mut ngx_http_handler_pt;
+        if h.is_null() {
+            return nginx_sys::NGX_ERROR as ngx_int_t;
+        }
+        *h = Some(crate::detach::preaccess_handler);
+    }
     nginx_sys::NGX_OK as ngx_int_t
 }

@@ -8,7 +8,8 @@
 //! * [`zone`]: the shared zone, its allocator and its lock.
 //! * [`notify`]: one pipe per worker, created before the fork, read from the event loop.
 //! * [`worker`]: the worker's own state: its slot in the zone, its parked listeners, wake-ups.
-//! * [`push`] and [`listen`]: the two endpoints.
+//! * [`push`] and [`listen`]: the two endpoints; [`detach`]: listeners that give their
+//!   request back to nginx while they wait.
 //! * [`response`]: building responses.
 
 use std::ffi::c_void;
@@ -22,6 +23,7 @@ use nginx_sys::{
 mod log;
 mod channel_id;
 mod conf;
+mod detach;
 mod error;
 mod listen;
 mod notify;

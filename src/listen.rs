@@ -26,9 +26,29 @@ use nginx_sys::{
 
 use crate::channel_id::channel_id;
 use crate::conf::{LocConf, MainConf};
+use crate::detach;
 use crate::response::{self, Body};
 use crate::worker::{self, now_ms};
 use crate::zone;
+
+/// How the worker's listeners refer to a parked listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handle {
+    /// A parked request; its context lives in the request pool.
+    Request(*mut ListenerCtx),
+    /// A listener that gave its request back to nginx, by connection (see [`detach`]).
+    ///
+    /// [`detach`]: crate::detach
+    Detached(usize),
+}
+
+/// Answers a listener that has left the worker's listeners (`None`: `304`).
+pub fn answer_handle(h: Handle, verdict: Option<Verdict>) {
+    match h {
+        Handle::Request(ctx) => answer(ctx, verdict),
+        Handle::Detached(conn) => crate::detach::replay(conn, verdict),
+    }
+}
 
 /// A parked listener, kept in the request pool (as the data of its pool cleanup).
 pub struct ListenerCtx {
@@ -56,7 +76,7 @@ fn request_ids(r: *mut ngx_http_request_t) -> (Option<u64>, Option<u64>) {
     (etag, since)
 }
 
-fn loc_conf(r: *mut ngx_http_request_t) -> &'static LocConf {
+pub(crate) fn loc_conf(r: *mut ngx_http_request_t) -> &'static LocConf {
     // SAFETY: the handler runs in a location whose martd conf was created by us.
     unsafe { &*(*(*r).loc_conf.add(crate::module().ctx_index) as *const LocConf) }
 }
@@ -73,6 +93,9 @@ pub(crate) fn method(r: *mut ngx_http_request_t) -> usize {
 
 /// The content handler of `martd_listen` locations.
 pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    if let Some(verdict) = detach::take_outcome(r) {
+        return respond(r, verdict);
+    }
     // SAFETY: nginx calls content handlers with a live request.
     let rc = unsafe { ngx_http_discard_request_body(r) };
     if rc != NGX_OK as ngx_int_t {
@@ -93,18 +116,15 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
     let (etag, modified) = request_ids(r);
     let since = Since::from_headers(etag, modified);
 
-    // The context is allocated first so that nothing can fail once the zone counts us.
-    // SAFETY: the cleanup's data area is sized for the context; the context is written
-    // before the handler is set; the handler runs when the request pool goes.
-    let ctx = unsafe {
-        let cln = ngx_pool_cleanup_add((*r).pool, size_of::<ListenerCtx>());
-        if cln.is_null() {
-            return NGX_ERROR as ngx_int_t;
-        }
-        let ctx = (*cln).data as *mut ListenerCtx;
-        ptr::write(ctx, ListenerCtx { request: r, key: None, timer: std::mem::zeroed() });
-        (*cln).handler = Some(listener_cleanup);
-        ctx
+    // A detaching listener's copy, or else the parked request's context, is made first so
+    // that nothing can fail once the zone counts us.
+    let mut detached = detach::prepare(r, lcf);
+    let handle = match &detached {
+        Some(d) => d.handle(),
+        None => match park_ctx(r) {
+            Some(ctx) => Handle::Request(ctx),
+            None => return NGX_ERROR as ngx_int_t,
+        },
     };
 
     let mcf = main_conf(r);
@@ -122,7 +142,13 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
         let mut z = zone::lock(mcf)?;
         Some(match z.store().listen(&name, since, &opts, now, &mut wake) {
             Ok(Listen::Message(m)) => Ok(Err(st.listeners.cache.get(m))),
-            Ok(Listen::Park(p)) => Ok(Ok(st.listeners.park(&name, &p, ctx))),
+            Ok(Listen::Park(p)) => {
+                let key = st.listeners.park(&name, &p, handle);
+                if let Some(d) = detached.take() {
+                    detach::insert(&mut st.detached, d, key);
+                }
+                Ok(Ok(key))
+            }
             Err(e) => Err(e),
         })
     })
@@ -132,7 +158,11 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
     match outcome {
         None => not_modified(r),
         Some(Ok(Err(payload))) => deliver(r, &payload),
+        Some(Ok(Ok(_))) if matches!(handle, Handle::Detached(_)) => detach::finish(r),
         Some(Ok(Ok(key))) => {
+            let Handle::Request(ctx) = handle else {
+                return NGX_ERROR as ngx_int_t;
+            };
             // SAFETY: `ctx` lives in the request pool; the request is live. The count
             // increment holds the request open past this handler's NGX_DONE.
             unsafe {
@@ -182,6 +212,34 @@ fn not_modified(r: *mut ngx_http_request_t) -> ngx_int_t {
     response::send(r, 304, b"", Body::Bytes(b""), None)
 }
 
+/// A woken listener's response (`None`: `304`).
+fn respond(r: *mut ngx_http_request_t, verdict: Option<Verdict>) -> ngx_int_t {
+    match verdict {
+        Some(Verdict::Deliver(p)) => deliver(r, &p),
+        Some(Verdict::Conflict) => {
+            response::text(r, 409, "martd: a newer listener took this channel")
+        }
+        Some(Verdict::Gone) => response::text(r, 410, "martd: channel deleted"),
+        None => not_modified(r),
+    }
+}
+
+/// The pool-cleanup context of a request about to park.
+fn park_ctx(r: *mut ngx_http_request_t) -> Option<*mut ListenerCtx> {
+    // SAFETY: the cleanup's data area is sized for the context; the context is written
+    // before the handler is set; the handler runs when the request pool goes.
+    unsafe {
+        let cln = ngx_pool_cleanup_add((*r).pool, size_of::<ListenerCtx>());
+        if cln.is_null() {
+            return None;
+        }
+        let ctx = (*cln).data as *mut ListenerCtx;
+        ptr::write(ctx, ListenerCtx { request: r, key: None, timer: std::mem::zeroed() });
+        (*cln).handler = Some(listener_cleanup);
+        Some(ctx)
+    }
+}
+
 /// Answers a parked listener that has already left the worker's listeners: with its
 /// verdict, or `304` when `None` (timeout, shutdown). Finalizes the request.
 pub fn answer(ctx: *mut ListenerCtx, verdict: Option<Verdict>) {
@@ -194,14 +252,7 @@ pub fn answer(ctx: *mut ListenerCtx, verdict: Option<Verdict>) {
         }
         let r = (*ctx).request;
         let c = (*r).connection;
-        let rc = match verdict {
-            Some(Verdict::Deliver(p)) => deliver(r, &p),
-            Some(Verdict::Conflict) => {
-                response::text(r, 409, "martd: a newer listener took this channel")
-            }
-            Some(Verdict::Gone) => response::text(r, 410, "martd: channel deleted"),
-            None => not_modified(r),
-        };
+        let rc = respond(r, verdict);
         ngx_http_finalize_request(r, rc);
         ngx_http_run_posted_requests(c);
     }
@@ -210,9 +261,17 @@ pub fn answer(ctx: *mut ListenerCtx, verdict: Option<Verdict>) {
 /// Takes a listener out of the worker and the zone; `false` if it had already left.
 fn leave(ctx: *mut ListenerCtx) -> bool {
     // SAFETY: `ctx` is live (timer or cleanup of its own request).
-    let Some(key) = (unsafe { (*ctx).key.take() }) else {
-        return false;
-    };
+    match unsafe { (*ctx).key.take() } {
+        Some(key) => {
+            leave_key(key);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Takes the listener at `key` out of the worker's listeners and the zone's counts.
+pub fn leave_key(key: ListenerKey) {
     worker::with(|st| {
         let (Some(removed), Some(slot)) = (st.listeners.remove(key), st.slot) else {
             return;
@@ -222,7 +281,6 @@ fn leave(ctx: *mut ListenerCtx) -> bool {
             z.store().release(&removed.name, removed.serial, slot, 1, removed.last);
         }
     });
-    true
 }
 
 unsafe extern "C" fn listener_timeout(ev: *mut ngx_event_t) {

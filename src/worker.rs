@@ -18,7 +18,8 @@ use martd_core::listeners::Listeners;
 use martd_core::store::WakeTarget;
 
 use crate::conf::MainConf;
-use crate::listen::{self, ListenerCtx};
+use crate::detach::{self, DetachedListeners};
+use crate::listen::{self, Handle};
 use crate::notify::{self, Pipes};
 use crate::zone;
 
@@ -27,7 +28,9 @@ const GC_INTERVAL_MS: u64 = 1000;
 pub struct WorkerState {
     /// Our slot in the zone; `None` once shutting down (or if registering failed).
     pub slot: Option<u32>,
-    pub listeners: Listeners<*mut ListenerCtx>,
+    pub listeners: Listeners<Handle>,
+    /// Parked listeners that gave their request back to nginx.
+    pub detached: DetachedListeners,
     pub mcf: *mut MainConf,
     notify_conn: *mut ngx_connection_t,
     mailbox_ev: Box<ngx_event_t>,
@@ -108,6 +111,7 @@ pub extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     let state = WorkerState {
         slot,
         listeners: Listeners::default(),
+        detached: DetachedListeners::new(blank_event(detach::takeover_handler, log)),
         mcf,
         notify_conn,
         mailbox_ev: blank_event(mailbox_handler, log),
@@ -202,8 +206,8 @@ fn process_mailbox() {
         }
         out
     });
-    for (ctx, verdict) in out.unwrap_or_default() {
-        listen::answer(ctx, Some(verdict));
+    for (handle, verdict) in out.unwrap_or_default() {
+        listen::answer_handle(handle, Some(verdict));
     }
 }
 
@@ -223,8 +227,8 @@ fn shutdown() {
         Some(drained)
     });
     for (_, _, handles) in drained.flatten().unwrap_or_default() {
-        for ctx in handles {
-            listen::answer(ctx, None);
+        for handle in handles {
+            listen::answer_handle(handle, None);
         }
     }
 }

@@ -1,0 +1,460 @@
+//! Detached listeners: a parked long-poll that gives its request back to nginx while it waits.
+//!
+//! A parked request costs about 10 KB of worker memory, nearly all of it nginx's own (two
+//! request-pool blocks, the header buffer). A listener on a plain-text HTTP/1.x keep-alive
+//! connection does not need any of it while it waits. Its handler keeps a copy of the request
+//! line and headers (a few hundred bytes) and lets nginx finalize the request into the
+//! keep-alive state, which frees the request and its buffers; a posted event then takes the
+//! idle connection over from nginx's keep-alive handler (no keep-alive timeout, not reusable,
+//! not closed by a graceful shutdown: the listener's own timer and the worker's shutdown
+//! answer it instead).
+//!
+//! When the listener's verdict is ready (a message, `304`, `409`, `410`) the saved request is
+//! handed back to nginx through the connection's `recv`: nginx parses and routes it again,
+//! [`preaccess_handler`] skips the access phases it passed before, and the `martd_listen`
+//! handler answers it with the verdict it was woken with ([`take_outcome`]). The access log
+//! shows one line per long-poll, written when it is answered.
+//!
+//! A client that closes its connection while detached is noticed by the connection's read
+//! event: the listener leaves the worker and the zone and nginx closes the connection.
+
+use std::collections::HashMap;
+use std::ptr;
+
+use martd_core::listeners::{ListenerKey, Verdict};
+use nginx_sys::{
+    ngx_add_timer, ngx_connection_t, ngx_del_timer, ngx_event_t, ngx_http_close_connection,
+    ngx_http_core_content_phase, ngx_http_core_loc_conf_t, ngx_http_core_main_conf_t,
+    ngx_http_core_module, ngx_http_request_t, ngx_int_t, ngx_msec_t, ngx_post_event,
+    ngx_posted_events, ngx_reusable_connection, u_char, NGX_DECLINED, NGX_ERROR,
+    NGX_HTTP_VERSION_20, NGX_USE_CLEAR_EVENT,
+};
+
+use crate::conf::{LocConf, Role};
+use crate::listen;
+use crate::worker;
+
+type EventHandler = unsafe extern "C" fn(*mut ngx_event_t);
+
+/// One detached listener, keyed by its connection.
+struct Detached {
+    conn: *mut ngx_connection_t,
+    /// `c->number` when it detached: a closed and reused connection has another.
+    number: nginx_sys::ngx_atomic_uint_t,
+    /// Tells this detachment from a later one on the same connection.
+    seq: u64,
+    /// Where it sits in the worker's listeners; `None` once it left them.
+    key: Option<ListenerKey>,
+    /// The request line and headers, fed back to nginx when the verdict is ready.
+    request: Box<[u8]>,
+    /// The listener timeout, armed when the connection is taken over.
+    timeout: ngx_msec_t,
+    /// Taken over from nginx's keep-alive handler.
+    taken_over: bool,
+    /// Set when woken: what the replayed request answers (`None`: `304`).
+    outcome: Option<Option<Verdict>>,
+    /// The connection's own `recv`, put back after the replay's one read.
+    recv: nginx_sys::ngx_recv_pt,
+}
+
+/// A worker's detached listeners.
+pub struct DetachedListeners {
+    by_conn: HashMap<usize, Detached>,
+    /// Detachments that nginx has yet to put into its keep-alive state.
+    pending: Vec<(usize, u64)>,
+    next_seq: u64,
+    takeover_ev: Box<ngx_event_t>,
+    /// nginx's keep-alive read handler (static in nginx; learned from the first takeover).
+    keepalive_handler: Option<EventHandler>,
+    /// Index of the content phase's first handler in the phase engine.
+    content_phase: Option<usize>,
+}
+
+impl DetachedListeners {
+    pub fn new(takeover_ev: Box<ngx_event_t>) -> Self {
+        DetachedListeners {
+            by_conn: HashMap::new(),
+            pending: Vec::new(),
+            next_seq: 0,
+            takeover_ev,
+            keepalive_handler: None,
+            content_phase: None,
+        }
+    }
+}
+
+/// A listener about to detach: checked and copied before the zone is asked.
+pub struct Prepared {
+    conn: *mut ngx_connection_t,
+    request: Box<[u8]>,
+    timeout: ngx_msec_t,
+}
+
+impl Prepared {
+    pub fn handle(&self) -> listen::Handle {
+        listen::Handle::Detached(self.conn as usize)
+    }
+}
+
+fn core_loc_conf(r: *mut ngx_http_request_t) -> &'static ngx_http_core_loc_conf_t {
+    // SAFETY: every request has the core module's location conf.
+    unsafe {
+        &*(*(*r).loc_conf.add(ngx_http_core_module.ctx_index) as *const ngx_http_core_loc_conf_t)
+    }
+}
+
+/// Whether `r` can detach, and its saved request if so. Only plain-text HTTP/1.x keep-alive
+/// main requests without a body, read whole into the connection's header buffer with nothing
+/// after them, on an edge-triggered event method (epoll, kqueue).
+pub fn prepare(r: *mut ngx_http_request_t, lcf: &LocConf) -> Option<Prepared> {
+    if lcf.detach_listeners != 1 {
+        return None;
+    }
+    // SAFETY: `r` is a live main request being handled; its connection, buffers and the
+    // nginx globals read here are valid for the duration of the handler.
+    unsafe {
+        let c = (*r).connection;
+        let b = (*r).header_in;
+        let plain = (*c).recv.map(|f| f as usize) == nginx_sys::ngx_io.recv.map(|f| f as usize)
+            && (*c).recv.is_some();
+        let ok = plain
+            && (nginx_sys::ngx_event_flags & NGX_USE_CLEAR_EVENT as usize) != 0
+            && r == (*r).main
+            && (*r).http_version < NGX_HTTP_VERSION_20 as usize
+            && (*r).keepalive() == 1
+            && (*r).headers_in.content_length_n <= 0
+            && (*r).headers_in.chunked() == 0
+            && (*r).discard_body() == 0
+            && core_loc_conf(r).post_action.len == 0
+            && !b.is_null()
+            && b == (*c).buffer
+            && (*b).pos == (*b).last
+            && !(*r).request_start.is_null()
+            && (*r).request_start >= (*b).start
+            && (*r).request_start < (*b).pos;
+        if !ok {
+            return None;
+        }
+        let request = saved_request(r)?;
+        Some(Prepared { conn: c, request, timeout: lcf.listener_timeout })
+    }
+}
+
+/// The request line and headers as the client sent them (nginx's parser wrote over the
+/// buffer's copy), limited to what fits the connection's header buffer again.
+///
+/// # Safety
+/// `r` is a live request whose headers were read.
+unsafe fn saved_request(r: *mut ngx_http_request_t) -> Option<Box<[u8]>> {
+    // SAFETY: the request line and the header list live in the live request.
+    unsafe {
+        let c = (*r).connection;
+        let room = (*(*c).buffer).end.offset_from((*(*c).buffer).start) as usize;
+        let line = (*r).request_line.as_bytes();
+        let mut out = Vec::with_capacity(room.min(512));
+        out.extend_from_slice(line);
+        out.extend_from_slice(b"\r\n");
+        let mut part = &(*r).headers_in.headers.part as *const nginx_sys::ngx_list_part_t;
+        while !part.is_null() {
+            let elts = (*part).elts as *const nginx_sys::ngx_table_elt_t;
+            for i in 0..(*part).nelts {
+                let h = &*elts.add(i);
+                out.extend_from_slice(h.key.as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(h.value.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            part = (*part).next;
+        }
+        out.extend_from_slice(b"\r\n");
+        (out.len() <= room).then(|| out.into_boxed_slice())
+    }
+}
+
+/// Keeps a detached listener (called under the zone lock, right after it parked).
+pub fn insert(set: &mut DetachedListeners, p: Prepared, key: ListenerKey) {
+    let seq = set.next_seq;
+    set.next_seq += 1;
+    // SAFETY: `p.conn` is the live connection of the request being handled.
+    let number = unsafe { (*p.conn).number };
+    let ck = p.conn as usize;
+    set.by_conn.insert(
+        ck,
+        Detached {
+            conn: p.conn,
+            number,
+            seq,
+            key: Some(key),
+            request: p.request,
+            timeout: p.timeout,
+            taken_over: false,
+            outcome: None,
+            recv: None,
+        },
+    );
+    set.pending.push((ck, seq));
+    if set.takeover_ev.posted() == 0 {
+        // SAFETY: the event is boxed in the worker state and outlives the posted queue.
+        unsafe { ngx_post_event(&mut *set.takeover_ev, ptr::addr_of_mut!(ngx_posted_events)) };
+    }
+}
+
+/// The handler's last step for a detached listener: the request is finalized with `NGX_OK`
+/// (no response), which puts its connection into nginx's keep-alive state.
+pub fn finish(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // SAFETY: `r` is the live request being handled.
+    unsafe {
+        // Logged once, when the replayed request is answered.
+        (*r).set_logged(1);
+        // The replay is the same long-poll: count it once against `keepalive_requests`.
+        let c = (*r).connection;
+        (*c).requests = (*c).requests.saturating_sub(1);
+    }
+    nginx_sys::NGX_OK as ngx_int_t
+}
+
+fn conn_is(d: &Detached) -> bool {
+    // SAFETY: connections live in nginx's connection array for the process's life; a closed
+    // one has fd -1 and a reused one another number.
+    unsafe { (*d.conn).fd != -1 && (*d.conn).number == d.number }
+}
+
+/// Posted after detachments: takes their connections over from nginx's keep-alive handler.
+pub unsafe extern "C" fn takeover_handler(_ev: *mut ngx_event_t) {
+    let Some(pending) = worker::with(|st| std::mem::take(&mut st.detached.pending)) else {
+        return;
+    };
+    for (ck, seq) in pending {
+        let lost = worker::with(|st| takeover(&mut st.detached, ck, seq)).flatten();
+        if let Some((conn, key)) = lost {
+            if let Some(key) = key {
+                listen::leave_key(key);
+            }
+            if let Some(c) = conn {
+                // SAFETY: a live connection of ours in a state we do not know: close it.
+                unsafe { ngx_http_close_connection(c) };
+            }
+        }
+    }
+}
+
+/// Takes one connection over; `Some((connection to close, key to leave))` if the listener
+/// is lost (its connection closed, or in a state not expected).
+#[allow(clippy::type_complexity)]
+fn takeover(
+    set: &mut DetachedListeners,
+    ck: usize,
+    seq: u64,
+) -> Option<(Option<*mut ngx_connection_t>, Option<ListenerKey>)> {
+    let d = set.by_conn.get_mut(&ck)?;
+    if d.seq != seq || d.taken_over || d.outcome.is_some() {
+        return None;
+    }
+    if !conn_is(d) {
+        // nginx closed it (client gone before the keep-alive state settled).
+        let d = set.by_conn.remove(&ck)?;
+        return Some((None, d.key));
+    }
+    // SAFETY: `d.conn` is our live connection (checked above), in nginx's keep-alive state.
+    unsafe {
+        let c = d.conn;
+        let rev = (*c).read;
+        let handler = (*rev).handler;
+        let expected = match (set.keepalive_handler, handler) {
+            (_, None) => false,
+            (None, Some(h)) => {
+                set.keepalive_handler = Some(h);
+                true
+            }
+            (Some(k), Some(h)) => k as usize == h as usize,
+        };
+        if !expected || (*c).close() != 0 {
+            let d = set.by_conn.remove(&ck)?;
+            return Some((Some(c), d.key));
+        }
+        (*c).set_idle(0);
+        ngx_reusable_connection(c, 0);
+        (*rev).handler = Some(detached_read_handler);
+        if (*rev).timer_set() != 0 {
+            ngx_del_timer(rev);
+        }
+        if d.timeout > 0 {
+            ngx_add_timer(rev, d.timeout);
+        }
+        (*(*c).log).action = c"waiting for a martd message".as_ptr() as *mut _;
+        d.taken_over = true;
+    }
+    None
+}
+
+/// Read events of a detached connection: its timeout, or the client closing (or sending).
+unsafe extern "C" fn detached_read_handler(rev: *mut ngx_event_t) {
+    // SAFETY: nginx calls read handlers with the connection's live read event.
+    let c = unsafe { (*rev).data as *mut ngx_connection_t };
+    let ck = c as usize;
+    // SAFETY: as above.
+    if unsafe { (*rev).timedout() } != 0 {
+        // SAFETY: as above.
+        unsafe { (*rev).set_timedout(0) };
+        let key = worker::with(|st| st.detached.by_conn.get_mut(&ck).and_then(|d| d.key.take()));
+        if let Some(key) = key.flatten() {
+            listen::leave_key(key);
+            replay(ck, None);
+        }
+        return;
+    }
+    // SAFETY: `c` is live; a one-byte peek tells a close from data (left for nginx to read
+    // after the answer, as a pipelined request).
+    let closed = unsafe {
+        let mut byte = 0u8;
+        let n = libc::recv((*c).fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK);
+        (*c).close() != 0 || n == 0 || (n < 0 && *libc::__errno_location() != libc::EAGAIN)
+    };
+    if !closed {
+        return;
+    }
+    let key = worker::with(|st| st.detached.by_conn.remove(&ck).and_then(|d| d.key)).flatten();
+    if let Some(key) = key {
+        listen::leave_key(key);
+    }
+    // SAFETY: our live connection; nothing refers to it any more.
+    unsafe {
+        (*rev).set_eof(1);
+        (*c).set_error(1);
+        ngx_http_close_connection(c);
+    }
+}
+
+/// Answers a detached listener that has left the worker's listeners: its saved request is
+/// fed back to nginx, whose `martd_listen` handler answers it with `verdict` (`None`: 304).
+pub fn replay(ck: usize, verdict: Option<Verdict>) {
+    let prepared = worker::with(|st| {
+        let set = &mut st.detached;
+        let d = set.by_conn.get_mut(&ck)?;
+        d.key = None;
+        if !conn_is(d) {
+            set.by_conn.remove(&ck);
+            return None;
+        }
+        d.outcome = Some(verdict);
+        // SAFETY: `d.conn` is live (checked above).
+        d.recv = unsafe { (*d.conn).recv };
+        Some((d.conn, d.seq, set.keepalive_handler))
+    })
+    .flatten();
+    let Some((c, seq, keepalive)) = prepared else {
+        return;
+    };
+    // SAFETY: `c` is our live connection, idle in the keep-alive state (taken over or not
+    // yet): nginx's keep-alive handler reads the next request from it through `c->recv`,
+    // which gives it the saved request once. The handler deletes the read timer
+    // unconditionally, so one is armed.
+    unsafe {
+        let rev = (*c).read;
+        if (*rev).handler.map(|h| h as usize) == Some(detached_read_handler as *const () as usize) {
+            (*rev).handler = keepalive.map(|h| h as EventHandler);
+        }
+        let Some(handler) = (*rev).handler else {
+            worker::with(|st| st.detached.by_conn.remove(&ck));
+            ngx_http_close_connection(c);
+            return;
+        };
+        if (*rev).timer_set() == 0 {
+            ngx_add_timer(rev, 60_000);
+        }
+        (*rev).set_timedout(0);
+        (*c).recv = Some(replay_recv);
+        handler(rev);
+    }
+    // Normally the replayed request took its outcome in its handler. If it did not (it was
+    // routed elsewhere, or is still on its way), forget it: a request that reaches
+    // `martd_listen` later is a fresh listener with the same ids.
+    worker::with(|st| {
+        if st.detached.by_conn.get(&ck).is_some_and(|d| d.seq == seq && d.outcome.is_some()) {
+            st.detached.by_conn.remove(&ck);
+        }
+    });
+}
+
+/// The connection's `recv` during a replay: the saved request, once.
+unsafe extern "C" fn replay_recv(c: *mut ngx_connection_t, buf: *mut u_char, size: usize) -> isize {
+    let saved = worker::with(|st| {
+        let d = st.detached.by_conn.get_mut(&(c as usize))?;
+        Some((std::mem::take(&mut d.request), d.recv))
+    })
+    .flatten();
+    let Some((request, recv)) = saved else {
+        return NGX_ERROR as isize;
+    };
+    // SAFETY: `c` is live; nginx gives a buffer of `size` bytes.
+    unsafe {
+        (*c).recv = recv;
+        if request.is_empty() || request.len() > size {
+            return NGX_ERROR as isize;
+        }
+        ptr::copy_nonoverlapping(request.as_ptr(), buf, request.len());
+    }
+    request.len() as isize
+}
+
+/// For the `martd_listen` handler: the verdict of a replayed request, if `r` is one.
+pub fn take_outcome(r: *mut ngx_http_request_t) -> Option<Option<Verdict>> {
+    // SAFETY: `r` is a live request.
+    let (c, main) = unsafe { ((*r).connection, (*r).main) };
+    if r != main {
+        return None;
+    }
+    worker::with(|st| {
+        let d = st.detached.by_conn.get(&(c as usize))?;
+        if d.outcome.is_none() || !conn_is(d) {
+            return None;
+        }
+        st.detached.by_conn.remove(&(c as usize))?.outcome
+    })
+    .flatten()
+}
+
+fn is_replay(r: *mut ngx_http_request_t) -> bool {
+    // SAFETY: `r` is a live request.
+    let (c, main) = unsafe { ((*r).connection, (*r).main) };
+    r == main
+        && worker::with(|st| {
+            st.detached.by_conn.get(&(c as usize)).is_some_and(|d| d.outcome.is_some())
+        })
+        .unwrap_or(false)
+}
+
+/// Preaccess phase: a replayed listener request already passed the access phases when it
+/// parked; it goes straight to the content phase (so `limit_req`, `auth_request` and the like
+/// count a long-poll once).
+pub unsafe extern "C" fn preaccess_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    if !is_replay(r) || listen::loc_conf(r).role != Role::Listen {
+        return NGX_DECLINED as ngx_int_t;
+    }
+    let cached = worker::with(|st| st.detached.content_phase).flatten();
+    let index = cached.or_else(|| {
+        // SAFETY: the core module's main conf and its phase engine (a handler array ended by
+        // a null checker) live as long as the cycle.
+        let found = unsafe {
+            let cmcf = *(*r).main_conf.add(ngx_http_core_module.ctx_index)
+                as *const ngx_http_core_main_conf_t;
+            let handlers = (*cmcf).phase_engine.handlers;
+            let content = ngx_http_core_content_phase as *const () as usize;
+            let mut i = 0;
+            loop {
+                match (*handlers.add(i)).checker {
+                    None => break None,
+                    Some(f) if f as usize == content => break Some(i),
+                    Some(_) => i += 1,
+                }
+            }
+        };
+        worker::with(|st| st.detached.content_phase = found);
+        found
+    });
+    if let Some(i) = index.and_then(|i| i.checked_sub(1)) {
+        // SAFETY: `r` is live; the generic phase checker adds one for NGX_DECLINED.
+        unsafe { (*r).phase_handler = i as ngx_int_t };
+    }
+    NGX_DECLINED as ngx_int_t
+}
