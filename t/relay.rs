@@ -1554,6 +1554,7 @@ fn bad_config_values_rejected() {
         ("martd_listener_concurrency bogus;", "server", &["bogus"]),
         ("martd_store_messages maybe;", "server", &["maybe", "martd_store_messages"]),
         ("martd_authorized_channels_only 2;", "server", &["martd_authorized_channels_only"]),
+        ("martd_detach_listeners sometimes;", "server", &["martd_detach_listeners"]),
         ("martd_message_buffer_length -1;", "server", &["martd_message_buffer_length"]),
         ("martd_message_buffer_length many;", "server", &["martd_message_buffer_length"]),
         ("martd_max_listeners x;", "server", &["martd_max_listeners"]),
@@ -1585,7 +1586,8 @@ fn good_config_every_directive_at_every_level() {
     let all = "martd_channel_id $arg_channel; martd_message_buffer_length 5; \
                martd_message_timeout 10m; martd_store_messages on; martd_listener_timeout 30s; \
                martd_listener_concurrency last; martd_max_channel_id_length 64; \
-               martd_max_listeners 10; martd_authorized_channels_only off; martd_channel_timeout 1m;";
+               martd_max_listeners 10; martd_authorized_channels_only off; martd_channel_timeout 1m; \
+               martd_detach_listeners off;";
     let conf = Conf::new(&format!("        {all}\n{}", pubsub(all, all)))
         .http(&format!("martd_shm_size 1m; {all}"));
     expect_config_ok(&conf);
@@ -1600,4 +1602,223 @@ fn good_config_every_directive_at_every_level() {
     ] {
         expect_config_ok(&Conf::new(&pubsub(zero, zero)));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 16. detached listeners (plain HTTP/1.x keep-alive listeners give their request back to nginx)
+
+/// Resident memory of the workers, in bytes.
+fn workers_rss(ng: &Nginx) -> u64 {
+    ng.worker_pids()
+        .iter()
+        .map(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            let kb: u64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap();
+            kb * 1024
+        })
+        .sum()
+}
+
+/// Worker memory per parked listener (connection included), fresh server, `n` listeners.
+async fn bytes_per_listener(sub_extra: &str, n: usize) -> u64 {
+    let ng = Nginx::start(Conf::new(&pubsub("", sub_extra)));
+    let mut c = Conn::open_probed(ng.port).await;
+    let before = workers_rss(&ng);
+    let ls: Vec<Pending> = Conn::open_many(ng.port, n)
+        .await
+        .into_iter()
+        .map(|x| x.listen("mem", None, None))
+        .collect();
+    c.wait_listeners("mem", n as u64).await;
+    let grown = workers_rss(&ng).saturating_sub(before);
+    // Everyone still gets the message.
+    let r = c.publish("mem", "to all").await;
+    assert_published(&r, 201, "publish to the parked listeners");
+    for l in ls {
+        assert_eq!(expect_msg(&l.resp().await).text(), "to all");
+    }
+    ng.finish();
+    grown / n as u64
+}
+
+#[test]
+fn detached_listeners_hold_a_tenth_of_a_parked_request() {
+    heavy_test(async {
+        let n = 2000;
+        let detached = bytes_per_listener("", n).await;
+        let parked = bytes_per_listener("martd_detach_listeners off;", n).await;
+        eprintln!("worker memory per listener: detached {detached} B, parked request {parked} B");
+        assert!(
+            detached * 4 < parked && detached < 4096,
+            "detached listeners use {detached} B each, parked requests {parked} B"
+        );
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detached_listener_outlives_keepalive_timeout() {
+    // The connection is taken over from nginx's keep-alive state: its 1 s keep-alive timeout
+    // does not apply, the 3 s listener timeout does.
+    let ng =
+        Nginx::start(Conf::new(&pubsub("", "martd_listener_timeout 3s; keepalive_timeout 1s;")));
+    let c = Conn::open_probed(ng.port).await;
+    let started = Instant::now();
+    let (c, r) = c.listen("ka", Some("\"1\""), None).conn_resp().await;
+    assert_status(&r, 304, "detached listener timeout");
+    assert_eq!(r.header("etag"), Some("\"1\""));
+    assert!(
+        started.elapsed() >= Duration::from_millis(2900),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    // The same connection serves the next long-poll, which a message answers.
+    let l = c.listen("ka", Some("\"1\""), None);
+    let mut p = Conn::open_probed(ng.port).await;
+    p.wait_listeners("ka", 1).await;
+    p.publish("ka", "after keepalive").await;
+    assert_eq!(expect_msg(&l.resp().await).text(), "after keepalive");
+    ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_detached_listener_skips_access_phases() {
+    // One request a minute per address: the long-poll passes limit_req once, when it parks.
+    let ng = Nginx::start(
+        Conf::new(&pubsub("", "limit_req zone=one; limit_req_status 429;"))
+            .http("limit_req_zone $binary_remote_addr zone=one:1m rate=1r/m;"),
+    );
+    let mut p = Conn::open_probed(ng.port).await;
+    let l = Conn::open_probed(ng.port).await.listen("lr", None, None);
+    p.wait_listeners("lr", 1).await;
+    let r = p.publish("lr", "once").await;
+    assert_published(&r, 201, "publish");
+    assert_eq!(expect_msg(&l.resp().await).text(), "once");
+    // limit_req is in force for new requests.
+    let r = p.get(&sub_path("lr"), &[]).await;
+    assert_status(&r, 429, "second long-poll within the minute");
+    ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detached_listener_access_log_one_line_when_answered() {
+    let ng = Nginx::start(
+        Conf::new(&pubsub("", "access_log logs/listen.log brief;"))
+            .http("log_format brief '$status $request $connection_requests';"),
+    );
+    let log = ng.prefix().join("logs/listen.log");
+    let mut p = Conn::open_probed(ng.port).await;
+    let (c, r) = {
+        let l = Conn::open_probed(ng.port).await.listen("al", Some("\"1\""), None);
+        p.wait_listeners("al", 1).await;
+        p.publish("al", "logged").await;
+        l.conn_resp().await
+    };
+    assert_eq!(expect_msg(&r).text(), "logged");
+    drop(c);
+    let lines: Vec<String> = within(QUICK, "access log line", async {
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<String> =
+                text.lines().filter(|l| l.contains("/sub?channel=al")).map(String::from).collect();
+            if !lines.is_empty() {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let all: Vec<&str> = text.lines().filter(|l| l.contains("/sub?channel=al")).collect();
+    assert_eq!(all.len(), 1, "one access log line per long-poll: {all:?} (first seen {lines:?})");
+    // Second request on its connection (after the probe), logged with the answer's status.
+    assert_eq!(all[0], "200 GET /sub?channel=al HTTP/1.1 2");
+    ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_sent_while_detached_is_answered_after_it() {
+    let ng = Nginx::start(std_conf());
+    let mut p = Conn::open_probed(ng.port).await;
+    let mut raw = RawConn::open(ng.port).await;
+    raw.write(b"GET /sub?channel=pl HTTP/1.1\r\nHost: t\r\nIf-None-Match: \"1\"\r\n\r\n").await;
+    p.wait_listeners("pl", 1).await;
+    // A second request on the same connection while the first waits (HTTP/1.1 pipelining).
+    raw.write(b"GET /__worker HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = p.publish("pl", "first").await;
+    assert_published(&r, 201, "publish");
+    let first = raw.response(QUICK).await;
+    assert_eq!((first.status, first.body.as_slice()), (200, &b"first"[..]));
+    let second = raw.response(QUICK).await;
+    assert_eq!(second.status, 204, "the pipelined request is answered after the long-poll");
+    // Then the connection is a normal keep-alive connection.
+    raw.write(b"GET /sub?channel=pl HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    assert_eq!(raw.response(QUICK).await.body, b"first");
+    ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_that_cannot_detach_still_wait() {
+    // HTTP/1.0 (no keep-alive), a request split over writes, a request with a body, and
+    // detaching turned off: all wait as parked requests and get the message.
+    let ng = Nginx::start(Conf::new(&format!(
+        "{}        location = /sub-parked {{ martd_listen; martd_detach_listeners off; }}\n",
+        pubsub("", "")
+    )));
+    let mut p = Conn::open_probed(ng.port).await;
+    let mut http10 = RawConn::open(ng.port).await;
+    http10.write(b"GET /sub?channel=nd HTTP/1.0\r\n\r\n").await;
+    let mut keepalive10 = RawConn::open(ng.port).await;
+    keepalive10.write(b"GET /sub?channel=nd HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").await;
+    let mut split = RawConn::open(ng.port).await;
+    split.write(b"GET /sub?channel=nd HTTP/1.1\r\nHo").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    split.write(b"st: t\r\n\r\n").await;
+    let mut with_body = RawConn::open(ng.port).await;
+    with_body
+        .write(b"GET /sub?channel=nd HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi")
+        .await;
+    let off = Conn::open_probed(ng.port).await.spawn_get("/sub-parked?channel=nd", &[], LONG);
+    p.wait_listeners("nd", 5).await;
+    let r = p.publish("nd", "all five").await;
+    assert_published(&r, 201, "publish");
+    for (what, raw) in [
+        ("HTTP/1.0", &mut http10),
+        ("HTTP/1.0 keep-alive", &mut keepalive10),
+        ("split request", &mut split),
+        ("request with a body", &mut with_body),
+    ] {
+        let r = raw.response(QUICK).await;
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"all five"[..]), "{what}");
+    }
+    assert!(http10.closed_within(QUICK).await, "HTTP/1.0 connection not closed");
+    assert_eq!(expect_msg(&off.resp().await).text(), "all five");
+    ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_gone_while_detached_leaves() {
+    let ng = Nginx::start(std_conf());
+    let mut p = Conn::open_probed(ng.port).await;
+    let mut raws = Vec::new();
+    for _ in 0..20 {
+        let mut raw = RawConn::open(ng.port).await;
+        raw.write(b"GET /sub?channel=gone HTTP/1.1\r\nHost: t\r\nIf-None-Match: \"1\"\r\n\r\n")
+            .await;
+        raws.push(raw);
+    }
+    p.wait_listeners("gone", 20).await;
+    raws.truncate(5);
+    p.wait_listeners("gone", 5).await;
+    let r = p.publish("gone", "to five").await;
+    assert_eq!(parse_info_text(&r.text()).listeners, 5, "listeners counted at publish");
+    for raw in &mut raws {
+        assert_eq!(raw.response(QUICK).await.body, b"to five");
+    }
+    ng.finish();
 }

@@ -4,10 +4,12 @@
 pub mod http;
 pub mod nginx;
 pub mod proto;
+pub mod raw;
 
 pub use self::http::*;
 pub use self::nginx::*;
 pub use self::proto::*;
+pub use self::raw::*;
 
 use std::sync::{Mutex, MutexGuard};
 
