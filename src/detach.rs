@@ -62,6 +62,9 @@ pub struct DetachedListeners {
     by_conn: HashMap<usize, Detached>,
     /// Detachments that nginx has yet to put into its keep-alive state.
     pending: Vec<(usize, u64)>,
+    /// Listeners whose connection detached again while they were still counted (nginx closed
+    /// it behind our back); they leave at the next takeover.
+    orphans: Vec<ListenerKey>,
     next_seq: u64,
     takeover_ev: Box<ngx_event_t>,
     /// nginx's keep-alive read handler (static in nginx; learned from the first takeover).
@@ -75,6 +78,7 @@ impl DetachedListeners {
         DetachedListeners {
             by_conn: HashMap::new(),
             pending: Vec::new(),
+            orphans: Vec::new(),
             next_seq: 0,
             takeover_ev,
             keepalive_handler: None,
@@ -178,7 +182,7 @@ pub fn insert(set: &mut DetachedListeners, p: Prepared, key: ListenerKey) {
     // SAFETY: `p.conn` is the live connection of the request being handled.
     let number = unsafe { (*p.conn).number };
     let ck = p.conn as usize;
-    set.by_conn.insert(
+    let old = set.by_conn.insert(
         ck,
         Detached {
             conn: p.conn,
@@ -192,6 +196,9 @@ pub fn insert(set: &mut DetachedListeners, p: Prepared, key: ListenerKey) {
             recv: None,
         },
     );
+    if let Some(key) = old.and_then(|d| d.key) {
+        set.orphans.push(key);
+    }
     set.pending.push((ck, seq));
     if set.takeover_ev.posted() == 0 {
         // SAFETY: the event is boxed in the worker state and outlives the posted queue.
@@ -221,9 +228,14 @@ fn conn_is(d: &Detached) -> bool {
 
 /// Posted after detachments: takes their connections over from nginx's keep-alive handler.
 pub unsafe extern "C" fn takeover_handler(_ev: *mut ngx_event_t) {
-    let Some(pending) = worker::with(|st| std::mem::take(&mut st.detached.pending)) else {
+    let Some((pending, orphans)) = worker::with(|st| {
+        (std::mem::take(&mut st.detached.pending), std::mem::take(&mut st.detached.orphans))
+    }) else {
         return;
     };
+    for key in orphans {
+        listen::leave_key(key);
+    }
     for (ck, seq) in pending {
         let lost = worker::with(|st| takeover(&mut st.detached, ck, seq)).flatten();
         if let Some((conn, key)) = lost {

@@ -1764,8 +1764,9 @@ async fn request_sent_while_detached_is_answered_after_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listeners_that_cannot_detach_still_wait() {
-    // HTTP/1.0 (no keep-alive), a request split over writes, a request with a body, and
-    // detaching turned off: all wait as parked requests and get the message.
+    // HTTP/1.0 without keep-alive, a request with a body and `martd_detach_listeners off`
+    // wait as nginx requests; HTTP/1.0 keep-alive and a request that arrived in two pieces
+    // detach. Every one gets the message.
     let ng = Nginx::start(Conf::new(&format!(
         "{}        location = /sub-parked {{ martd_listen; martd_detach_listeners off; }}\n",
         pubsub("", "")

@@ -20,7 +20,9 @@ usage: martd-bench <scenario> --server martd|nchan [options]
        martd-bench report --results FILE [--md FILE] [--meta KEY=VALUE ...]
 
 scenarios (each starts a fresh nginx, prints a table and a final JSON line):
-  fanout    --listeners 10000 --channels 1 --rounds 10 [--size 64]
+  fanout    --listeners 10000 --channels 1 --rounds 10 [--size 64] [--floor: each
+            connection asks GET /ret64 (return 200, 64 bytes) when a round starts instead
+            of long-polling: nginx's own floor for a round]
   publish   --publishers 16 --channels 100 --seconds 5 [--warmup 1] [--size 64]
   idle      --listeners 15000 [--channels 100] [--keepalive: idle keep-alive
             connections after one GET /ret instead of long-polls: nginx's own floor]

@@ -111,7 +111,7 @@ fn fmt_num(v: f64) -> String {
 // Entry point
 
 enum Params {
-    Fanout { listeners: u64, channels: u64, rounds: u64, size: usize },
+    Fanout { listeners: u64, channels: u64, rounds: u64, size: usize, floor: bool },
     Publish { publishers: usize, channels: u64, seconds: f64, warmup: f64, size: usize },
     Idle { listeners: u64, channels: u64, keepalive: bool },
     Capacity { listeners: u64, procs: u64, channels: u64 },
@@ -139,6 +139,7 @@ pub fn run(cmd: &str, a: &Args) -> Result<u8, String> {
             channels: a.num("channels", 1)?,
             rounds: a.num("rounds", 10)?,
             size: a.num("size", 64)?,
+            floor: a.flag("floor"),
         },
         "publish" => Params::Publish {
             publishers: a.num("publishers", 16)?,
@@ -187,7 +188,10 @@ pub fn run(cmd: &str, a: &Args) -> Result<u8, String> {
     let res = rt.block_on(async {
         let fut = async {
             match params {
-                Params::Fanout { listeners, channels, rounds, size } => {
+                Params::Fanout { listeners, rounds, floor: true, .. } => {
+                    fanout_floor(&srv, &mut out, listeners, rounds).await
+                }
+                Params::Fanout { listeners, channels, rounds, size, floor: false } => {
                     fanout(&srv, &mut out, listeners, channels, rounds, size, false).await
                 }
                 Params::Publish { publishers, channels, seconds, warmup, size } => {
@@ -685,6 +689,101 @@ async fn fanout(
         // the same time); one copy per worker makes it about workers / listeners.
         out.metric("copies_per_listener", growth as f64 / (size as f64 * n.max(1) as f64));
     }
+    Ok(())
+}
+
+/// nginx's own floor for a fan-out round: the same client with `n` keep-alive connections,
+/// each asking `GET /ret64` (`return 200` with a 64-byte body) when a round starts; a round
+/// ends when the last answer arrived. No module can answer these connections sooner: it is
+/// nginx's request handling, loopback TCP and this client, with no pub/sub at all.
+async fn fanout_floor(srv: &Server, out: &mut Outcome, n: u64, rounds: u64) -> Result<(), String> {
+    out.params.insert("listeners".into(), json!(n));
+    out.params.insert("rounds".into(), json!(rounds));
+    out.params.insert("floor".into(), json!(true));
+    let srcs = Arc::new(Sources::new(0));
+    let errs = out.errs.clone();
+    let fan = Fan::new(rounds, 64, errs.clone());
+    // The round number and its start time (µs), sent to every connection.
+    let (tx, rx) = tokio::sync::watch::channel((u64::MAX, 0u64));
+    let mut set = JoinSet::new();
+    let gate = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
+    let t_setup = Instant::now();
+    let dst = srv.addr;
+    for _ in 0..n {
+        let (fan, srcs, gate, mut rx) = (fan.clone(), srcs.clone(), gate.clone(), rx.clone());
+        set.spawn(async move {
+            on_connection(&fan.clone(), dst, &srcs, gate, |mut s| {
+                let fan = fan.clone();
+                async move {
+                    for r in 0..fan.rounds {
+                        let t0 = loop {
+                            let (round, t0) = *rx.borrow_and_update();
+                            if round == r {
+                                break t0;
+                            }
+                            rx.changed().await.map_err(|_| "rounds ended early")?;
+                        };
+                        let resp = http::send(&mut s, http::get("/ret64")).await?;
+                        let now = now_us();
+                        if resp.status != 200 || resp.body.len() != 64 {
+                            return Err(format!(
+                                "GET /ret64: {} ({} bytes)",
+                                resp.status,
+                                resp.body.len()
+                            ));
+                        }
+                        let i = r as usize;
+                        fan.got[i].fetch_add(1, Relaxed);
+                        fan.last_us[i].fetch_max(now, Relaxed);
+                        fan.lat_us
+                            .lock()
+                            .unwrap()
+                            .push(now.saturating_sub(t0).min(u32::MAX as u64) as u32);
+                    }
+                    Ok(())
+                }
+            })
+            .await;
+        });
+    }
+    drop(rx);
+    let ready = wait_until(Duration::from_secs(120), || {
+        fan.connected.load(Relaxed) + fan.failed.load(Relaxed) >= n
+    })
+    .await;
+    if !ready {
+        return Err(format!("only {} of {n} connections after 120 s", fan.connected.load(Relaxed)));
+    }
+    out.metric("setup_s", t_setup.elapsed().as_secs_f64());
+    let cpu0 = srv.cpu_us();
+    let mut round_ms = Vec::new();
+    for r in 0..rounds {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let t0 = now_us();
+        tx.send_replace((r, t0));
+        let i = r as usize;
+        let all = wait_until(Duration::from_secs(30), || {
+            fan.got[i].load(Relaxed) >= n - fan.failed.load(Relaxed)
+        })
+        .await;
+        if !all {
+            return Err(format!("floor round {r}: answers missing after 30 s"));
+        }
+        round_ms.push(fan.last_us[i].load(Relaxed).saturating_sub(t0) as f64 / 1000.0);
+    }
+    let cpu1 = srv.cpu_us();
+    let got = fan.deliveries();
+    let lat = fan.sorted_latencies();
+    out.metric("round_ms", median(&round_ms));
+    out.metric("round_max_ms", round_ms.iter().copied().fold(f64::NAN, f64::max));
+    out.metric("p50_us", percentile(&lat, 0.50));
+    out.metric("p99_us", percentile(&lat, 0.99));
+    out.metric("deliveries", got as f64);
+    out.metric("server_cpu_ms", (cpu1.0 - cpu0.0) as f64 / 1000.0);
+    out.metric("client_cpu_ms", (cpu1.1 - cpu0.1) as f64 / 1000.0);
+    out.metric("server_us_per_delivery", (cpu1.0 - cpu0.0) as f64 / got.max(1) as f64);
+    drop(tx);
+    set.shutdown().await;
     Ok(())
 }
 

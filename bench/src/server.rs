@@ -101,6 +101,7 @@ fn config(kind: Kind, module: &Path, workers: usize, port: u16) -> String {
              nchan_subscriber_timeout 0; nchan_subscriber_first_message oldest; }",
         ),
     };
+    let body64 = "m".repeat(64);
     format!(
         "load_module {module};
 daemon off;
@@ -126,6 +127,7 @@ http {{
         add_header X-Worker $pid always;
         {locations}
         location = /ret {{ return 200; }}
+        location = /ret64 {{ return 200 \"{body64}\"; }}
         location / {{ return 404; }}
     }}
 }}
