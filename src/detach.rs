@@ -109,7 +109,7 @@ fn core_loc_conf(r: *mut ngx_http_request_t) -> &'static ngx_http_core_loc_conf_
 
 /// Whether `r` can detach, and its saved request if so. Only plain-text HTTP/1.x keep-alive
 /// main requests without a body, read whole into the connection's header buffer with nothing
-/// after them, on an edge-triggered event method (epoll, kqueue).
+/// after them, on an edge-triggered event method (epoll, kqueue), not counted by limit_conn.
 pub fn prepare(r: *mut ngx_http_request_t, lcf: &LocConf) -> Option<Prepared> {
     if lcf.detach_listeners != 1 {
         return None;
@@ -130,6 +130,8 @@ pub fn prepare(r: *mut ngx_http_request_t, lcf: &LocConf) -> Option<Prepared> {
             && (*r).headers_in.chunked() == 0
             && (*r).discard_body() == 0
             && core_loc_conf(r).post_action.len == 0
+            // limit_conn counts the request while it lives: keep it, so the limit holds.
+            && (*r).limit_conn_status() == 0
             && !b.is_null()
             && b == (*c).buffer
             && (*b).pos == (*b).last

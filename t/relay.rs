@@ -1704,6 +1704,25 @@ async fn answered_detached_listener_skips_access_phases() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_conn_still_caps_waiting_listeners() {
+    let ng = Nginx::start(
+        Conf::new(&pubsub("", "limit_conn addr 1;"))
+            .http("limit_conn_zone $binary_remote_addr zone=addr:1m;"),
+    );
+    let mut p = Conn::open_probed(ng.port).await;
+    let l = Conn::open_probed(ng.port).await.listen("lc", None, None);
+    p.wait_listeners("lc", 1).await;
+    let r = p.get(&sub_path("lc"), &[]).await;
+    assert_status(&r, 503, "a second waiting long-poll from the same address");
+    p.publish("lc", "one").await;
+    assert_eq!(expect_msg(&l.resp().await).text(), "one");
+    // The slot is free again once the first one is answered.
+    let r = p.get(&sub_path("lc"), &[]).await;
+    assert_eq!(expect_msg(&r).text(), "one");
+    ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn detached_listener_access_log_one_line_when_answered() {
     let ng = Nginx::start(
         Conf::new(&pubsub("", "access_log logs/listen.log brief;"))
