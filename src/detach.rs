@@ -310,10 +310,17 @@ unsafe extern "C" fn detached_read_handler(rev: *mut ngx_event_t) {
     if unsafe { (*rev).timedout() } != 0 {
         // SAFETY: as above.
         unsafe { (*rev).set_timedout(0) };
-        let key = worker::with(|st| st.detached.by_conn.get_mut(&ck).and_then(|d| d.key.take()));
-        if let Some(key) = key.flatten() {
-            listen::leave_key(key);
-            replay(ck, None);
+        let key = worker::with(|st| st.detached.by_conn.get_mut(&ck).map(|d| d.key.take()));
+        match key.flatten() {
+            Some(key) => {
+                if let Some(key) = key {
+                    listen::leave_key(key);
+                }
+                replay(ck, None);
+            }
+            // SAFETY: a connection of ours that no listener refers to: nothing would ever
+            // answer it.
+            None => unsafe { ngx_http_close_connection(c) },
         }
         return;
     }

@@ -1842,3 +1842,75 @@ async fn client_gone_while_detached_leaves() {
     }
     ng.finish();
 }
+
+#[test]
+fn detached_listener_churn_with_timeouts_aborts_and_a_reload() {
+    // 400 listeners on 8 channels with a 1 s listener timeout, a publisher every 20 ms, a third
+    // of the listeners dropping their connection at random moments, and a reload in the
+    // middle: every long-poll ends with a message, a 304 or the client's own abort, and the
+    // listener counts end at zero everywhere.
+    heavy_test(async {
+        let mut ng = Nginx::start(Conf::new(&pubsub("", "martd_listener_timeout 1s;")));
+        let port = ng.port;
+        let stop = Arc::new(AtomicBool::new(false));
+        let answers = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for t in 0..400u64 {
+            let (stop, answers) = (stop.clone(), answers.clone());
+            tasks.push(tokio::spawn(async move {
+                let ch = format!("churn{}", t % 8);
+                let mut etag: Option<String> = None;
+                let mut n = t;
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(c) = Conn::try_open(port).await else {
+                        sleep_ms(20).await;
+                        continue;
+                    };
+                    n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let pending = c.listen(&ch, etag.as_deref(), None);
+                    if t % 3 == 0 {
+                        // Abort after 0–1.2 s: before or after the timeout or a message.
+                        sleep_ms((n >> 33) % 1200).await;
+                        if !pending.is_finished() {
+                            drop(pending);
+                            continue;
+                        }
+                    }
+                    let r = pending.resp().await;
+                    match r.status {
+                        200 => etag = r.header("etag").map(String::from),
+                        304 => {}
+                        s => panic!("churn listener got {s}: {}", r.text()),
+                    }
+                    answers.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        let mut p = Conn::open_probed(port).await;
+        let t0 = Instant::now();
+        let mut reloaded = false;
+        let mut n = 0u64;
+        while t0.elapsed() < Duration::from_secs(4) {
+            n += 1;
+            let r = p.publish(&format!("churn{}", n % 8), format!("m{n}")).await;
+            assert!(r.status == 201 || r.status == 202, "publish got {}", r.status);
+            if !reloaded && t0.elapsed() > Duration::from_secs(2) {
+                ng.reload();
+                reloaded = true;
+                p = Conn::open_probed(port).await;
+            }
+            sleep_ms(20).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            within(LONG, "churn listener task", t).await.unwrap();
+        }
+        assert!(answers.load(Ordering::Relaxed) > 400, "too few answers");
+        let mut c = Conn::open_probed(port).await;
+        for i in 0..8 {
+            c.wait_listeners(&format!("churn{i}"), 0).await;
+        }
+        check_all_workers_deliver(&ng, "churn-after").await;
+        ng.finish();
+    });
+}
