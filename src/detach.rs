@@ -324,12 +324,15 @@ unsafe extern "C" fn detached_read_handler(rev: *mut ngx_event_t) {
         }
         return;
     }
-    // SAFETY: `c` is live; a one-byte peek tells a close from data (left for nginx to read
-    // after the answer, as a pipelined request).
+    // SAFETY: `c` is live. As nginx's own `ngx_http_test_reading`: the peer's shutdown as
+    // reported by epoll (`EPOLLRDHUP`) is a close; else a one-byte peek tells a close from data
+    // (left for nginx to read after the answer, as a pipelined request).
     let closed = unsafe {
-        let mut byte = 0u8;
-        let n = libc::recv((*c).fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK);
-        (*c).close() != 0 || n == 0 || (n < 0 && *libc::__errno_location() != libc::EAGAIN)
+        (*c).close() != 0 || (*rev).pending_eof() != 0 || {
+            let mut byte = 0u8;
+            let n = libc::recv((*c).fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK);
+            n == 0 || (n < 0 && *libc::__errno_location() != libc::EAGAIN)
+        }
     };
     if !closed {
         return;

@@ -1833,6 +1833,11 @@ async fn client_gone_while_detached_leaves() {
         raws.push(raw);
     }
     p.wait_listeners("gone", 20).await;
+    // Five of the leavers send another request first: unread data must not hide the close.
+    for raw in &mut raws[5..10] {
+        raw.write(b"GET /__worker HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
     raws.truncate(5);
     p.wait_listeners("gone", 5).await;
     let r = p.publish("gone", "to five").await;
