@@ -1,8 +1,8 @@
 //! Detached listeners: a parked long-poll that gives its request back to nginx while it waits.
 //!
 //! A parked request costs about 10 KB of worker memory, nearly all of it nginx's own (two
-//! request-pool blocks, the header buffer). A listener on a plain-text HTTP/1.x keep-alive
-//! connection does not need any of it while it waits. Its handler keeps a copy of the request
+//! request-pool blocks, the header buffer). A listener on an HTTP/1.x keep-alive connection
+//! (plain or TLS) does not need any of it while it waits. Its handler keeps a copy of the request
 //! line and headers (a few hundred bytes) and lets nginx finalize the request into the
 //! keep-alive state, which frees the request and its buffers; a posted event then takes the
 //! idle connection over from nginx's keep-alive handler (no keep-alive timeout, not reusable,
@@ -107,8 +107,42 @@ fn core_loc_conf(r: *mut ngx_http_request_t) -> &'static ngx_http_core_loc_conf_
     }
 }
 
-/// Whether `r` can detach, and its saved request if so. Only plain-text HTTP/1.x keep-alive
-/// main requests without a body, read whole into the connection's header buffer with nothing
+/// Whether a connection can sit in nginx's keep-alive state and be resumed: plain TCP, or a
+/// finished TLS handshake with nothing decrypted and unread.
+///
+/// # Safety
+/// `c` is a live connection.
+unsafe fn transport_ok(c: *mut ngx_connection_t) -> bool {
+    // SAFETY: `c` is live; `ngx_io` is nginx's per-process I/O table.
+    let (recv, plain) = unsafe { ((*c).recv, nginx_sys::ngx_io.recv) };
+    match recv {
+        None => false,
+        Some(f) if plain.is_some_and(|p| p as usize == f as usize) => true,
+        // SAFETY: as above.
+        Some(_) => unsafe { tls_ok(c) },
+    }
+}
+
+#[cfg(ngx_feature = "ssl")]
+unsafe fn tls_ok(c: *mut ngx_connection_t) -> bool {
+    // SAFETY: `c` is live; its TLS state, when present, lives as long as it.
+    unsafe {
+        let ssl = (*c).ssl;
+        !ssl.is_null()
+            && (*ssl).handshaked() != 0
+            && !(*ssl).connection.is_null()
+            && nginx_sys::SSL_pending((*ssl).connection) == 0
+    }
+}
+
+/// Built against an nginx without TLS: only plain connections detach.
+#[cfg(not(ngx_feature = "ssl"))]
+unsafe fn tls_ok(_c: *mut ngx_connection_t) -> bool {
+    false
+}
+
+/// Whether `r` can detach, and its saved request if so. Only HTTP/1.x keep-alive (plain or
+/// TLS) main requests without a body, read whole into the connection's header buffer with nothing
 /// after them, on an edge-triggered event method (epoll, kqueue), not counted by limit_conn.
 pub fn prepare(r: *mut ngx_http_request_t, lcf: &LocConf) -> Option<Prepared> {
     if lcf.detach_listeners != 1 {
@@ -119,9 +153,7 @@ pub fn prepare(r: *mut ngx_http_request_t, lcf: &LocConf) -> Option<Prepared> {
     unsafe {
         let c = (*r).connection;
         let b = (*r).header_in;
-        let plain = (*c).recv.map(|f| f as usize) == nginx_sys::ngx_io.recv.map(|f| f as usize)
-            && (*c).recv.is_some();
-        let ok = plain
+        let ok = transport_ok(c)
             && (nginx_sys::ngx_event_flags & NGX_USE_CLEAR_EVENT as usize) != 0
             && r == (*r).main
             && (*r).http_version < NGX_HTTP_VERSION_20 as usize

@@ -4,6 +4,7 @@
 mod harness;
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -1623,21 +1624,50 @@ fn workers_rss(ng: &Nginx) -> u64 {
         .sum()
 }
 
-/// Worker memory per parked listener (connection included), fresh server, `n` listeners.
-async fn bytes_per_listener(sub_extra: &str, n: usize) -> u64 {
-    let ng = Nginx::start(Conf::new(&pubsub("", sub_extra)));
+/// Worker memory per waiting listener (connection included), fresh server, `n` listeners,
+/// over TLS when `tls` has (CA certificate, certificate, key). Half of them then close their connection,
+/// and the other half get a message.
+async fn bytes_per_listener(
+    sub_extra: &str,
+    n: usize,
+    tls: Option<&(PathBuf, PathBuf, PathBuf)>,
+) -> u64 {
+    let tls_port = free_port();
+    let tls_conf = tls.map_or(String::new(), |(_, cert, key)| {
+        format!(
+            "        listen 127.0.0.1:{tls_port} ssl reuseport;\n        ssl_certificate {};\n        ssl_certificate_key {};\n",
+            cert.display(),
+            key.display()
+        )
+    });
+    let ng = Nginx::start(Conf::new(&format!("{tls_conf}{}", pubsub("", sub_extra))));
     let mut c = Conn::open_probed(ng.port).await;
     let before = workers_rss(&ng);
-    let ls: Vec<Pending> = Conn::open_many(ng.port, n)
-        .await
-        .into_iter()
-        .map(|x| x.listen("mem", None, None))
-        .collect();
+    let conns = match tls {
+        None => Conn::open_many(ng.port, n).await,
+        Some((ca, _, _)) => {
+            let connector = connector(ca);
+            let mut conns = Vec::with_capacity(n);
+            while conns.len() < n {
+                let mut set = tokio::task::JoinSet::new();
+                for _ in 0..(n - conns.len()).min(50) {
+                    let connector = connector.clone();
+                    set.spawn(async move { Conn::try_open_tls(tls_port, &connector).await });
+                }
+                while let Some(r) = set.join_next().await {
+                    conns.push(r.unwrap().expect("TLS connection"));
+                }
+            }
+            conns
+        }
+    };
+    let mut ls: Vec<Pending> = conns.into_iter().map(|x| x.listen("mem", None, None)).collect();
     c.wait_listeners("mem", n as u64).await;
     let grown = workers_rss(&ng).saturating_sub(before);
-    // Everyone still gets the message.
+    ls.truncate(n / 2);
+    c.wait_listeners("mem", (n / 2) as u64).await;
     let r = c.publish("mem", "to all").await;
-    assert_published(&r, 201, "publish to the parked listeners");
+    assert_published(&r, 201, "publish to the waiting listeners");
     for l in ls {
         assert_eq!(expect_msg(&l.resp().await).text(), "to all");
     }
@@ -1649,13 +1679,52 @@ async fn bytes_per_listener(sub_extra: &str, n: usize) -> u64 {
 fn detached_listeners_hold_a_tenth_of_a_parked_request() {
     heavy_test(async {
         let n = 2000;
-        let detached = bytes_per_listener("", n).await;
-        let parked = bytes_per_listener("martd_detach_listeners off;", n).await;
+        let detached = bytes_per_listener("", n, None).await;
+        let parked = bytes_per_listener("martd_detach_listeners off;", n, None).await;
         eprintln!("worker memory per listener: detached {detached} B, parked request {parked} B");
         assert!(
             detached * 4 < parked && detached < 4096,
             "detached listeners use {detached} B each, parked requests {parked} B"
         );
+    });
+}
+
+#[test]
+fn tls_listeners_detach_too() {
+    heavy_test(async {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = make_cert(dir.path());
+        let n = 1000;
+        let detached = bytes_per_listener("", n, Some(&certs)).await;
+        let parked = bytes_per_listener("martd_detach_listeners off;", n, Some(&certs)).await;
+        eprintln!("worker memory per TLS listener: detached {detached} B, parked {parked} B");
+        // TLS state stays with the connection either way; the request goes.
+        assert!(
+            detached + 4096 < parked,
+            "detached TLS listeners use {detached} B each, parked requests {parked} B"
+        );
+
+        // Taken over from nginx's keep-alive state: keepalive_timeout 1s does not end it.
+        let tls_port = free_port();
+        let (ca, cert, key) = &certs;
+        let ng = Nginx::start(Conf::new(&format!(
+            "        listen 127.0.0.1:{tls_port} ssl;\n        ssl_certificate {};\n        ssl_certificate_key {};\n{}",
+            cert.display(),
+            key.display(),
+            pubsub("", "martd_listener_timeout 2s; keepalive_timeout 1s;")
+        )));
+        let tls = connector(ca);
+        let c = Conn::try_open_tls(tls_port, &tls).await.unwrap();
+        let started = Instant::now();
+        let (c, r) = c.listen("tka", Some("\"1\""), None).conn_resp().await;
+        assert_status(&r, 304, "TLS listener timeout");
+        assert!(started.elapsed() >= Duration::from_millis(1900), "after {:?}", started.elapsed());
+        let l = c.listen("tka", Some("\"1\""), None);
+        let mut p = Conn::open_probed(ng.port).await;
+        p.wait_listeners("tka", 1).await;
+        p.publish("tka", "over tls").await;
+        assert_eq!(expect_msg(&l.resp().await).text(), "over tls");
+        ng.finish();
     });
 }
 

@@ -117,11 +117,18 @@ impl Conn {
             .map_err(|_| "connect timed out".to_string())?
             .map_err(|e| format!("connect: {e}"))?;
         stream.set_nodelay(true).ok();
-        let (sender, conn) =
-            timeout(QUICK, hyper::client::conn::http1::handshake(TokioIo::new(stream)))
-                .await
-                .map_err(|_| "handshake timed out".to_string())?
-                .map_err(|e| format!("handshake: {e}"))?;
+        Conn::from_io(TokioIo::new(stream), port).await
+    }
+
+    /// An HTTP/1.1 client connection over any byte stream (plain TCP, TLS).
+    pub async fn from_io<T>(io: T, port: u16) -> Result<Conn, String>
+    where
+        T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let (sender, conn) = timeout(QUICK, hyper::client::conn::http1::handshake(io))
+            .await
+            .map_err(|_| "handshake timed out".to_string())?
+            .map_err(|e| format!("handshake: {e}"))?;
         let task = tokio::spawn(async move {
             let _ = conn.await;
         });

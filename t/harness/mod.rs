@@ -5,11 +5,13 @@ pub mod http;
 pub mod nginx;
 pub mod proto;
 pub mod raw;
+pub mod tls;
 
 pub use self::http::*;
 pub use self::nginx::*;
 pub use self::proto::*;
 pub use self::raw::*;
+pub use self::tls::*;
 
 use std::sync::{Mutex, MutexGuard};
 
