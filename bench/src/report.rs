@@ -184,7 +184,7 @@ pub fn run(a: &Args) -> Result<u8, String> {
             r.holds
         );
     }
-    println!("\nmedians over {pairs} pair(s) of runs (martd and nchan alternately, fresh nginx each run):\n");
+    println!("\nmedians over {pairs} pair(s) of runs (martd and nchan alternately, the order swapped every other pair, fresh nginx each run):\n");
     print!("{table}");
     let disturbed = median(runs.iter().filter_map(|r| r["other_cpu_pct"].as_f64()).collect());
     if disturbed > 10.0 {
@@ -218,8 +218,8 @@ pub fn run(a: &Args) -> Result<u8, String> {
         }
         let _ = writeln!(s, "\n## Commands\n\n    {invocation}\n");
         s.push_str(
-            "ran, for each pair and each case, the case against martd and then against nchan (each run \
-             starts its own nginx with `worker_processes 2`, `worker_rlimit_nofile 20000`, \
+            "ran, for each pair and each case, the case against martd and nchan (martd first in odd \
+             pairs, nchan first in even pairs; each run starts its own nginx with `worker_processes 2`, `worker_rlimit_nofile 20000`, \
              `worker_connections 20000`, `listen 127.0.0.1:PORT reuseport`, in a fresh temporary \
              prefix):\n\n",
         );
