@@ -484,7 +484,8 @@ fn is_replay(r: *mut ngx_http_request_t) -> bool {
 /// parked; it goes straight to the content phase (so `limit_req`, `auth_request` and the like
 /// count a long-poll once).
 pub unsafe extern "C" fn preaccess_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
-    if !is_replay(r) || listen::loc_conf(r).role != Role::Listen {
+    // The location check first: it is a pointer read, and this runs for every request.
+    if listen::loc_conf(r).role != Role::Listen || !is_replay(r) {
         return NGX_DECLINED as ngx_int_t;
     }
     let cached = worker::with(|st| st.detached.content_phase).flatten();

@@ -158,32 +158,10 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
     match outcome {
         None => not_modified(r),
         Some(Ok(Err(payload))) => deliver(r, &payload),
-        Some(Ok(Ok(_))) if matches!(handle, Handle::Detached(_)) => detach::finish(r),
-        Some(Ok(Ok(key))) => {
-            let Handle::Request(ctx) = handle else {
-                return NGX_ERROR as ngx_int_t;
-            };
-            // SAFETY: `ctx` lives in the request pool; the request is live. The count
-            // increment holds the request open past this handler's NGX_DONE.
-            unsafe {
-                (*ctx).key = Some(key);
-                if let Some(m) = (*r).main.as_mut() {
-                    m.set_count(m.count() + 1);
-                }
-                if (*r).discard_body() == 0 {
-                    (*r).read_event_handler = Some(ngx_http_test_reading);
-                }
-                (*r).write_event_handler = Some(ngx_http_request_empty_handler);
-                if lcf.listener_timeout > 0 {
-                    let t = &mut (*ctx).timer;
-                    t.handler = Some(listener_timeout);
-                    t.data = ctx as *mut c_void;
-                    t.log = (*(*r).connection).log;
-                    nginx_sys::ngx_add_timer(t, lcf.listener_timeout);
-                }
-            }
-            NGX_DONE as ngx_int_t
-        }
+        Some(Ok(Ok(key))) => match handle {
+            Handle::Detached(_) => detach::finish(r),
+            Handle::Request(ctx) => hold(r, ctx, key, lcf),
+        },
         Some(Err(StoreError::Conflict)) => {
             response::text(r, 409, "martd: another listener is waiting on this channel")
         }
@@ -193,6 +171,36 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
         }
         Some(Err(StoreError::NoMemory)) => crate::push::zone_full(r, &name),
     }
+}
+
+/// Holds a parked request open until it is answered: the pool-cleanup context takes its key,
+/// the count increment outlives this handler's `NGX_DONE`, disconnects are watched, and the
+/// listener timeout is armed.
+fn hold(
+    r: *mut ngx_http_request_t,
+    ctx: *mut ListenerCtx,
+    key: ListenerKey,
+    lcf: &LocConf,
+) -> ngx_int_t {
+    // SAFETY: `ctx` lives in the request pool of the live request `r`.
+    unsafe {
+        (*ctx).key = Some(key);
+        if let Some(m) = (*r).main.as_mut() {
+            m.set_count(m.count() + 1);
+        }
+        if (*r).discard_body() == 0 {
+            (*r).read_event_handler = Some(ngx_http_test_reading);
+        }
+        (*r).write_event_handler = Some(ngx_http_request_empty_handler);
+        if lcf.listener_timeout > 0 {
+            let t = &mut (*ctx).timer;
+            t.handler = Some(listener_timeout);
+            t.data = ctx as *mut c_void;
+            t.log = (*(*r).connection).log;
+            nginx_sys::ngx_add_timer(t, lcf.listener_timeout);
+        }
+    }
+    NGX_DONE as ngx_int_t
 }
 
 fn deliver(r: *mut ngx_http_request_t, payload: &Rc<Payload>) -> ngx_int_t {

@@ -1608,6 +1608,15 @@ fn good_config_every_directive_at_every_level() {
 // ---------------------------------------------------------------------------------------------
 // 16. detached listeners (plain HTTP/1.x keep-alive listeners give their request back to nginx)
 
+/// A publisher connection, and a listener on `ch` on a connection of its own that the zone
+/// already counts as waiting.
+async fn publisher_and_waiting(port: u16, ch: &str, etag: Option<&str>) -> (Conn, Pending) {
+    let mut p = Conn::open_probed(port).await;
+    let l = Conn::open_probed(port).await.listen(ch, etag, None);
+    p.wait_listeners(ch, 1).await;
+    (p, l)
+}
+
 /// Resident memory of the workers, in bytes.
 fn workers_rss(ng: &Nginx) -> u64 {
     ng.worker_pids()
@@ -1760,9 +1769,7 @@ async fn answered_detached_listener_skips_access_phases() {
         Conf::new(&pubsub("", "limit_req zone=one; limit_req_status 429;"))
             .http("limit_req_zone $binary_remote_addr zone=one:1m rate=1r/m;"),
     );
-    let mut p = Conn::open_probed(ng.port).await;
-    let l = Conn::open_probed(ng.port).await.listen("lr", None, None);
-    p.wait_listeners("lr", 1).await;
+    let (mut p, l) = publisher_and_waiting(ng.port, "lr", None).await;
     let r = p.publish("lr", "once").await;
     assert_published(&r, 201, "publish");
     assert_eq!(expect_msg(&l.resp().await).text(), "once");
@@ -1778,9 +1785,7 @@ async fn limit_conn_still_caps_waiting_listeners() {
         Conf::new(&pubsub("", "limit_conn addr 1;"))
             .http("limit_conn_zone $binary_remote_addr zone=addr:1m;"),
     );
-    let mut p = Conn::open_probed(ng.port).await;
-    let l = Conn::open_probed(ng.port).await.listen("lc", None, None);
-    p.wait_listeners("lc", 1).await;
+    let (mut p, l) = publisher_and_waiting(ng.port, "lc", None).await;
     let r = p.get(&sub_path("lc"), &[]).await;
     assert_status(&r, 503, "a second waiting long-poll from the same address");
     p.publish("lc", "one").await;
@@ -1798,13 +1803,9 @@ async fn detached_listener_access_log_one_line_when_answered() {
             .http("log_format brief '$status $request $connection_requests';"),
     );
     let log = ng.prefix().join("logs/listen.log");
-    let mut p = Conn::open_probed(ng.port).await;
-    let (c, r) = {
-        let l = Conn::open_probed(ng.port).await.listen("al", Some("\"1\""), None);
-        p.wait_listeners("al", 1).await;
-        p.publish("al", "logged").await;
-        l.conn_resp().await
-    };
+    let (mut p, l) = publisher_and_waiting(ng.port, "al", Some("\"1\"")).await;
+    p.publish("al", "logged").await;
+    let (c, r) = l.conn_resp().await;
     assert_eq!(expect_msg(&r).text(), "logged");
     drop(c);
     let lines: Vec<String> = within(QUICK, "access log line", async {

@@ -589,6 +589,28 @@ impl MemSampler {
     }
 }
 
+/// The figures of a run of rounds: round times, delivery latencies, and the CPU the server and
+/// the client used between `cpu0` and `cpu1` (taken over all the rounds, re-poll waits
+/// included: the server's cost per delivery does not depend on how fast this one client is).
+fn round_metrics(
+    out: &mut Outcome,
+    fan: &Fan,
+    round_ms: &[f64],
+    cpu0: (u64, u64),
+    cpu1: (u64, u64),
+) {
+    let got = fan.deliveries();
+    let lat = fan.sorted_latencies();
+    out.metric("round_ms", median(round_ms));
+    out.metric("round_max_ms", round_ms.iter().copied().fold(f64::NAN, f64::max));
+    out.metric("p50_us", percentile(&lat, 0.50));
+    out.metric("p99_us", percentile(&lat, 0.99));
+    out.metric("deliveries", got as f64);
+    out.metric("server_cpu_ms", (cpu1.0 - cpu0.0) as f64 / 1000.0);
+    out.metric("client_cpu_ms", (cpu1.1 - cpu0.1) as f64 / 1000.0);
+    out.metric("server_us_per_delivery", (cpu1.0 - cpu0.0) as f64 / got.max(1) as f64);
+}
+
 // ---------------------------------------------------------------------------------------------
 // fanout (and big: one channel, large messages, worker memory sampled during the rounds)
 
@@ -665,18 +687,8 @@ async fn fanout(
     if got < expected {
         errs.add_n(expected - got, format!("{} of {expected} deliveries missing", expected - got));
     }
-    let lat = fan.sorted_latencies();
-    out.metric("round_ms", median(&round_ms));
-    out.metric("round_max_ms", round_ms.iter().copied().fold(f64::NAN, f64::max));
-    out.metric("p50_us", percentile(&lat, 0.50));
-    out.metric("p99_us", percentile(&lat, 0.99));
-    out.metric("deliveries", got as f64);
+    round_metrics(out, &fan, &round_ms, cpu0, cpu1);
     out.metric("deliveries_per_s", got as f64 / (busy_us.max(1) as f64 / 1e6));
-    // CPU over all the rounds (including the re-poll waits): the server's cost per delivery does
-    // not depend on how fast this one client process is.
-    out.metric("server_cpu_ms", (cpu1.0 - cpu0.0) as f64 / 1000.0);
-    out.metric("client_cpu_ms", (cpu1.1 - cpu0.1) as f64 / 1000.0);
-    out.metric("server_us_per_delivery", (cpu1.0 - cpu0.0) as f64 / got.max(1) as f64);
     if let Some(peak) = peak {
         let kb = |b: u64| b as f64 / 1024.0;
         out.metric("rss_fresh_kb", kb(mem0.rss));
@@ -772,16 +784,7 @@ async fn fanout_floor(srv: &Server, out: &mut Outcome, n: u64, rounds: u64) -> R
         round_ms.push(fan.last_us[i].load(Relaxed).saturating_sub(t0) as f64 / 1000.0);
     }
     let cpu1 = srv.cpu_us();
-    let got = fan.deliveries();
-    let lat = fan.sorted_latencies();
-    out.metric("round_ms", median(&round_ms));
-    out.metric("round_max_ms", round_ms.iter().copied().fold(f64::NAN, f64::max));
-    out.metric("p50_us", percentile(&lat, 0.50));
-    out.metric("p99_us", percentile(&lat, 0.99));
-    out.metric("deliveries", got as f64);
-    out.metric("server_cpu_ms", (cpu1.0 - cpu0.0) as f64 / 1000.0);
-    out.metric("client_cpu_ms", (cpu1.1 - cpu0.1) as f64 / 1000.0);
-    out.metric("server_us_per_delivery", (cpu1.0 - cpu0.0) as f64 / got.max(1) as f64);
+    round_metrics(out, &fan, &round_ms, cpu0, cpu1);
     drop(tx);
     set.shutdown().await;
     Ok(())
