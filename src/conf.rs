@@ -24,7 +24,6 @@ use ngx::ngx_string;
 use martd_core::store::Concurrency;
 
 use crate::error::ConfError;
-use crate::notify::Pipes;
 use crate::zone::ZoneRoot;
 
 const UNSET: isize = -1;
@@ -37,19 +36,18 @@ pub const DEFAULT_SHM_SIZE: usize = 32 * 1024 * 1024;
 /// Smallest `martd_shm_size` accepted.
 pub const MIN_SHM_SIZE: usize = 256 * 1024;
 
-/// `http`-level state: the zone and, per configuration cycle, the worker pipes.
+/// `http`-level state: the zone.
 #[repr(C)]
 pub struct MainConf {
     pub shm_size: usize,
-    /// Some location uses `martd_push` or `martd_listen`: the zone is needed.
+    /// `martd_shm_size` is set or some location uses `martd_push` or `martd_listen`: the zone
+    /// is needed.
     pub used: bool,
     pub shm_zone: *mut ngx_shm_zone_t,
     /// The store's root in the zone, set when the zone is initialised.
     pub root: *mut ZoneRoot,
     /// This cycle's number in the zone (see `zone::init_zone`).
     pub generation: u64,
-    /// This cycle's notification pipes (see `notify`).
-    pub pipes: *mut Pipes,
 }
 
 /// What a location does.
@@ -272,6 +270,9 @@ unsafe extern "C" fn cmd_shm_size(
         return conf_error(cf, &ConfError::ZoneTooSmall(value, MIN_SHM_SIZE / 1024).to_string());
     }
     mcf.shm_size = size;
+    // An explicit zone size makes martd active in this http block (zone, worker registration,
+    // the preaccess handler) even before a location uses it.
+    mcf.used = true;
     NGX_CONF_OK
 }
 
@@ -337,7 +338,6 @@ pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             shm_zone: ptr::null_mut(),
             root: ptr::null_mut(),
             generation: 0,
-            pipes: ptr::null_mut(),
         },
     )
 }
@@ -400,6 +400,34 @@ pub unsafe extern "C" fn merge_loc_conf(
     NGX_CONF_OK
 }
 
+/// Whether the running configuration has a zone that nginx would reuse for `zone` (same name,
+/// tag and size) but that another build of martd laid out.
+fn old_zone_of_other_layout(zone: *const ngx_shm_zone_t) -> bool {
+    // SAFETY: during configuration `ngx_cycle` is the running cycle (or nginx's initial one,
+    // whose list is empty); its shared memory list and zones are live.
+    unsafe {
+        let old = nginx_sys::ngx_cycle;
+        if old.is_null() {
+            return false;
+        }
+        let mut part = &(*old).shared_memory.part as *const nginx_sys::ngx_list_part_t;
+        while !part.is_null() {
+            let zones = (*part).elts as *const ngx_shm_zone_t;
+            for i in 0..(*part).nelts {
+                let o = zones.add(i);
+                if (*o).shm.name.as_bytes() == (*zone).shm.name.as_bytes()
+                    && (*o).tag == (*zone).tag
+                    && (*o).shm.size == (*zone).shm.size
+                {
+                    return !crate::zone::reusable(o);
+                }
+            }
+            part = (*part).next;
+        }
+        false
+    }
+}
+
 /// Requests the shared zone once the whole `http` block is read, if any location needs it.
 pub unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> nginx_sys::ngx_int_t {
     // SAFETY: during postconfiguration `cf->ctx` is the http block's `ngx_http_conf_ctx_t`.
@@ -424,12 +452,22 @@ pub unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> nginx_sys::ng
     let Some(zone) = NonNull::new(zone) else {
         return nginx_sys::NGX_ERROR as ngx_int_t;
     };
+    let fresh = old_zone_of_other_layout(zone.as_ptr());
+    if fresh {
+        // SAFETY: `cf` and its log are live.
+        let log = unsafe { (*cf).log };
+        martd_log!(
+            nginx_sys::NGX_LOG_NOTICE,
+            log,
+            "the \"martd\" zone was laid out by another build of martd: starting with an empty zone"
+        );
+    }
     // SAFETY: `zone` was just returned by nginx and lives as long as the cycle.
     unsafe {
         let z = zone.as_ptr();
         (*z).init = Some(crate::zone::init_zone);
         (*z).data = mcf as *mut MainConf as *mut c_void;
-        (*z).noreuse = 0;
+        (*z).noreuse = usize::from(fresh);
     }
     mcf.shm_zone = zone.as_ptr();
     // Replayed requests of detached listeners skip the access phases (see `detach`).

@@ -1,12 +1,12 @@
 //! martd: a push server inside nginx.
 //!
 //! This crate is the nginx edge of martd: module statics, directives, request handlers, the
-//! shared zone and the worker notification pipes. The channel store and everything else that
+//! shared zone and the workers' wake-up sockets. The channel store and everything else that
 //! does not need nginx is in the `martd-core` crate.
 //!
 //! * [`conf`]: directives and their configuration structures.
 //! * [`zone`]: the shared zone, its allocator and its lock.
-//! * [`notify`]: one pipe per worker, created before the fork, read from the event loop.
+//! * [`notify`]: one datagram socket per worker, bound in the abstract namespace.
 //! * [`worker`]: the worker's own state: its slot in the zone, its parked listeners, wake-ups.
 //! * [`push`] and [`listen`]: the two endpoints; [`detach`]: listeners that give their
 //!   request back to nginx while they wait.
@@ -15,9 +15,7 @@
 use std::ffi::c_void;
 use std::ptr;
 
-use nginx_sys::{
-    ngx_command_t, ngx_cycle_t, ngx_http_module_t, ngx_int_t, ngx_module_t, NGX_HTTP_MODULE,
-};
+use nginx_sys::{ngx_command_t, ngx_http_module_t, ngx_module_t, NGX_HTTP_MODULE};
 
 #[macro_use]
 mod log;
@@ -55,7 +53,6 @@ pub static mut ngx_http_martd_module: ngx_module_t = ngx_module_t {
     // SAFETY: only the address of the command table is taken; nginx reads it at config time.
     commands: unsafe { ptr::addr_of_mut!(conf::NGX_HTTP_MARTD_COMMANDS[0]) },
     type_: NGX_HTTP_MODULE as _,
-    init_module: Some(init_module),
     init_process: Some(worker::init_process),
     exit_process: Some(worker::exit_process),
     ..ngx_module_t::default()
@@ -66,11 +63,6 @@ pub(crate) fn module() -> &'static ngx_module_t {
     // SAFETY: nginx writes the module's indices before any handler runs and never after, so
     // a shared reference taken at run time sees a value that no longer changes.
     unsafe { &*ptr::addr_of!(ngx_http_martd_module) }
-}
-
-/// Master, once per configuration cycle, before the workers fork.
-extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
-    notify::init_module(cycle)
 }
 
 #[allow(dead_code)]

@@ -1,83 +1,136 @@
 //! Cross-worker wake-ups.
 //!
 //! A listener parked in worker B must be answered when worker A publishes. Shared memory
-//! alone cannot wake a process sleeping in `epoll_wait`, so every worker gets a pipe:
+//! alone cannot wake a process sleeping in `epoll_wait`, so every worker owns a datagram
+//! socket:
 //!
-//! 1. The master creates one non-blocking pipe per worker number in `init_module`, before
-//!    the workers fork, for each configuration cycle. The pipes belong to the cycle's pool,
-//!    so a reload makes new ones and the old ones close when the old cycle goes.
-//! 2. Each worker adds the read end of the pipe of its own number (`ngx_worker`) to its event
-//!    loop (see `worker::init_process`). A respawned worker gets the same number, hence the
-//!    same pipe.
-//! 3. A publisher appends the channel to the mailbox of every worker slot that has listeners
-//!    on it (in the zone, under the lock), and for each slot not yet signalled writes one byte
-//!    to that worker's pipe after unlocking. Bursts of publishes thus cost one byte and one
-//!    wake-up per worker, not per message.
-//! 4. The woken worker drains its pipe, takes its mailbox, and answers its listeners.
-//!
-//! Workers of another generation (the old ones during a reload) are not written to: they
-//! answer their listeners with `304` as soon as they start shutting down.
+//! 1. A worker registers in the zone (it gets a slot number) and binds a Unix datagram socket
+//!    in the abstract namespace at an address made of the zone's nonce (random, drawn when the
+//!    zone is made) and its slot: `\0martd/<nonce>/<slot>`. Its event loop reads it. Nothing
+//!    is inherited from the master, so any martd process of the zone can reach any other,
+//!    whichever configuration generation started either of them (an old worker finishing a
+//!    publish during a reload wakes the new workers).
+//! 2. A publisher appends the channel to the mailbox of every worker slot that has listeners
+//!    on it (in the zone, under the lock), and for each slot not yet signalled sends one
+//!    datagram to that slot's address after unlocking. Bursts of publishes thus cost one
+//!    datagram and one wake-up per worker, not per message.
+//! 3. The woken worker drains its socket, takes its mailbox (which clears the slot's
+//!    "signalled" mark), and answers its listeners.
+//! 4. When a datagram cannot be sent because nobody is bound at the address any more (the
+//!    worker exited), the publisher clears the mark itself: a pending-wake-up mark never
+//!    outlives the wake-up. A full socket queue already holds a wake-up, so that is fine too.
 
 use std::ffi::{c_int, c_void};
+use std::io;
+use std::mem::{offset_of, size_of};
 use std::ptr;
 
-use nginx_sys::{
-    ngx_core_conf_t, ngx_core_module, ngx_cycle_t, ngx_http_conf_ctx_t, ngx_http_module, ngx_int_t,
-    ngx_pool_cleanup_add, NGX_ERROR, NGX_LOG_EMERG, NGX_OK,
-};
+use nginx_sys::{ngx_cycle_t, ngx_http_conf_ctx_t, ngx_http_module};
 
 use crate::conf::MainConf;
 
-/// One pipe per worker number: `[read, write]`.
-pub struct Pipes {
-    fds: Vec<[c_int; 2]>,
+/// The abstract-namespace address of slot `slot` in the zone with nonce `nonce`.
+fn address(nonce: u64, slot: u32) -> (libc::sockaddr_un, libc::socklen_t) {
+    // SAFETY: an all-zero `sockaddr_un` is a valid (empty) address.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let name = format!("martd/{nonce:016x}/{slot}");
+    // sun_path[0] stays 0: the abstract namespace. The name is far shorter than sun_path.
+    for (dst, &b) in sa.sun_path[1..].iter_mut().zip(name.as_bytes()) {
+        *dst = b as libc::c_char;
+    }
+    let len = offset_of!(libc::sockaddr_un, sun_path) + 1 + name.len().min(sa.sun_path.len() - 1);
+    (sa, len as libc::socklen_t)
 }
 
-impl Pipes {
-    /// The read end for worker number `index`.
-    pub fn read_fd(&self, index: usize) -> Option<c_int> {
-        self.fds.get(index).map(|p| p[0])
+fn dgram_socket() -> io::Result<c_int> {
+    // SAFETY: plain socket(2).
+    let fd = unsafe {
+        libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(fd)
+}
 
-    /// Wakes worker number `index`. A full pipe already holds a pending wake-up, so
-    /// `EAGAIN` is fine.
-    pub fn signal(&self, index: usize) {
-        if let Some(p) = self.fds.get(index) {
-            let b = [1u8];
-            // SAFETY: writing one byte from a live buffer to a descriptor this cycle owns.
-            let _ = unsafe { libc::write(p[1], b.as_ptr() as *const c_void, 1) };
-        }
+/// A non-blocking socket bound at slot `slot`'s address, to be read by that worker.
+pub fn bind(nonce: u64, slot: u32) -> io::Result<c_int> {
+    let fd = dgram_socket()?;
+    let (sa, len) = address(nonce, slot);
+    // SAFETY: `sa` is a live, initialised address of `len` bytes.
+    let rc = unsafe { libc::bind(fd, ptr::addr_of!(sa).cast(), len) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        close(fd);
+        return Err(e);
     }
+    Ok(fd)
+}
 
-    /// Reads everything pending on `fd` (a non-blocking pipe read end).
-    pub fn drain(fd: c_int) {
-        let mut buf = [0u8; 256];
-        loop {
-            // SAFETY: reading into a live local buffer of the given size.
-            let n = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut c_void, buf.len()) };
-            if n < buf.len() as isize {
-                break;
-            }
+/// An unbound non-blocking socket to send wake-ups from.
+pub fn sender() -> io::Result<c_int> {
+    dgram_socket()
+}
+
+pub fn close(fd: c_int) {
+    // SAFETY: closing a descriptor this module created and nothing else closes.
+    unsafe { libc::close(fd) };
+}
+
+/// What became of a wake-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Queued at the worker (or its queue is full, which already holds a wake-up).
+    Queued,
+    /// Nobody is bound at the address: the worker is gone.
+    Gone,
+}
+
+/// Sends one wake-up datagram to slot `slot`.
+pub fn send(fd: c_int, nonce: u64, slot: u32) -> Sent {
+    let (sa, len) = address(nonce, slot);
+    let b = [1u8];
+    // SAFETY: one byte from a live buffer to a live address of `len` bytes.
+    let n = unsafe {
+        libc::sendto(fd, b.as_ptr() as *const c_void, 1, 0, ptr::addr_of!(sa).cast(), len)
+    };
+    if n == 1 {
+        return Sent::Queued;
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::ECONNREFUSED) | Some(libc::ENOENT) => Sent::Gone,
+        // EAGAIN/ENOBUFS: the queue is full of wake-ups. Anything else is unexpected; the
+        // receiving worker's periodic look at its mailbox still answers its listeners.
+        _ => Sent::Queued,
+    }
+}
+
+/// Reads every datagram pending on `fd`.
+pub fn drain(fd: c_int) {
+    let mut buf = [0u8; 64];
+    for _ in 0..1024 {
+        // SAFETY: reading into a live local buffer of the given size.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut c_void, buf.len(), 0) };
+        if n < 0 {
+            break;
         }
     }
 }
 
-impl Drop for Pipes {
-    fn drop(&mut self) {
-        for p in &self.fds {
-            // SAFETY: closing descriptors this structure created and nothing else closes.
-            unsafe {
-                libc::close(p[0]);
-                libc::close(p[1]);
-            }
-        }
+/// A random nonce for a new zone (`getrandom`, else time and pid).
+pub fn new_nonce() -> u64 {
+    let mut v = [0u8; size_of::<u64>()];
+    // SAFETY: writing at most `v.len()` bytes into a live local buffer.
+    let n = unsafe { libc::getrandom(v.as_mut_ptr() as *mut c_void, v.len(), libc::GRND_NONBLOCK) };
+    if n == v.len() as isize {
+        return u64::from_ne_bytes(v);
     }
-}
-
-extern "C" fn drop_pipes(data: *mut c_void) {
-    // SAFETY: `data` is the `Pipes` written by `init_module`, dropped exactly once, here,
-    // when the cycle pool is destroyed.
-    unsafe { ptr::drop_in_place(data as *mut Pipes) }
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    // SAFETY: getpid(2) cannot fail.
+    t ^ (u64::from(unsafe { libc::getpid() } as u32) << 32)
 }
 
 /// This cycle's martd main conf, if the http block uses martd.
@@ -92,40 +145,4 @@ pub fn main_conf(cycle: *const ngx_cycle_t) -> Option<&'static mut MainConf> {
         let mcf = *(*ctx).main_conf.add(crate::module().ctx_index) as *mut MainConf;
         mcf.as_mut().filter(|m| m.used)
     }
-}
-
-/// `init_module`: creates this cycle's pipes.
-pub fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
-    let Some(mcf) = main_conf(cycle) else {
-        return NGX_OK as ngx_int_t;
-    };
-    // SAFETY: the core module's conf is always present in a cycle.
-    let workers = unsafe {
-        let ccf = *(*cycle).conf_ctx.add(ngx_core_module.index) as *const ngx_core_conf_t;
-        (*ccf).worker_processes.max(1) as usize
-    };
-    let mut pipes = Pipes { fds: Vec::with_capacity(workers) };
-    for _ in 0..workers {
-        let mut fds = [0 as c_int; 2];
-        // SAFETY: `fds` is a live two-element array.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-            // SAFETY: the cycle's log is live.
-            let log = unsafe { (*cycle).log };
-            martd_log!(NGX_LOG_EMERG, log, "pipe2() failed: {}", std::io::Error::last_os_error());
-            return NGX_ERROR as ngx_int_t;
-        }
-        pipes.fds.push(fds);
-    }
-    // SAFETY: the cleanup's data area is sized for `Pipes` and pool-aligned; it is written
-    // before the handler is set, and the handler drops it once.
-    unsafe {
-        let cln = ngx_pool_cleanup_add((*cycle).pool, size_of::<Pipes>());
-        if cln.is_null() {
-            return NGX_ERROR as ngx_int_t;
-        }
-        ptr::write((*cln).data as *mut Pipes, pipes);
-        (*cln).handler = Some(drop_pipes);
-        mcf.pipes = (*cln).data as *mut Pipes;
-    }
-    NGX_OK as ngx_int_t
 }

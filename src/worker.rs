@@ -6,12 +6,13 @@
 //! answer after both are released.
 
 use std::cell::RefCell;
+use std::ffi::c_int;
 use std::ptr;
 
 use nginx_sys::{
     ngx_add_timer, ngx_close_connection, ngx_connection_t, ngx_cycle_t, ngx_event_t,
     ngx_get_connection, ngx_handle_read_event, ngx_int_t, ngx_post_event, ngx_posted_events,
-    NGX_LOG_ALERT, NGX_OK,
+    NGX_LOG_ALERT, NGX_OK, NGX_PROCESS_SINGLE, NGX_PROCESS_WORKER,
 };
 
 use martd_core::listeners::Listeners;
@@ -20,7 +21,7 @@ use martd_core::store::WakeTarget;
 use crate::conf::MainConf;
 use crate::detach::{self, DetachedListeners};
 use crate::listen::{self, Handle};
-use crate::notify::{self, Pipes};
+use crate::notify::{self, Sent};
 use crate::zone;
 
 const GC_INTERVAL_MS: u64 = 1000;
@@ -32,7 +33,13 @@ pub struct WorkerState {
     /// Parked listeners that gave their request back to nginx.
     pub detached: DetachedListeners,
     pub mcf: *mut MainConf,
+    /// The zone's nonce: with a slot number, the address of that worker's socket.
+    nonce: u64,
+    /// Our bound socket, read from the event loop.
     notify_conn: *mut ngx_connection_t,
+    /// An unbound socket wake-ups are sent from (kept after shutdown starts: an old worker
+    /// may still publish).
+    send_fd: c_int,
     mailbox_ev: Box<ngx_event_t>,
     gc_ev: Box<ngx_event_t>,
     /// Second of the last "zone is full" log line.
@@ -65,55 +72,72 @@ fn blank_event(
     ev
 }
 
-/// `init_process`: registers the worker in the zone and its pipe in the event loop.
+/// Whether this process serves requests: a worker, or nginx without a master. Cache
+/// managers and loaders (and any other helper process) leave the zone alone.
+fn serves_requests() -> bool {
+    // SAFETY: reading nginx's per-process type, set before `init_process` runs.
+    let p = unsafe { nginx_sys::ngx_process } as u32;
+    p == NGX_PROCESS_WORKER || p == NGX_PROCESS_SINGLE
+}
+
+/// `init_process`: registers the worker in the zone and its socket in the event loop.
 pub extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+    if !serves_requests() {
+        return NGX_OK as ngx_int_t;
+    }
     let Some(mcf) = notify::main_conf(cycle) else {
         return NGX_OK as ngx_int_t;
     };
     // SAFETY: the cycle and its log are live; the globals are nginx's per-process values.
     let (log, pid, index) = unsafe { ((*cycle).log, nginx_sys::ngx_pid, nginx_sys::ngx_worker) };
     let generation = mcf.generation;
-    let slot = zone::lock(mcf).and_then(|mut z| {
+    let registered = zone::lock(mcf).map(|mut z| {
         let alive = |pid: i32| {
             // SAFETY: signal 0 only checks whether the process exists.
             unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
         };
-        z.store().register_worker(pid, generation, index as u32, &alive).ok()
+        let nonce = z.root().nonce;
+        (z.store().register_worker(pid, generation, index as u32, &alive).ok(), nonce)
     });
+    let Some((slot, nonce)) = registered else {
+        return NGX_OK as ngx_int_t;
+    };
     if slot.is_none() {
         martd_log!(NGX_LOG_ALERT, log, "could not register worker {} in the \"martd\" zone", pid);
     }
+    let send_fd = notify::sender().unwrap_or_else(|e| {
+        martd_log!(NGX_LOG_ALERT, log, "socket() failed for wake-ups: {}", e);
+        -1
+    });
     let mut notify_conn = ptr::null_mut();
-    // SAFETY: `pipes` was set by `init_module` in this cycle and lives as long as it.
-    if let Some(fd) = unsafe { mcf.pipes.as_ref() }.and_then(|p| p.read_fd(index)) {
-        // SAFETY: `fd` is this worker's pipe read end; nginx's connection and event
-        // structures take it over like a socket (read events only).
-        unsafe {
-            let c = ngx_get_connection(fd, log);
-            if !c.is_null() {
-                (*c).data = ptr::null_mut();
-                (*(*c).read).handler = Some(notify_handler);
-                (*(*c).read).log = log;
-                // Idle: nginx calls the read handler with `c->close` set when a graceful
-                // shutdown starts, which is when the worker answers its listeners.
-                (*c).set_idle(1);
-                if ngx_handle_read_event((*c).read, 0) == NGX_OK as ngx_int_t {
-                    notify_conn = c;
-                } else {
-                    ngx_close_connection(c);
-                }
+    if let Some(slot) = slot {
+        match notify::bind(nonce, slot) {
+            Ok(fd) => notify_conn = listen_socket(fd, log),
+            Err(e) => {
+                martd_log!(
+                    NGX_LOG_ALERT,
+                    log,
+                    "could not bind the wake-up socket of worker {}: {}",
+                    pid,
+                    e
+                );
+            }
+        }
+        if notify_conn.is_null() {
+            // Nobody could wake this worker: it takes no listeners.
+            if let Some(mut z) = zone::lock(mcf) {
+                z.store().unregister_worker(slot);
             }
         }
     }
-    if notify_conn.is_null() {
-        martd_log!(NGX_LOG_ALERT, log, "worker {} has no notification pipe", pid);
-    }
     let state = WorkerState {
-        slot,
+        slot: slot.filter(|_| !notify_conn.is_null()),
         listeners: Listeners::default(),
         detached: DetachedListeners::new(blank_event(detach::takeover_handler, log)),
         mcf,
+        nonce,
         notify_conn,
+        send_fd,
         mailbox_ev: blank_event(mailbox_handler, log),
         gc_ev: blank_event(gc_handler, log),
         last_full_log: 0,
@@ -128,6 +152,31 @@ pub extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     NGX_OK as ngx_int_t
 }
 
+/// Puts our bound socket `fd` in the event loop (read events only); null on failure (`fd` is
+/// closed then).
+fn listen_socket(fd: c_int, log: *mut nginx_sys::ngx_log_t) -> *mut ngx_connection_t {
+    // SAFETY: `fd` is our socket; nginx's connection and event structures take it over like
+    // any socket.
+    unsafe {
+        let c = ngx_get_connection(fd, log);
+        if c.is_null() {
+            notify::close(fd);
+            return ptr::null_mut();
+        }
+        (*c).data = ptr::null_mut();
+        (*(*c).read).handler = Some(notify_handler);
+        (*(*c).read).log = log;
+        // Idle: nginx calls the read handler with `c->close` set when a graceful shutdown
+        // starts, which is when the worker answers its listeners.
+        (*c).set_idle(1);
+        if ngx_handle_read_event((*c).read, 0) != NGX_OK as ngx_int_t {
+            ngx_close_connection(c);
+            return ptr::null_mut();
+        }
+        c
+    }
+}
+
 /// `exit_process`: leaves the zone.
 pub extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
     shutdown();
@@ -137,6 +186,9 @@ pub extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
             // SAFETY: the connection was made in `init_process` and not closed since.
             unsafe { ngx_close_connection(st.notify_conn) };
             st.notify_conn = ptr::null_mut();
+        }
+        if st.send_fd >= 0 {
+            notify::close(st.send_fd);
         }
     }
 }
@@ -148,8 +200,7 @@ pub fn wake(targets: &[WakeTarget]) {
         return;
     }
     with(|st| {
-        // SAFETY: `mcf` is this worker's cycle's main conf; `pipes` lives as long.
-        let (pipes, generation) = unsafe { ((*st.mcf).pipes.as_ref(), (*st.mcf).generation) };
+        let mut gone = Vec::new();
         for t in targets {
             if Some(t.slot) == st.slot {
                 if st.mailbox_ev.posted() == 0 {
@@ -158,9 +209,15 @@ pub fn wake(targets: &[WakeTarget]) {
                         ngx_post_event(&mut *st.mailbox_ev, ptr::addr_of_mut!(ngx_posted_events))
                     };
                 }
-            } else if t.generation == generation {
-                if let Some(p) = pipes {
-                    p.signal(t.index as usize);
+            } else if st.send_fd < 0 || notify::send(st.send_fd, st.nonce, t.slot) == Sent::Gone {
+                gone.push(t.slot);
+            }
+        }
+        if !gone.is_empty() {
+            // SAFETY: `mcf` is this worker's cycle's main conf.
+            if let Some(mut z) = zone::lock(unsafe { &*st.mcf }) {
+                for slot in gone {
+                    z.store().clear_signal(slot);
                 }
             }
         }
@@ -178,8 +235,8 @@ unsafe extern "C" fn notify_handler(ev: *mut ngx_event_t) {
         unsafe { ngx_close_connection(c) };
         return;
     }
-    // SAFETY: `fd` is the pipe read end the connection wraps.
-    Pipes::drain(unsafe { (*c).fd });
+    // SAFETY: `fd` is the socket the connection wraps.
+    notify::drain(unsafe { (*c).fd });
     process_mailbox();
 }
 
@@ -233,21 +290,24 @@ fn shutdown() {
     }
 }
 
-/// Once a second: zone garbage collection (by whichever worker comes first), and the
-/// mailbox backstop for wake-ups that could not be delivered across a reload.
+/// Once a second: zone garbage collection (by whichever worker comes first), and a look at
+/// this worker's mailbox. Wake-ups do not depend on that look (every publisher sends its
+/// datagram or clears the mark); it only bounds what a publisher that died between marking
+/// and sending could delay.
 unsafe extern "C" fn gc_handler(ev: *mut ngx_event_t) {
     let now = now_ms();
-    let mail = with(|st| {
+    let registered = with(|st| {
         // SAFETY: `mcf` is this worker's cycle's main conf.
-        let mut z = zone::lock(unsafe { &*st.mcf })?;
-        let root = z.root();
-        if now.saturating_sub(root.last_gc_ms) >= GC_INTERVAL_MS {
-            root.last_gc_ms = now;
-            root.store.collect_garbage(now);
+        if let Some(mut z) = zone::lock(unsafe { &*st.mcf }) {
+            let root = z.root();
+            if now.saturating_sub(root.last_gc_ms) >= GC_INTERVAL_MS {
+                root.last_gc_ms = now;
+                root.store.collect_garbage(now);
+            }
         }
-        st.slot.map(|slot| root.store.has_unsignalled_mail(slot))
+        st.slot.is_some()
     });
-    if mail.flatten() == Some(true) {
+    if registered == Some(true) {
         process_mailbox();
     }
     // SAFETY: `ngx_exiting` is nginx's per-process flag; `ev` is our boxed GC event.

@@ -41,15 +41,43 @@ unsafe impl Allocator for ShmAlloc {
     }
 }
 
-/// Identifies the layout of [`ZoneRoot`]: a zone reused across a reload must have been laid
-/// out by the same build.
-const MAGIC: u64 = 0x6d61_7274_645f_7a31; // "martd_z1"
-const BUILD: &str = concat!(env!("CARGO_PKG_VERSION"), "/root-v1");
+/// Identifies [`ZoneRoot`] as martd's.
+const MAGIC: u64 = 0x6d61_7274_645f_7a32; // "martd_z2"
+
+const fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
+    let mut i = 0;
+    while i < bytes.len() {
+        h ^= bytes[i] as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+        i += 1;
+    }
+    h
+}
+
+const fn fnv_usize(h: u64, v: usize) -> u64 {
+    fnv(h, &(v as u64).to_le_bytes())
+}
+
+/// The layout of everything martd keeps in the zone: the sources that define it (hashed by
+/// build.rs), the version, and the sizes and alignments of the stored types. A zone laid out
+/// by another build is never read (see [`reusable`]).
+pub const LAYOUT: u64 = {
+    let h = fnv(0xcbf2_9ce4_8422_2325, env!("MARTD_ZONE_SOURCES").as_bytes());
+    let h = fnv(h, env!("CARGO_PKG_VERSION").as_bytes());
+    let h = fnv_usize(h, size_of::<ZoneRoot>());
+    let h = fnv_usize(h, align_of::<ZoneRoot>());
+    let h = fnv_usize(h, size_of::<Store<ShmAlloc>>());
+    let h = fnv_usize(h, size_of::<martd_core::store::Channel<ShmAlloc>>());
+    let h = fnv_usize(h, size_of::<martd_core::queue::Message<ShmAlloc>>());
+    fnv_usize(h, size_of::<usize>())
+};
 
 /// The first thing in the zone.
 pub struct ZoneRoot {
     magic: u64,
-    build: [u8; 32],
+    layout: u64,
+    /// Drawn when the zone is made: part of the workers' wake-up socket addresses.
+    pub nonce: u64,
     /// Incremented once per configuration cycle that attaches the zone; tells worker
     /// generations apart across reloads.
     pub generation: u64,
@@ -58,11 +86,26 @@ pub struct ZoneRoot {
     pub store: Store<ShmAlloc>,
 }
 
-fn build_id() -> [u8; 32] {
-    let mut b = [0u8; 32];
-    let n = BUILD.len().min(32);
-    b[..n].copy_from_slice(&BUILD.as_bytes()[..n]);
-    b
+impl ZoneRoot {
+    fn is_ours(&self) -> bool {
+        self.magic == MAGIC && self.layout == LAYOUT
+    }
+}
+
+/// Whether the zone `old` (of the running configuration, reused by a reload when size and
+/// tag match) was laid out by this build. Read without the lock: the magic and layout are
+/// written once, before any worker starts.
+pub fn reusable(old: *const ngx_shm_zone_t) -> bool {
+    // SAFETY: `old` is a zone of the running cycle: mapped in the master, whose slab pool's
+    // `data` is the root `init_zone` stored (or null).
+    unsafe {
+        let pool = (*old).shm.addr as *const ngx_slab_pool_t;
+        if pool.is_null() {
+            return false;
+        }
+        let root = (*pool).data as *const ZoneRoot;
+        !root.is_null() && (*root).is_ours()
+    }
 }
 
 /// The store, locked. Unlocks on drop.
@@ -130,7 +173,8 @@ pub unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
         } else {
             let root = ZoneRoot {
                 magic: MAGIC,
-                build: build_id(),
+                layout: LAYOUT,
+                nonce: crate::notify::new_nonce(),
                 generation: 0,
                 last_gc_ms: 0,
                 store: Store::new_in(ShmAlloc(pool_nn)),
@@ -159,7 +203,7 @@ pub unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
     let ok = !root.is_null() && {
         // SAFETY: `root` points at a ZoneRoot in the zone (just made, or kept from before).
         let r = unsafe { &mut *root };
-        if r.magic == MAGIC && r.build == build_id() {
+        if r.is_ours() {
             r.generation += 1;
             mcf.generation = r.generation;
             true
