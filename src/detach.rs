@@ -19,6 +19,7 @@
 //! event: the listener leaves the worker and the zone and nginx closes the connection.
 
 use std::collections::HashMap;
+use std::ffi::c_void;
 use std::ptr;
 
 use martd_core::listeners::{ListenerKey, Verdict};
@@ -51,10 +52,31 @@ struct Detached {
     timeout: ngx_msec_t,
     /// Taken over from nginx's keep-alive handler.
     taken_over: bool,
-    /// Set when woken: what the replayed request answers (`None`: `304`).
-    outcome: Option<Option<Verdict>>,
+    /// Set when woken: what the replayed request answers.
+    outcome: Option<Outcome>,
     /// The connection's own `recv`, put back after the replay's one read.
     recv: nginx_sys::ngx_recv_pt,
+    /// When the request arrived: the replay's `$request_time` counts from there.
+    start: (libc::time_t, ngx_msec_t),
+    /// The client address the access phases saw (`set_real_ip_from` may have changed it),
+    /// restored on the replay, whose access phases are skipped.
+    addr: Option<ClientAddr>,
+}
+
+/// What a replayed request answers.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The verdict it was woken with (`None`: `304`).
+    Answer(Option<Verdict>),
+    /// The client went away while detached: the request ends as a parked one would (`499`).
+    ClientGone,
+}
+
+/// A client address as nginx keeps it on the connection.
+#[derive(Debug, Clone)]
+struct ClientAddr {
+    sockaddr: Box<[u8]>,
+    text: Box<[u8]>,
 }
 
 /// A worker's detached listeners.
@@ -90,13 +112,16 @@ impl DetachedListeners {
 /// A listener about to detach: checked and copied before the zone is asked.
 pub struct Prepared {
     conn: *mut ngx_connection_t,
+    seq: u64,
     request: Box<[u8]>,
     timeout: ngx_msec_t,
+    start: (libc::time_t, ngx_msec_t),
+    addr: Option<ClientAddr>,
 }
 
 impl Prepared {
     pub fn handle(&self) -> listen::Handle {
-        listen::Handle::Detached(self.conn as usize)
+        listen::Handle::Detached { conn: self.conn as usize, seq: self.seq }
     }
 }
 
@@ -141,9 +166,14 @@ unsafe fn tls_ok(_c: *mut ngx_connection_t) -> bool {
     false
 }
 
-/// Whether `r` can detach, and its saved request if so. Only HTTP/1.x keep-alive (plain or
-/// TLS) main requests without a body, read whole into the connection's header buffer with nothing
-/// after them, on an edge-triggered event method (epoll, kqueue), not counted by limit_conn.
+/// Whether `r` can detach, and its saved request if so. Only a request that is the sole owner
+/// of its connection and whose replay is exactly the same request: an HTTP/1.x keep-alive
+/// (plain or TLS) main request that was not redirected internally (`X-Accel-Redirect`,
+/// `error_page`, `try_files`, named locations: the replay would run the outer location again),
+/// with no subrequest running (`mirror`) and no other reference (`r->count` is one), no body,
+/// read whole into the connection's header buffer with nothing after it, on an edge-triggered
+/// event method (epoll, kqueue), not counted by limit_conn. Every other listener keeps its
+/// parked request.
 pub fn prepare(r: *mut ngx_http_request_t, lcf: &LocConf) -> Option<Prepared> {
     if lcf.detach_listeners != 1 {
         return None;
@@ -156,6 +186,12 @@ pub fn prepare(r: *mut ngx_http_request_t, lcf: &LocConf) -> Option<Prepared> {
         let ok = transport_ok(c)
             && (nginx_sys::ngx_event_flags & NGX_USE_CLEAR_EVENT as usize) != 0
             && r == (*r).main
+            && (*r).internal() == 0
+            && (*r).count() == 1
+            && (*r).postponed.is_null()
+            && (*r).posted_requests.is_null()
+            && (*r).background() == 0
+            && (*c).data == r as *mut c_void
             && (*r).http_version < NGX_HTTP_VERSION_20 as usize
             && (*r).keepalive() == 1
             && (*r).headers_in.content_length_n <= 0
@@ -174,7 +210,18 @@ pub fn prepare(r: *mut ngx_http_request_t, lcf: &LocConf) -> Option<Prepared> {
             return None;
         }
         let request = saved_request(r)?;
-        Some(Prepared { conn: c, request, timeout: lcf.listener_timeout })
+        let seq = worker::with(|st| {
+            st.detached.next_seq += 1;
+            st.detached.next_seq
+        })?;
+        Some(Prepared {
+            conn: c,
+            seq,
+            request,
+            timeout: lcf.listener_timeout,
+            start: ((*r).start_sec, (*r).start_msec),
+            addr: client_addr(c),
+        })
     }
 }
 
@@ -209,10 +256,27 @@ unsafe fn saved_request(r: *mut ngx_http_request_t) -> Option<Box<[u8]>> {
     }
 }
 
+/// The connection's client address as it is now.
+///
+/// # Safety
+/// `c` is a live connection.
+unsafe fn client_addr(c: *mut ngx_connection_t) -> Option<ClientAddr> {
+    // SAFETY: the connection's address and its text live as long as the request.
+    unsafe {
+        let sa = (*c).sockaddr as *const u8;
+        if sa.is_null() || (*c).addr_text.data.is_null() {
+            return None;
+        }
+        Some(ClientAddr {
+            sockaddr: std::slice::from_raw_parts(sa, (*c).socklen as usize).into(),
+            text: (*c).addr_text.as_bytes().into(),
+        })
+    }
+}
+
 /// Keeps a detached listener (called under the zone lock, right after it parked).
 pub fn insert(set: &mut DetachedListeners, p: Prepared, key: ListenerKey) {
-    let seq = set.next_seq;
-    set.next_seq += 1;
+    let seq = p.seq;
     // SAFETY: `p.conn` is the live connection of the request being handled.
     let number = unsafe { (*p.conn).number };
     let ck = p.conn as usize;
@@ -228,6 +292,8 @@ pub fn insert(set: &mut DetachedListeners, p: Prepared, key: ListenerKey) {
             taken_over: false,
             outcome: None,
             recv: None,
+            start: p.start,
+            addr: p.addr,
         },
     );
     if let Some(key) = old.and_then(|d| d.key) {
@@ -272,26 +338,16 @@ pub unsafe extern "C" fn takeover_handler(_ev: *mut ngx_event_t) {
     }
     for (ck, seq) in pending {
         let lost = worker::with(|st| takeover(&mut st.detached, ck, seq)).flatten();
-        if let Some((conn, key)) = lost {
-            if let Some(key) = key {
-                listen::leave_key(key);
-            }
-            if let Some(c) = conn {
-                // SAFETY: a live connection of ours in a state we do not know: close it.
-                unsafe { ngx_http_close_connection(c) };
-            }
+        if let Some(key) = lost.flatten() {
+            listen::leave_key(key);
         }
     }
 }
 
-/// Takes one connection over; `Some((connection to close, key to leave))` if the listener
-/// is lost (its connection closed, or in a state not expected).
-#[allow(clippy::type_complexity)]
-fn takeover(
-    set: &mut DetachedListeners,
-    ck: usize,
-    seq: u64,
-) -> Option<(Option<*mut ngx_connection_t>, Option<ListenerKey>)> {
+/// Takes one connection over; `Some(key to leave)` if the listener is lost: its connection
+/// closed, or in a state not expected (then the connection stays nginx's: it is never closed
+/// here).
+fn takeover(set: &mut DetachedListeners, ck: usize, seq: u64) -> Option<Option<ListenerKey>> {
     let d = set.by_conn.get_mut(&ck)?;
     if d.seq != seq || d.taken_over || d.outcome.is_some() {
         return None;
@@ -299,7 +355,7 @@ fn takeover(
     if !conn_is(d) {
         // nginx closed it (client gone before the keep-alive state settled).
         let d = set.by_conn.remove(&ck)?;
-        return Some((None, d.key));
+        return Some(d.key);
     }
     // SAFETY: `d.conn` is our live connection (checked above), in nginx's keep-alive state.
     unsafe {
@@ -314,9 +370,10 @@ fn takeover(
             }
             (Some(k), Some(h)) => k as usize == h as usize,
         };
-        if !expected || (*c).close() != 0 {
+        if !expected || (*c).close() != 0 || (*c).error() != 0 {
             let d = set.by_conn.remove(&ck)?;
-            return Some((Some(c), d.key));
+            martd_debug!((*c).log, "detached listener left to nginx: unexpected state");
+            return Some(d.key);
         }
         (*c).set_idle(0);
         ngx_reusable_connection(c, 0);
@@ -342,13 +399,14 @@ unsafe extern "C" fn detached_read_handler(rev: *mut ngx_event_t) {
     if unsafe { (*rev).timedout() } != 0 {
         // SAFETY: as above.
         unsafe { (*rev).set_timedout(0) };
-        let key = worker::with(|st| st.detached.by_conn.get_mut(&ck).map(|d| d.key.take()));
+        let key =
+            worker::with(|st| st.detached.by_conn.get_mut(&ck).map(|d| (d.key.take(), d.seq)));
         match key.flatten() {
-            Some(key) => {
+            Some((key, seq)) => {
                 if let Some(key) = key {
                     listen::leave_key(key);
                 }
-                replay(ck, None);
+                replay(ck, seq, Outcome::Answer(None));
             }
             // SAFETY: a connection of ours that no listener refers to: nothing would ever
             // answer it.
@@ -369,30 +427,39 @@ unsafe extern "C" fn detached_read_handler(rev: *mut ngx_event_t) {
     if !closed {
         return;
     }
-    let key = worker::with(|st| st.detached.by_conn.remove(&ck).and_then(|d| d.key)).flatten();
+    let found = worker::with(|st| st.detached.by_conn.get_mut(&ck).map(|d| (d.key.take(), d.seq)))
+        .flatten();
+    let Some((key, seq)) = found else {
+        // SAFETY: our live connection; nothing refers to it.
+        unsafe {
+            (*rev).set_eof(1);
+            (*c).set_error(1);
+            ngx_http_close_connection(c);
+        }
+        return;
+    };
     if let Some(key) = key {
         listen::leave_key(key);
     }
-    // SAFETY: our live connection; nothing refers to it any more.
-    unsafe {
-        (*rev).set_eof(1);
-        (*c).set_error(1);
-        ngx_http_close_connection(c);
-    }
+    // SAFETY: `c` is live.
+    martd_debug!(unsafe { (*c).log }, "detached listener's client closed the connection");
+    // The request ends as a parked one whose client goes away: `499`, logged.
+    replay(ck, seq, Outcome::ClientGone);
 }
 
 /// Answers a detached listener that has left the worker's listeners: its saved request is
-/// fed back to nginx, whose `martd_listen` handler answers it with `verdict` (`None`: 304).
-pub fn replay(ck: usize, verdict: Option<Verdict>) {
+/// fed back to nginx, whose `martd_listen` handler answers it with `outcome`. A handle of an
+/// earlier detachment on the same connection (another `seq`) answers nothing.
+pub fn replay(ck: usize, seq: u64, outcome: Outcome) {
     let prepared = worker::with(|st| {
         let set = &mut st.detached;
-        let d = set.by_conn.get_mut(&ck)?;
+        let d = set.by_conn.get_mut(&ck).filter(|d| d.seq == seq)?;
         d.key = None;
         if !conn_is(d) {
             set.by_conn.remove(&ck);
             return None;
         }
-        d.outcome = Some(verdict);
+        d.outcome = Some(outcome);
         // SAFETY: `d.conn` is live (checked above).
         d.recv = unsafe { (*d.conn).recv };
         Some((d.conn, d.seq, set.keepalive_handler))
@@ -401,6 +468,8 @@ pub fn replay(ck: usize, verdict: Option<Verdict>) {
     let Some((c, seq, keepalive)) = prepared else {
         return;
     };
+    // SAFETY: `c` is live.
+    martd_debug!(unsafe { (*c).log }, "replaying detached listener #{}", seq);
     // SAFETY: `c` is our live connection, idle in the keep-alive state (taken over or not
     // yet): nginx's keep-alive handler reads the next request from it through `c->recv`,
     // which gives it the saved request once. The handler deletes the read timer
@@ -411,8 +480,8 @@ pub fn replay(ck: usize, verdict: Option<Verdict>) {
             (*rev).handler = keepalive.map(|h| h as EventHandler);
         }
         let Some(handler) = (*rev).handler else {
+            // Not a state we know: the connection stays nginx's.
             worker::with(|st| st.detached.by_conn.remove(&ck));
-            ngx_http_close_connection(c);
             return;
         };
         if (*rev).timer_set() == 0 {
@@ -453,8 +522,8 @@ unsafe extern "C" fn replay_recv(c: *mut ngx_connection_t, buf: *mut u_char, siz
     request.len() as isize
 }
 
-/// For the `martd_listen` handler: the verdict of a replayed request, if `r` is one.
-pub fn take_outcome(r: *mut ngx_http_request_t) -> Option<Option<Verdict>> {
+/// For the `martd_listen` handler: the outcome of a replayed request, if `r` is one.
+pub fn take_outcome(r: *mut ngx_http_request_t) -> Option<Outcome> {
     // SAFETY: `r` is a live request.
     let (c, main) = unsafe { ((*r).connection, (*r).main) };
     if r != main {
@@ -470,14 +539,79 @@ pub fn take_outcome(r: *mut ngx_http_request_t) -> Option<Option<Verdict>> {
     .flatten()
 }
 
-fn is_replay(r: *mut ngx_http_request_t) -> bool {
+/// If `r` is a replayed listener request: when it first arrived, and the client address its
+/// access phases saw.
+fn replay_context(
+    r: *mut ngx_http_request_t,
+) -> Option<((libc::time_t, ngx_msec_t), Option<ClientAddr>)> {
     // SAFETY: `r` is a live request.
     let (c, main) = unsafe { ((*r).connection, (*r).main) };
-    r == main
-        && worker::with(|st| {
-            st.detached.by_conn.get(&(c as usize)).is_some_and(|d| d.outcome.is_some())
-        })
-        .unwrap_or(false)
+    if r != main {
+        return None;
+    }
+    worker::with(|st| {
+        let d = st.detached.by_conn.get(&(c as usize)).filter(|d| d.outcome.is_some())?;
+        Some((d.start, d.addr.clone()))
+    })
+    .flatten()
+}
+
+/// The connection's address before [`restore_client_addr`] changed it for one request.
+#[repr(C)]
+struct SavedAddr {
+    conn: *mut ngx_connection_t,
+    sockaddr: *mut nginx_sys::sockaddr,
+    socklen: nginx_sys::socklen_t,
+    addr_text: nginx_sys::ngx_str_t,
+}
+
+extern "C" fn restore_saved_addr(data: *mut c_void) {
+    // SAFETY: `data` is the `SavedAddr` written by `restore_client_addr`; its connection
+    // outlives the request pool being destroyed.
+    unsafe {
+        let s = &*(data as *const SavedAddr);
+        (*s.conn).sockaddr = s.sockaddr;
+        (*s.conn).socklen = s.socklen;
+        (*s.conn).addr_text = s.addr_text;
+    }
+}
+
+/// Puts back the client address that the first pass's access phases saw (as
+/// `set_real_ip_from` left it), for this request only: as the realip module does, the
+/// connection gets its own address back when the request pool goes.
+fn restore_client_addr(r: *mut ngx_http_request_t, addr: &ClientAddr) -> Option<()> {
+    // SAFETY: `r` and its connection are live; copies live in the request pool, and the
+    // cleanup restores the connection's own values before that pool is freed.
+    unsafe {
+        let c = (*r).connection;
+        let now = std::slice::from_raw_parts((*c).sockaddr as *const u8, (*c).socklen as usize);
+        if now == &addr.sockaddr[..] && (*c).addr_text.as_bytes() == &addr.text[..] {
+            return Some(());
+        }
+        let pool = (*r).pool;
+        let sa = nginx_sys::ngx_pnalloc(pool, addr.sockaddr.len()) as *mut u8;
+        let text = nginx_sys::ngx_pnalloc(pool, addr.text.len().max(1)) as *mut u8;
+        let cln = nginx_sys::ngx_pool_cleanup_add(pool, size_of::<SavedAddr>());
+        if sa.is_null() || text.is_null() || cln.is_null() {
+            return None;
+        }
+        ptr::copy_nonoverlapping(addr.sockaddr.as_ptr(), sa, addr.sockaddr.len());
+        ptr::copy_nonoverlapping(addr.text.as_ptr(), text, addr.text.len());
+        ptr::write(
+            (*cln).data as *mut SavedAddr,
+            SavedAddr {
+                conn: c,
+                sockaddr: (*c).sockaddr,
+                socklen: (*c).socklen,
+                addr_text: (*c).addr_text,
+            },
+        );
+        (*cln).handler = Some(restore_saved_addr);
+        (*c).sockaddr = sa.cast();
+        (*c).socklen = addr.sockaddr.len() as nginx_sys::socklen_t;
+        (*c).addr_text = nginx_sys::ngx_str_t { len: addr.text.len(), data: text };
+    }
+    Some(())
 }
 
 /// Preaccess phase: a replayed listener request already passed the access phases when it
@@ -485,9 +619,24 @@ fn is_replay(r: *mut ngx_http_request_t) -> bool {
 /// count a long-poll once).
 pub unsafe extern "C" fn preaccess_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // The location check first: it is a pointer read, and this runs for every request.
-    if listen::loc_conf(r).role != Role::Listen || !is_replay(r) {
+    if listen::loc_conf(r).role != Role::Listen {
         return NGX_DECLINED as ngx_int_t;
     }
+    let Some((start, addr)) = replay_context(r) else {
+        return NGX_DECLINED as ngx_int_t;
+    };
+    // SAFETY: `r` is live.
+    unsafe {
+        (*r).start_sec = start.0;
+        (*r).start_msec = start.1;
+    }
+    if let Some(addr) = addr {
+        if restore_client_addr(r, &addr).is_none() {
+            return nginx_sys::NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+        }
+    }
+    // SAFETY: `r` is live.
+    martd_debug!(unsafe { (*(*r).connection).log }, "replayed listener skips the access phases");
     let cached = worker::with(|st| st.detached.content_phase).flatten();
     let index = cached.or_else(|| {
         // SAFETY: the core module's main conf and its phase engine (a handler array ended by

@@ -21,7 +21,7 @@ use nginx_sys::{
     ngx_del_timer, ngx_event_t, ngx_http_discard_request_body, ngx_http_finalize_request,
     ngx_http_request_empty_handler, ngx_http_request_t, ngx_http_run_posted_requests,
     ngx_http_test_reading, ngx_int_t, ngx_parse_http_time, ngx_pool_cleanup_add, ngx_table_elt_t,
-    NGX_DONE, NGX_ERROR, NGX_HTTP_GET, NGX_OK,
+    NGX_DONE, NGX_ERROR, NGX_HTTP_CLIENT_CLOSED_REQUEST, NGX_HTTP_GET, NGX_OK,
 };
 
 use crate::channel_id::channel_id;
@@ -36,17 +36,20 @@ use crate::zone;
 pub enum Handle {
     /// A parked request; its context lives in the request pool.
     Request(*mut ListenerCtx),
-    /// A listener that gave its request back to nginx, by connection (see [`detach`]).
+    /// A listener that gave its request back to nginx, by connection and detachment
+    /// sequence number (see [`detach`]).
     ///
     /// [`detach`]: crate::detach
-    Detached(usize),
+    Detached { conn: usize, seq: u64 },
 }
 
 /// Answers a listener that has left the worker's listeners (`None`: `304`).
 pub fn answer_handle(h: Handle, verdict: Option<Verdict>) {
     match h {
         Handle::Request(ctx) => answer(ctx, verdict),
-        Handle::Detached(conn) => crate::detach::replay(conn, verdict),
+        Handle::Detached { conn, seq } => {
+            detach::replay(conn, seq, detach::Outcome::Answer(verdict))
+        }
     }
 }
 
@@ -93,8 +96,15 @@ pub(crate) fn method(r: *mut ngx_http_request_t) -> usize {
 
 /// The content handler of `martd_listen` locations.
 pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
-    if let Some(verdict) = detach::take_outcome(r) {
-        return respond(r, verdict);
+    match detach::take_outcome(r) {
+        Some(detach::Outcome::Answer(verdict)) => return respond(r, verdict),
+        Some(detach::Outcome::ClientGone) => {
+            // SAFETY: `r` and its connection are live. As `ngx_http_test_reading` does for a
+            // parked request whose client closed.
+            unsafe { (*(*r).connection).set_error(1) };
+            return NGX_HTTP_CLIENT_CLOSED_REQUEST as ngx_int_t;
+        }
+        None => {}
     }
     // SAFETY: nginx calls content handlers with a live request.
     let rc = unsafe { ngx_http_discard_request_body(r) };
@@ -159,7 +169,7 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
         None => not_modified(r),
         Some(Ok(Err(payload))) => deliver(r, &payload),
         Some(Ok(Ok(key))) => match handle {
-            Handle::Detached(_) => detach::finish(r),
+            Handle::Detached { .. } => detach::finish(r),
             Handle::Request(ctx) => hold(r, ctx, key, lcf),
         },
         Some(Err(StoreError::Conflict)) => {
