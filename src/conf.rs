@@ -482,7 +482,7 @@ pub unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> nginx_sys::ng
         if h.is_null() {
             return nginx_sys::NGX_ERROR as ngx_int_t;
         }
-        *h = Some(crate::detach::preaccess_handler);
+        *h = Some(crate::listen::replay::preaccess_handler);
     }
     nginx_sys::NGX_OK as ngx_int_t
 }

@@ -8,8 +8,8 @@
 //! * [`zone`]: the shared zone, its allocator and its lock.
 //! * [`notify`]: one datagram socket per worker, bound in the abstract namespace.
 //! * [`worker`]: the worker's own state: its slot in the zone, its parked listeners, wake-ups.
-//! * [`push`] and [`listen`]: the two endpoints; [`detach`]: listeners that give their
-//!   request back to nginx while they wait.
+//! * [`push`] and [`listen`]: the two endpoints; [`listen::detach`] and [`listen::replay`]:
+//!   listeners that give their request back to nginx while they wait.
 //! * [`response`]: building responses.
 
 use std::ffi::c_void;
@@ -21,7 +21,6 @@ use nginx_sys::{ngx_command_t, ngx_http_module_t, ngx_module_t, NGX_HTTP_MODULE}
 mod log;
 mod channel_id;
 mod conf;
-mod detach;
 mod error;
 mod listen;
 mod notify;

@@ -19,7 +19,7 @@ use martd_core::listeners::Listeners;
 use martd_core::store::WakeTarget;
 
 use crate::conf::MainConf;
-use crate::detach::{self, DetachedListeners};
+use crate::listen::detach::{self, DetachedListeners};
 use crate::listen::{self, Handle};
 use crate::notify::{self, Sent};
 use crate::zone;

@@ -9,6 +9,9 @@
 //!
 //! [`Listeners`]: martd_core::listeners::Listeners
 
+pub mod detach;
+pub mod replay;
+
 use std::ffi::c_void;
 use std::ptr;
 
@@ -26,7 +29,6 @@ use nginx_sys::{
 
 use crate::channel_id::channel_id;
 use crate::conf::{LocConf, MainConf};
-use crate::detach;
 use crate::response::{self, Body};
 use crate::worker::{self, now_ms};
 use crate::zone;
@@ -39,7 +41,7 @@ pub enum Handle {
     /// A listener that gave its request back to nginx, by connection and detachment
     /// sequence number (see [`detach`]).
     ///
-    /// [`detach`]: crate::detach
+    /// [`detach`]: crate::listen::detach
     Detached { conn: usize, seq: u64 },
 }
 
@@ -48,7 +50,7 @@ pub fn answer_handle(h: Handle, verdict: Option<Verdict>) {
     match h {
         Handle::Request(ctx) => answer(ctx, verdict),
         Handle::Detached { conn, seq } => {
-            detach::replay(conn, seq, detach::Outcome::Answer(verdict))
+            replay::replay(conn, seq, replay::Outcome::Answer(verdict))
         }
     }
 }
@@ -96,9 +98,9 @@ pub(crate) fn method(r: *mut ngx_http_request_t) -> usize {
 
 /// The content handler of `martd_listen` locations.
 pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
-    match detach::take_outcome(r) {
-        Some(detach::Outcome::Answer(verdict)) => return respond(r, verdict),
-        Some(detach::Outcome::ClientGone) => {
+    match replay::take_outcome(r) {
+        Some(replay::Outcome::Answer(verdict)) => return respond(r, verdict),
+        Some(replay::Outcome::ClientGone) => {
             // SAFETY: `r` and its connection are live. As `ngx_http_test_reading` does for a
             // parked request whose client closed.
             unsafe { (*(*r).connection).set_error(1) };
