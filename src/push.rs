@@ -114,8 +114,43 @@ pub unsafe extern "C" fn push_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     }
 }
 
-/// The request body, from memory buffers and/or the temp file.
-fn read_body(r: *mut ngx_http_request_t) -> Result<Vec<u8>, std::io::Error> {
+/// Why a body could not be read.
+enum BodyError {
+    /// Larger than the zone could ever hold (no memory is asked for it).
+    TooLarge(u64),
+    /// The worker could not allocate a buffer of this size.
+    NoMemory(u64),
+    Io(std::io::Error),
+}
+
+/// The length of the request body, from memory buffers and/or the temp file.
+///
+/// # Safety
+/// `first` is the live request body chain.
+unsafe fn body_len(first: *mut ngx_chain_t) -> u64 {
+    let mut total = 0u64;
+    let mut cl = first;
+    // SAFETY: the chain and its buffers belong to the live request.
+    unsafe {
+        while let Some(link) = cl.as_ref() {
+            let b = &*link.buf;
+            total = total.saturating_add(if b.in_file() != 0 && !b.file.is_null() {
+                (b.file_last - b.file_pos).max(0) as u64
+            } else if !b.pos.is_null() && b.last > b.pos {
+                b.last.offset_from(b.pos) as u64
+            } else {
+                0
+            });
+            cl = link.next;
+        }
+    }
+    total
+}
+
+/// The request body, from memory buffers and/or the temp file. Nothing larger than `limit`
+/// bytes is read, and the buffer is allocated fallibly: a client-sized allocation never aborts
+/// the worker.
+fn read_body(r: *mut ngx_http_request_t, limit: u64) -> Result<Vec<u8>, BodyError> {
     let mut out = Vec::new();
     // SAFETY: `request_body` and its chain belong to the live request; file buffers name the
     // temp file's descriptor and the byte range to read.
@@ -124,6 +159,11 @@ fn read_body(r: *mut ngx_http_request_t) -> Result<Vec<u8>, std::io::Error> {
         if rb.is_null() {
             return Ok(out);
         }
+        let total = body_len((*rb).bufs);
+        if total > limit {
+            return Err(BodyError::TooLarge(total));
+        }
+        out.try_reserve_exact(total as usize).map_err(|_| BodyError::NoMemory(total))?;
         let mut cl: *mut ngx_chain_t = (*rb).bufs;
         while let Some(link) = cl.as_ref() {
             let b = &*link.buf;
@@ -132,12 +172,13 @@ fn read_body(r: *mut ngx_http_request_t) -> Result<Vec<u8>, std::io::Error> {
                 let (start, end) = (b.file_pos, b.file_last);
                 let mut pos = start;
                 let base = out.len();
+                // Reserved above: no reallocation.
                 out.resize(base + (end - start) as usize, 0);
                 while pos < end {
                     let dst = out.as_mut_ptr().add(base + (pos - start) as usize);
                     let n = libc::pread(fd, dst as *mut _, (end - pos) as usize, pos);
                     if n <= 0 {
-                        return Err(std::io::Error::last_os_error());
+                        return Err(BodyError::Io(std::io::Error::last_os_error()));
                     }
                     pos += n as i64;
                 }
@@ -164,11 +205,25 @@ fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
     let Ok(name) = channel_id(r, lcf) else {
         return response::text(r, 400, "martd: no channel id provided");
     };
-    let body = match read_body(r) {
+    let mcf = main_conf(r);
+    // SAFETY: the connection's log is live.
+    let log = unsafe { (*(*r).connection).log };
+    let body = match read_body(r, mcf.shm_size as u64) {
         Ok(b) => b,
-        Err(e) => {
-            // SAFETY: the connection's log is live.
-            let log = unsafe { (*(*r).connection).log };
+        Err(BodyError::TooLarge(n)) => {
+            martd_log!(
+                NGX_LOG_ERR,
+                log,
+                "refused a message of {} bytes: larger than the \"martd\" zone (martd_shm_size)",
+                n
+            );
+            return response::text(r, 413, "martd: message larger than the shared memory zone");
+        }
+        Err(BodyError::NoMemory(n)) => {
+            martd_log!(NGX_LOG_ERR, log, "could not allocate {} bytes for a message body", n);
+            return response::text(r, 503, "martd: no memory for the message, try again");
+        }
+        Err(BodyError::Io(e)) => {
             martd_log!(NGX_LOG_ERR, log, "could not read the request body: {}", e);
             return NGX_ERROR as ngx_int_t;
         }
@@ -184,7 +239,6 @@ fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
         channel_timeout_ms: lcf.channel_timeout as u64,
     };
     let spec = MessageSpec { content_type, body: &body, timeout_ms: opts.timeout_ms };
-    let mcf = main_conf(r);
     let now = now_ms();
     let mut wake = Vec::new();
     let result =

@@ -1408,6 +1408,24 @@ async fn body_over_client_max_body_size_413() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_larger_than_the_zone_413_without_unlimited_allocation() {
+    // No nginx limit on the body: martd itself refuses what no zone could hold, before any
+    // allocation of the body's size, and the worker lives on.
+    let ng = Nginx::start(
+        Conf::new(&pubsub("client_max_body_size 0; client_body_buffer_size 16k;", ""))
+            .http("martd_shm_size 512k;"),
+    );
+    let mut c = Conn::open_probed(ng.port).await;
+    let before = ng.worker_pids();
+    let r = c.send("POST", &pub_path("huge"), &[], vec![b'z'; 3 << 20]).await;
+    assert_one_line_error(&r, 413, "body larger than the zone");
+    let mut c = Conn::open_probed(ng.port).await;
+    assert_published(&c.publish("huge", vec![b'x'; 1000]).await, 202, "a small body after");
+    assert_eq!(ng.worker_pids(), before, "a worker was replaced");
+    ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_listeners_across_workers_403() {
     let ng = Nginx::start(Conf::new(&pubsub("", "martd_max_listeners 1;")));
     let (mut a, b) = Conn::pair(ng.port).await;
