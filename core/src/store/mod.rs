@@ -6,8 +6,7 @@
 //! *slot* (one slot per live worker process) so that a publish knows which workers to wake,
 //! the counts stay exact, and a dead worker's counts can be removed.
 
-use std::borrow::Borrow;
-use std::hash::{Hash, Hasher, RandomState};
+use std::hash::RandomState;
 
 use allocator_api2::alloc::Allocator;
 use allocator_api2::vec::Vec;
@@ -16,6 +15,14 @@ use hashbrown::HashMap;
 use crate::info::ChannelInfo;
 use crate::msgid::{next_id, MsgId, Since};
 use crate::queue::{Message, MessageQueue, MessageSpec, NoMemory};
+
+mod channel;
+mod workers;
+
+use channel::Waiter;
+pub use channel::{Channel, ChannelName};
+use workers::notify;
+pub use workers::WorkerSlot;
 
 /// Channels a worker's mailbox can name before it overflows into "look at all of them".
 pub const MAILBOX_CAP: usize = 256;
@@ -108,117 +115,6 @@ pub enum Listen<'a, A: Allocator> {
     Message(&'a Message<A>),
     /// Nothing yet: the listener is counted and must wait.
     Park(Parked),
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Waiter {
-    slot: u32,
-    count: u32,
-}
-
-/// One channel in the zone.
-pub struct Channel<A: Allocator + Clone> {
-    serial: u64,
-    queue: MessageQueue<A>,
-    last_id: MsgId,
-    listeners: u32,
-    waiters: Vec<Waiter, A>,
-    park_counter: u64,
-    /// Listeners that parked before this sequence number are displaced (`last` concurrency).
-    evict_below: u64,
-    /// Milliseconds; `0` = never requested.
-    last_requested_ms: u64,
-    last_active_ms: u64,
-    channel_timeout_ms: u64,
-}
-
-impl<A: Allocator + Clone> Channel<A> {
-    pub fn serial(&self) -> u64 {
-        self.serial
-    }
-
-    pub fn listeners(&self) -> u32 {
-        self.listeners
-    }
-
-    pub fn last_id(&self) -> MsgId {
-        self.last_id
-    }
-
-    pub fn evict_below(&self) -> u64 {
-        self.evict_below
-    }
-
-    /// The message a listener waiting past `since` gets now, if any.
-    pub fn next_for(&self, since: MsgId, now_ms: u64) -> Option<&Message<A>> {
-        self.queue.next_after(since, now_ms, true)
-    }
-
-    fn info(&self, now_ms: u64) -> ChannelInfo {
-        ChannelInfo {
-            messages: self.queue.stored_count(now_ms),
-            requested: if self.last_requested_ms == 0 {
-                -1
-            } else {
-                (now_ms.saturating_sub(self.last_requested_ms) / 1000) as i64
-            },
-            listeners: self.listeners,
-            last_message_id: self.last_id,
-        }
-    }
-
-    /// `n` of `slot`'s listeners are gone.
-    fn release(&mut self, slot: u32, n: u32) {
-        if let Some(pos) = self.waiters.iter().position(|w| w.slot == slot) {
-            let w = &mut self.waiters[pos];
-            let n = n.min(w.count);
-            w.count -= n;
-            self.listeners = self.listeners.saturating_sub(n);
-            if w.count == 0 {
-                self.waiters.swap_remove(pos);
-            }
-        }
-    }
-
-    fn is_idle(&self, now_ms: u64) -> bool {
-        self.listeners == 0
-            && self.queue.is_empty()
-            && now_ms.saturating_sub(self.last_active_ms) >= self.channel_timeout_ms
-    }
-}
-
-/// A channel name in zone memory, hashed and compared as its bytes.
-pub struct ChannelName<A: Allocator>(Vec<u8, A>);
-
-impl<A: Allocator> Hash for ChannelName<A> {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        <[u8] as Hash>::hash(self.0.as_slice(), state)
-    }
-}
-
-impl<A: Allocator> PartialEq for ChannelName<A> {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.as_slice() == other.0.as_slice()
-    }
-}
-
-impl<A: Allocator> Eq for ChannelName<A> {}
-
-impl<A: Allocator> Borrow<[u8]> for ChannelName<A> {
-    fn borrow(&self) -> &[u8] {
-        self.0.as_slice()
-    }
-}
-
-/// A live worker process.
-pub struct WorkerSlot<A: Allocator> {
-    pub id: u32,
-    pub pid: i32,
-    pub generation: u64,
-    pub index: u32,
-    signaled: bool,
-    overflow: bool,
-    mailbox: Vec<u64, A>,
 }
 
 /// Counters for the whole zone.
@@ -503,103 +399,9 @@ impl<A: Allocator + Clone> Store<A> {
         }
     }
 
-    /// Takes a worker's mailbox: the channel serials to look at, and whether it overflowed
-    /// (then every channel with listeners in that worker must be looked at).
-    pub fn take_mailbox(&mut self, slot: u32, out: &mut std::vec::Vec<u64>) -> bool {
-        let Some(w) = self.workers.iter_mut().find(|w| w.id == slot) else {
-            return false;
-        };
-        w.signaled = false;
-        out.extend(w.mailbox.drain(..));
-        std::mem::replace(&mut w.overflow, false)
-    }
-
-    /// Forgets that a slot was signalled: its pipe could not be written (a worker of another
-    /// configuration generation, during a reload), so the next publisher must try again.
-    pub fn clear_signal(&mut self, slot: u32) {
-        if let Some(w) = self.workers.iter_mut().find(|w| w.id == slot) {
-            w.signaled = false;
-        }
-    }
-
-    /// Whether a slot's mailbox holds something nobody signalled it about (see
-    /// [`Store::clear_signal`]). A signalled slot's pipe already carries the wake-up.
-    pub fn has_unsignalled_mail(&self, slot: u32) -> bool {
-        self.workers
-            .iter()
-            .any(|w| w.id == slot && !w.signaled && (w.overflow || !w.mailbox.is_empty()))
-    }
-
-    /// Registers a starting worker process. Slots of processes that are gone (`alive`
-    /// says no) and the slot this process replaces (same generation and worker number, as
-    /// after a crash and respawn) are purged first, with their listener counts.
-    pub fn register_worker(
-        &mut self,
-        pid: i32,
-        generation: u64,
-        index: u32,
-        alive: &dyn Fn(i32) -> bool,
-    ) -> Result<u32, StoreError> {
-        let stale: std::vec::Vec<u32> = self
-            .workers
-            .iter()
-            .filter(|w| (w.generation == generation && w.index == index) || !alive(w.pid))
-            .map(|w| w.id)
-            .collect();
-        for slot in stale {
-            self.unregister_worker(slot);
-        }
-        self.workers.try_reserve(1).map_err(|_| StoreError::NoMemory)?;
-        let id = self.next_slot;
-        self.next_slot = self.next_slot.wrapping_add(1).max(1);
-        self.workers.push(WorkerSlot {
-            id,
-            pid,
-            generation,
-            index,
-            signaled: false,
-            overflow: false,
-            mailbox: Vec::new_in(self.alloc.clone()),
-        });
-        Ok(id)
-    }
-
-    /// Removes a worker slot and every listener it counted.
-    pub fn unregister_worker(&mut self, slot: u32) {
-        self.workers.retain(|w| w.id != slot);
-        for ch in self.channels.values_mut() {
-            ch.release(slot, u32::MAX);
-        }
-    }
-
     /// Total listeners counted in every channel (for tests and stats).
     pub fn total_listeners(&self) -> u64 {
         self.channels.values().map(|c| u64::from(c.listeners)).sum()
-    }
-}
-
-/// Puts channel `serial` in worker `slot`'s mailbox, and names the worker in `wake` unless it
-/// has been signalled already and not yet looked.
-fn notify<A: Allocator>(
-    workers: &mut [WorkerSlot<A>],
-    slot: u32,
-    serial: u64,
-    wake: &mut std::vec::Vec<WakeTarget>,
-) {
-    let Some(w) = workers.iter_mut().find(|w| w.id == slot) else {
-        return;
-    };
-
-    if !w.overflow && !w.mailbox.contains(&serial) {
-        if w.mailbox.len() < MAILBOX_CAP && w.mailbox.try_reserve(1).is_ok() {
-            w.mailbox.push(serial);
-        } else {
-            w.overflow = true;
-        }
-    }
-    if !w.signaled {
-        w.signaled = true;
-        wake.push(WakeTarget { slot: w.id, pid: w.pid, generation: w.generation, index: w.index });
     }
 }
 
