@@ -1,12 +1,16 @@
 //! Test harness for martd: a real nginx with the module, driven over real TCP connections.
 #![allow(dead_code)]
 
+pub mod backend;
+pub mod h2;
 pub mod http;
 pub mod nginx;
 pub mod proto;
 pub mod raw;
 pub mod tls;
 
+pub use self::backend::*;
+pub use self::h2::*;
 pub use self::http::*;
 pub use self::nginx::*;
 pub use self::proto::*;
