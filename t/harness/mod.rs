@@ -9,8 +9,6 @@ pub mod proto;
 pub mod raw;
 pub mod tls;
 
-pub use self::backend::*;
-pub use self::h2::*;
 pub use self::http::*;
 pub use self::nginx::*;
 pub use self::proto::*;
