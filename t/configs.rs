@@ -480,6 +480,30 @@ async fn named_location_listener_via_try_files() {
 // ---------------------------------------------------------------------------------------------
 // 4. subrequests and limits on listen locations
 
+/// Waits until the zone counts every one of `ls` as waiting on `ch`; a listener answered (or
+/// whose connection closed) before that fails the test with what it got.
+async fn all_waiting(
+    p: &mut Conn,
+    ch: &str,
+    mut ls: Vec<(u32, &'static str, Pending)>,
+) -> Vec<(u32, &'static str, Pending)> {
+    let deadline = Instant::now() + QUICK;
+    loop {
+        if let Some(i) = ls.iter().position(|(_, _, l)| l.is_finished()) {
+            let (lw, path, l) = ls.swap_remove(i);
+            // Panics with the error if the connection closed without an answer.
+            let r = l.resp().await;
+            panic!("{path} on {lw} answered before any message: {} {:?}", r.status, r.text());
+        }
+        let n = p.info(ch).await.map_or(0, |i| i.listeners);
+        if n == ls.len() as u64 {
+            return ls;
+        }
+        assert!(Instant::now() < deadline, "{ch}: {n} of {} listeners waiting", ls.len());
+        sleep_ms(20).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_on_listen_location() {
     // The mirror upstream answers after 2 s, so the subrequest runs while listeners wait, are
@@ -510,13 +534,13 @@ async fn mirror_on_listen_location() {
             }
         }
         mirrored += 4;
-        p.wait_listeners(&ch, 8).await;
+        let mut ls = all_waiting(&mut p, &ch, ls).await;
         slow.wait_count("/mirror", mirrored).await;
         let body = format!("mirror round {round}");
         let r = p.publish(&ch, body.clone()).await;
         assert_status(&r, 201, "publish");
         assert_eq!(parse_info_text(&r.text()).listeners, 8, "listeners counted at publish");
-        for (lw, path, l) in ls {
+        for (lw, path, l) in ls.drain(..) {
             let (_, r) = promptly(l, &format!("{path} on {lw}")).await;
             expect_body(&r, &body, Some(lw), &format!("{path} listener"));
         }
@@ -568,18 +592,21 @@ async fn mirror_upstream_that_never_answers() {
     let port = ng.port;
     let w = ng.worker_pids();
     let mut p = Conn::open_on(port, w[1]).await;
-    let mut ls = Vec::new();
+    let mut long = Vec::new();
     for &lw in &w {
-        for path in ["/sub", "/sub2", "/sub-short"] {
-            ls.push((lw, path, listen_on(port, lw, &format!("{path}?channel=mute"), &[]).await));
+        for path in ["/sub", "/sub2"] {
+            long.push((lw, path, listen_on(port, lw, &format!("{path}?channel=mute"), &[]).await));
         }
     }
-    p.wait_listeners("mute", 6).await;
-    // The short ones time out first (1 s), the others get the message.
-    let (short, long): (Vec<_>, Vec<_>) = ls.into_iter().partition(|(_, p, _)| *p == "/sub-short");
-    for (lw, path, l) in short {
+    let long = all_waiting(&mut p, "mute", long).await;
+    // Short ones (1 s) time out meanwhile, the others then get the message.
+    let mut short = Vec::new();
+    for &lw in &w {
+        short.push((lw, listen_on(port, lw, "/sub-short?channel=mute", &[]).await));
+    }
+    for (lw, l) in short {
         let r = within(Duration::from_secs(1) + PROMPT, "304", l.resp()).await;
-        assert_status(&r, 304, &format!("{path} on {lw}"));
+        assert_status(&r, 304, &format!("/sub-short on {lw}"));
     }
     p.wait_listeners("mute", 4).await;
     assert_status(&p.publish("mute", "unmirrored").await, 201, "publish");
