@@ -61,7 +61,25 @@ pub fn now_ms() -> u64 {
     (t.sec as u64) * 1000 + t.msec as u64
 }
 
-fn blank_event(
+/// What the data of the worker's own events points at. nginx's debug logging reads an event's
+/// data as a connection (`ngx_event_ident`: its `fd`) when a timer fires, so events that
+/// belong to no connection point at this stand-in (fd -1), as nginx's own such events do.
+struct NoConnection(std::cell::UnsafeCell<ngx_connection_t>);
+
+// SAFETY: the stand-in is only ever read (its `fd`) by nginx's debug log, in the worker's one
+// thread; it is never written after it is made.
+unsafe impl Sync for NoConnection {}
+
+thread_local! {
+    static NO_CONNECTION: Box<NoConnection> = {
+        // SAFETY: an all-zero connection is a valid value; only `fd` is ever read.
+        let mut c: ngx_connection_t = unsafe { std::mem::zeroed() };
+        c.fd = -1;
+        Box::new(NoConnection(std::cell::UnsafeCell::new(c)))
+    };
+}
+
+pub fn blank_event(
     handler: unsafe extern "C" fn(*mut ngx_event_t),
     log: *mut nginx_sys::ngx_log_t,
 ) -> Box<ngx_event_t> {
@@ -69,6 +87,7 @@ fn blank_event(
     let mut ev: Box<ngx_event_t> = Box::new(unsafe { std::mem::zeroed() });
     ev.handler = Some(handler);
     ev.log = log;
+    ev.data = NO_CONNECTION.with(|c| c.0.get()) as *mut std::ffi::c_void;
     ev
 }
 
@@ -263,7 +282,15 @@ fn process_mailbox() {
         }
         out
     });
-    for (handle, verdict) in out.unwrap_or_default() {
+    let out = out.unwrap_or_default();
+    if !out.is_empty() {
+        martd_debug!(
+            ngx::log::ngx_cycle_log().as_ptr(),
+            "woken: {} listener(s) answered",
+            out.len()
+        );
+    }
+    for (handle, verdict) in out {
         listen::answer_handle(handle, Some(verdict));
     }
 }

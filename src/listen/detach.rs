@@ -375,6 +375,7 @@ fn takeover(set: &mut DetachedListeners, ck: usize, seq: u64) -> Option<Option<L
         }
         (*(*c).log).action = c"waiting for a martd message".as_ptr() as *mut _;
         d.taken_over = true;
+        martd_debug!((*c).log, "detached listener #{} waits without its request", d.seq);
     }
     None
 }

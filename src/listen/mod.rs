@@ -170,10 +170,19 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
     match outcome {
         None => not_modified(r),
         Some(Ok(Err(payload))) => deliver(r, &payload),
-        Some(Ok(Ok(key))) => match handle {
-            Handle::Detached { .. } => detach::finish(r),
-            Handle::Request(ctx) => hold(r, ctx, key, lcf),
-        },
+        Some(Ok(Ok(key))) => {
+            // SAFETY: `r` and its connection are live.
+            martd_debug!(
+                unsafe { (*(*r).connection).log },
+                "parked listener on channel #{} ({})",
+                key.serial,
+                if matches!(handle, Handle::Detached { .. }) { "detaching" } else { "held" }
+            );
+            match handle {
+                Handle::Detached { .. } => detach::finish(r),
+                Handle::Request(ctx) => hold(r, ctx, key, lcf),
+            }
+        }
         Some(Err(StoreError::Conflict)) => {
             response::text(r, 409, "martd: another listener is waiting on this channel")
         }
@@ -207,7 +216,8 @@ fn hold(
         if lcf.listener_timeout > 0 {
             let t = &mut (*ctx).timer;
             t.handler = Some(listener_timeout);
-            t.data = ctx as *mut c_void;
+            // The connection, as for nginx's own request timers (its debug log reads the fd).
+            t.data = (*r).connection as *mut c_void;
             t.log = (*(*r).connection).log;
             nginx_sys::ngx_add_timer(t, lcf.listener_timeout);
         }
@@ -304,8 +314,9 @@ pub fn leave_key(key: ListenerKey) {
 }
 
 unsafe extern "C" fn listener_timeout(ev: *mut ngx_event_t) {
-    // SAFETY: the timer's data is its listener's context.
-    let ctx = unsafe { (*ev).data as *mut ListenerCtx };
+    // SAFETY: the timer is the `timer` field of its listener's context.
+    let ctx = unsafe { (ev as *mut u8).sub(std::mem::offset_of!(ListenerCtx, timer)) }
+        as *mut ListenerCtx;
     if leave(ctx) {
         answer(ctx, None);
     }

@@ -387,3 +387,36 @@ fn detached_listener_churn_with_timeouts_aborts_and_a_reload() {
         ng.finish();
     });
 }
+
+/// nginx built `--with-debug` (the vendored one is) logging at `debug`: martd's timers, posted
+/// events and wake-up socket are safe under nginx's debug logging (which reads every timer
+/// event's data as a connection), and the debug log shows parking, detaching, waking and the
+/// replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_log_lines_for_park_detach_wake_replay() {
+    let mut conf = Conf::new(&pubsub("", "martd_listener_timeout 1500ms;"));
+    conf.main = "error_log logs/debug.log debug;".to_string();
+    let ng = Nginx::start(conf);
+    let (mut p, l) = publisher_and_waiting(ng.port, "dbg", None).await;
+    assert_published(&p.publish("dbg", "m").await, 201, "publish");
+    assert_eq!(expect_msg(&l.resp().await).text(), "m");
+    // A listener timeout (a timer) and the once-a-second housekeeping timer fire too.
+    let r = Conn::open_probed(ng.port).await.get(&sub_path("dbg-timeout"), &[]).await;
+    assert_status(&r, 304, "timed-out listener");
+    let log = std::fs::read_to_string(ng.prefix().join("logs/debug.log")).unwrap_or_default();
+    if log.contains("[debug]") {
+        for line in [
+            "martd: parked listener",
+            "martd: detached listener",
+            "martd: woken",
+            "martd: replaying detached listener",
+            "martd: replayed listener skips the access phases",
+        ] {
+            assert!(log.contains(line), "no {line:?} line in the debug log");
+        }
+    } else {
+        // An nginx without --with-debug (MARTD_NGINX_BINARY): no debug lines to check.
+        eprintln!("nginx has no debug logging: only the run itself was checked");
+    }
+    ng.finish();
+}
