@@ -9,7 +9,11 @@ use crate::msgid::MsgId;
 /// waiting for the workers that had listeners to pick it up.
 pub const TRANSIENT_LIFE_MS: u64 = 5_000;
 
-/// One message. Content type and body share one allocation.
+/// `Message::pending` of a stored (not transient) message.
+const STORED: u32 = u32::MAX;
+
+/// One message (64 bytes in the zone, plus its content type and body, which share one
+/// allocation).
 pub struct Message<A: Allocator> {
     /// The message id (the `Etag`).
     pub id: MsgId,
@@ -17,31 +21,30 @@ pub struct Message<A: Allocator> {
     pub time: u64,
     /// Wall-clock milliseconds after which the message is gone; `u64::MAX` = never.
     expires_ms: u64,
-    /// Published with storing off: only listeners waiting at publish time may get it.
-    transient: bool,
-    /// For transient messages: workers that had listeners at publish time and have not yet
-    /// picked it up. At zero the message is dropped.
+    /// [`STORED`] for a stored message. A message published with storing off is *transient*
+    /// (only listeners waiting at publish time may get it), and this counts the workers that
+    /// had listeners at publish time and have not yet picked it up. At zero it is dropped.
     pending: u32,
-    ct_len: usize,
+    ct_len: u32,
     data: Vec<u8, A>,
 }
 
 impl<A: Allocator> Message<A> {
     pub fn content_type(&self) -> &[u8] {
-        &self.data[..self.ct_len]
+        &self.data[..self.ct_len as usize]
     }
 
     pub fn body(&self) -> &[u8] {
-        &self.data[self.ct_len..]
+        &self.data[self.ct_len as usize..]
     }
 
     pub fn is_transient(&self) -> bool {
-        self.transient
+        self.pending != STORED
     }
 
     /// Gone for listeners (expired, or a transient message every worker has seen).
     pub fn is_dead(&self, now_ms: u64) -> bool {
-        now_ms >= self.expires_ms || (self.transient && self.pending == 0)
+        now_ms >= self.expires_ms || self.pending == 0
     }
 }
 
@@ -61,11 +64,20 @@ pub struct MessageSpec<'a> {
 /// The stored messages of one channel, oldest first.
 pub struct MessageQueue<A: Allocator> {
     messages: Vec<Message<A>, A>,
+    /// No message expires before this (`u64::MAX`: none ever does). Exact after
+    /// [`MessageQueue::expire`]; may be earlier than the truth after messages were dropped
+    /// otherwise, never later.
+    next_expiry: u64,
 }
 
 impl<A: Allocator + Clone> MessageQueue<A> {
     pub fn new_in(alloc: A) -> Self {
-        MessageQueue { messages: Vec::new_in(alloc) }
+        MessageQueue { messages: Vec::new_in(alloc), next_expiry: u64::MAX }
+    }
+
+    /// No message expires before this time (ms; `u64::MAX`: never).
+    pub fn next_expiry(&self) -> u64 {
+        self.next_expiry
     }
 
     /// Builds a message in zone memory; nothing is changed if memory runs out.
@@ -77,6 +89,7 @@ impl<A: Allocator + Clone> MessageQueue<A> {
         transient_for: Option<u32>,
     ) -> Result<Message<A>, NoMemory> {
         let alloc = self.messages.allocator().clone();
+        let ct_len = u32::try_from(spec.content_type.len()).map_err(|_| NoMemory)?;
         let mut data = Vec::new_in(alloc);
         data.try_reserve_exact(spec.content_type.len() + spec.body.len()).map_err(|_| NoMemory)?;
         data.extend_from_slice(spec.content_type);
@@ -91,38 +104,50 @@ impl<A: Allocator + Clone> MessageQueue<A> {
             id,
             time: now_ms / 1000,
             expires_ms: now_ms.saturating_add(life),
-            transient: transient_for.is_some(),
-            pending: transient_for.unwrap_or(0),
-            ct_len: spec.content_type.len(),
+            // A worker count, far below `STORED`.
+            pending: transient_for.map_or(STORED, |n| n.min(STORED - 1)),
+            ct_len,
             data,
         })
     }
 
     /// Appends `msg`, dropping the oldest messages so that at most `max_len` stay.
-    /// Memory for the slot is reserved first, so on failure the queue is unchanged.
+    /// Memory for the slot is reserved first, so on failure the queue is unchanged. The
+    /// queue's array grows by doubling from one slot, never past `max_len` slots.
     pub fn push(&mut self, msg: Message<A>, max_len: usize) -> Result<(), NoMemory> {
-        if self.messages.len() == self.messages.capacity() {
-            self.messages.try_reserve(1).map_err(|_| NoMemory)?;
+        let max_len = max_len.max(1);
+        let len = self.messages.len();
+        if len >= max_len {
+            self.messages.drain(..len + 1 - max_len);
+        } else if len == self.messages.capacity() {
+            let want = len.saturating_mul(2).max(1).min(max_len);
+            self.messages.try_reserve_exact(want - len).map_err(|_| NoMemory)?;
         }
-        let keep = max_len.max(1) - 1;
-        if self.messages.len() > keep {
-            let excess = self.messages.len() - keep;
-            self.messages.drain(..excess);
-        }
+        self.next_expiry = self.next_expiry.min(msg.expires_ms);
         self.messages.push(msg);
         Ok(())
     }
 
-    /// Drops dead messages; returns how many were dropped.
+    /// Drops dead messages; returns how many were dropped. Nothing to look at before
+    /// [`MessageQueue::next_expiry`].
     pub fn expire(&mut self, now_ms: u64) -> usize {
+        if now_ms < self.next_expiry {
+            return 0;
+        }
         let before = self.messages.len();
         self.messages.retain(|m| !m.is_dead(now_ms));
+        self.settle();
+        before - self.messages.len()
+    }
+
+    /// After messages were dropped: the exact next expiry, and the array's memory given back
+    /// when nothing is left (without a reallocation that could fail).
+    fn settle(&mut self) {
+        self.next_expiry = self.messages.iter().map(|m| m.expires_ms).min().unwrap_or(u64::MAX);
         if self.messages.is_empty() && self.messages.capacity() > 0 {
-            // Give the memory back without a reallocation that could fail.
             let alloc = self.messages.allocator().clone();
             self.messages = Vec::new_in(alloc);
         }
-        before - self.messages.len()
     }
 
     /// The first live message after `since`; transient ones only if `include_transient`.
@@ -136,7 +161,7 @@ impl<A: Allocator + Clone> MessageQueue<A> {
         let start = self.messages.partition_point(|m| m.id <= since);
         self.messages[start..]
             .iter()
-            .find(|m| !m.is_dead(now_ms) && (include_transient || !m.transient))
+            .find(|m| !m.is_dead(now_ms) && (include_transient || !m.is_transient()))
     }
 
     /// The id of the newest live stored message published at or before second `time`
@@ -151,7 +176,7 @@ impl<A: Allocator + Clone> MessageQueue<A> {
 
     /// Live stored messages a new listener could receive.
     pub fn stored_count(&self, now_ms: u64) -> usize {
-        self.messages.iter().filter(|m| !m.transient && !m.is_dead(now_ms)).count()
+        self.messages.iter().filter(|m| !m.is_transient() && !m.is_dead(now_ms)).count()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -159,14 +184,25 @@ impl<A: Allocator + Clone> MessageQueue<A> {
     }
 
     /// A worker that had listeners when these were published has now seen every message
-    /// after `seen`.
+    /// after `seen`. Transient messages every such worker has seen are dropped at once.
     pub fn ack_transient_after(&mut self, seen: MsgId) {
         let start = self.messages.partition_point(|m| m.id <= seen);
+        let mut done = false;
         for m in &mut self.messages[start..] {
-            if m.transient {
-                m.pending = m.pending.saturating_sub(1);
+            if m.is_transient() && m.pending > 0 {
+                m.pending -= 1;
+                done |= m.pending == 0;
             }
         }
+        if done {
+            self.messages.retain(|m| m.pending != 0);
+            self.settle();
+        }
+    }
+
+    /// Messages in the queue, dead or alive.
+    pub fn len(&self) -> usize {
+        self.messages.len()
     }
 }
 
@@ -223,10 +259,14 @@ mod tests {
         assert!(q.next_after(0, 1000, true).is_some());
         q.ack_transient_after(0);
         assert!(q.next_after(0, 1000, true).is_none());
+        assert!(q.is_empty(), "dropped once every worker has seen it");
         // And in any case they leave after TRANSIENT_LIFE_MS.
         let m = q.make_message(&spec(b"u"), 8, 1000, Some(1)).unwrap();
         q.push(m, 10).unwrap();
-        assert_eq!(q.expire(1000 + TRANSIENT_LIFE_MS), 2);
+        assert_eq!(q.next_expiry(), 1000 + TRANSIENT_LIFE_MS);
+        assert_eq!(q.expire(1000 + TRANSIENT_LIFE_MS - 1), 0);
+        assert_eq!(q.expire(1000 + TRANSIENT_LIFE_MS), 1);
+        assert_eq!(q.next_expiry(), u64::MAX);
     }
 
     #[test]

@@ -5,24 +5,42 @@
 //! Listeners themselves (requests) are worker-local; the store only counts them per worker
 //! *slot* (one slot per live worker process) so that a publish knows which workers to wake,
 //! the counts stay exact, and a dead worker's counts can be removed.
+//!
+//! Every call costs a bounded amount of work whatever the number of channels: channels are
+//! found through a table that grows one bucket at a time (`table.rs`), expiry runs through a
+//! timing wheel in bounded steps (`expiry.rs`), and a crashed worker's counts are purged
+//! lazily (`workers.rs`). The one exception is a message operation, which is linear in the
+//! channel's queue (at most `martd_message_buffer_length` messages).
 
-use std::hash::RandomState;
+use std::ptr::NonNull;
 
 use allocator_api2::alloc::Allocator;
 use allocator_api2::vec::Vec;
-use hashbrown::HashMap;
 
 use crate::info::ChannelInfo;
 use crate::msgid::{next_id, MsgId, Since};
-use crate::queue::{Message, MessageQueue, MessageSpec, NoMemory};
+use crate::queue::{Message, MessageSpec, NoMemory};
 
 mod channel;
+mod expiry;
+mod paged;
+mod table;
 mod workers;
 
 use channel::Waiter;
-pub use channel::{Channel, ChannelName};
-use workers::notify;
+pub use channel::{Channel, LISTENER_ONLY_GRACE_MS};
+use expiry::Wheel;
+use table::ChannelTable;
 pub use workers::WorkerSlot;
+use workers::{notify, DeadSlot};
+
+/// The budget of one [`Store::collect_garbage_step`] (channels looked at) that keeps a hold of
+/// the zone lock around 50 µs at a million channels (`martd-bench lockhold`).
+pub const GC_STEP_BUDGET: usize = 32;
+
+/// Garbage-collection work a refused allocation may do before its one retry: one step, so a
+/// publish or listen in a full zone holds the lock no longer than a step and the call.
+pub const OOM_GC_BUDGET: usize = GC_STEP_BUDGET;
 
 /// Channels a worker's mailbox can name before it overflows into "look at all of them".
 pub const MAILBOX_CAP: usize = 256;
@@ -122,6 +140,8 @@ pub enum Listen<'a, A: Allocator> {
 pub struct Stats {
     pub published: u64,
     pub channels_created: u64,
+    /// Channels removed by garbage collection (idle, or never published to and left).
+    pub channels_removed: u64,
     pub out_of_memory: u64,
 }
 
@@ -131,8 +151,14 @@ pub struct Store<A: Allocator + Clone> {
     last_id: MsgId,
     next_serial: u64,
     next_slot: u32,
-    channels: HashMap<ChannelName<A>, Channel<A>, RandomState, A>,
+    /// Owns every channel. Dropped first: the wheel only points into it.
+    channels: ChannelTable<A>,
+    wheel: Wheel<A>,
     workers: Vec<WorkerSlot<A>, A>,
+    /// Slots gone while channels still count their listeners.
+    dead: Vec<DeadSlot, A>,
+    /// The next bucket the crashed-worker sweep looks at, while one runs.
+    sweep: Option<usize>,
     pub stats: Stats,
 }
 
@@ -143,8 +169,11 @@ impl<A: Allocator + Clone> Store<A> {
             last_id: 0,
             next_serial: 1,
             next_slot: 1,
-            channels: HashMap::with_hasher_in(RandomState::new(), alloc.clone()),
+            channels: ChannelTable::new_in(alloc.clone()),
+            wheel: Wheel::new(),
             workers: Vec::new_in(alloc.clone()),
+            dead: Vec::new_in(alloc.clone()),
+            sweep: None,
             stats: Stats::default(),
             alloc,
         }
@@ -161,53 +190,80 @@ impl<A: Allocator + Clone> Store<A> {
 
     /// The channel `name` if it is still incarnation `serial`.
     pub fn channel(&self, name: &[u8], serial: u64) -> Option<&Channel<A>> {
-        self.channels.get(name).filter(|c| c.serial == serial)
+        // SAFETY: a live channel of the table, borrowed for as long as the store is.
+        let ch = unsafe { self.channels.find(name)?.as_ref() };
+        (ch.serial == serial).then_some(ch)
     }
 
+    /// Listeners on `ch` that belong to live workers.
+    fn live_listeners(&self, ch: &Channel<A>) -> u32 {
+        if self.dead.is_empty() {
+            ch.listeners
+        } else {
+            ch.listeners - ch.listeners_of(|slot| self.is_dead(slot))
+        }
+    }
+
+    /// What the publisher endpoint reports about `name`; listeners of crashed workers not yet
+    /// purged are left out.
     pub fn info(&self, name: &[u8], now_ms: u64) -> Option<ChannelInfo> {
-        self.channels.get(name).map(|c| c.info(now_ms))
+        // SAFETY: a live channel of the table.
+        let ch = unsafe { self.channels.find(name)?.as_ref() };
+        Some(ch.info(now_ms, self.live_listeners(ch)))
     }
 
+    /// Total listeners of live workers in every channel (for tests and stats; walks every
+    /// channel).
+    pub fn total_listeners(&self) -> u64 {
+        let mut n = 0;
+        self.channels.for_each(|c| n += u64::from(self.live_listeners(c)));
+        n
+    }
+
+    /// The channel `name`, created if missing; says whether it was created.
     fn get_or_create(
         &mut self,
         name: &[u8],
         now_ms: u64,
         channel_timeout_ms: u64,
-    ) -> Result<&mut Channel<A>, NoMemory> {
-        if !self.channels.contains_key(name) {
-            self.channels.try_reserve(1).map_err(|_| NoMemory)?;
-            let mut key = Vec::new_in(self.alloc.clone());
-            key.try_reserve_exact(name.len()).map_err(|_| NoMemory)?;
-            key.extend_from_slice(name);
-            let channel = Channel {
-                serial: self.next_serial,
-                queue: MessageQueue::new_in(self.alloc.clone()),
-                last_id: 0,
-                listeners: 0,
-                waiters: Vec::new_in(self.alloc.clone()),
-                park_counter: 0,
-                evict_below: 0,
-                last_requested_ms: 0,
-                last_active_ms: now_ms,
-                channel_timeout_ms,
-            };
-            self.next_serial += 1;
-            self.stats.channels_created += 1;
-            self.channels.insert(ChannelName(key), channel);
+    ) -> Result<(NonNull<Channel<A>>, bool), NoMemory> {
+        if let Some(p) = self.channels.find(name) {
+            self.purge_dead(p);
+            return Ok((p, false));
         }
-        self.channels.get_mut(name).ok_or(NoMemory)
+        let mut key = Vec::new_in(self.alloc.clone());
+        key.try_reserve_exact(name.len()).map_err(|_| NoMemory)?;
+        key.extend_from_slice(name);
+        let hash = self.channels.hash(name);
+        let channel = Channel::new(key, hash, self.next_serial, now_ms, channel_timeout_ms);
+        let p = self.channels.insert(channel)?;
+        self.next_serial += 1;
+        self.stats.channels_created += 1;
+        Ok((p, true))
     }
 
-    /// Runs `op`; if the zone is full, drops expired messages and idle channels and tries once
-    /// more.
+    /// Takes channel `p` out of the wheel and the table and frees it. Its waiters' slots
+    /// no longer count it.
+    fn remove_channel(&mut self, p: NonNull<Channel<A>>) -> Channel<A> {
+        self.wheel.disarm(p);
+        let ch = self.channels.remove(p);
+        for w in ch.waiters.iter() {
+            self.slot_left(w.slot);
+        }
+        ch
+    }
+
+    /// Runs `op`; if the zone is full, runs one bounded garbage-collection step (whatever has
+    /// expired by now, up to [`OOM_GC_BUDGET`] channels) and tries once more.
     fn retrying<T>(
         &mut self,
         now_ms: u64,
         mut op: impl FnMut(&mut Self) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        self.wheel.observe(now_ms);
         match op(self) {
             Err(StoreError::NoMemory) => {
-                self.collect_garbage(now_ms);
+                self.collect_garbage_step(now_ms, OOM_GC_BUDGET);
                 let r = op(self);
                 if matches!(r, Err(StoreError::NoMemory)) {
                     self.stats.out_of_memory += 1;
@@ -219,6 +275,10 @@ impl<A: Allocator + Clone> Store<A> {
     }
 
     /// Publishes a message. `wake` receives the workers to notify.
+    ///
+    /// Messages live until their timeout (`timeout_ms`, never if `0`) or until newer ones push
+    /// them out of the buffer; a channel with no listener and no message is removed
+    /// `channel_timeout_ms` after its last publish or listen request.
     pub fn publish(
         &mut self,
         name: &[u8],
@@ -239,10 +299,10 @@ impl<A: Allocator + Clone> Store<A> {
         wake: &mut std::vec::Vec<WakeTarget>,
     ) -> Result<Published, StoreError> {
         let id = next_id(self.last_id, now_ms.saturating_mul(1000));
-        let created = !self.channels.contains_key(name);
-        let ch = self.get_or_create(name, now_ms, opts.channel_timeout_ms)?;
-        ch.channel_timeout_ms = opts.channel_timeout_ms;
-        ch.last_active_ms = now_ms;
+        let (mut p, created) = self.get_or_create(name, now_ms, opts.channel_timeout_ms)?;
+        // SAFETY: a live channel of the table; this reference ends before the wheel or the
+        // table touch it again.
+        let ch = unsafe { p.as_mut() };
         ch.queue.expire(now_ms);
         let listeners = ch.listeners;
         let keep = opts.store && opts.buffer_len > 0;
@@ -256,23 +316,29 @@ impl<A: Allocator + Clone> Store<A> {
             if let Err(e) = stored {
                 if created {
                     // A refused publish leaves nothing behind.
-                    self.channels.remove(name);
+                    self.remove_channel(p);
+                } else {
+                    // Expired messages may have gone.
+                    self.rearm(p);
                 }
                 return Err(e.into());
             }
         }
+        ch.channel_timeout_ms = opts.channel_timeout_ms;
+        ch.last_active_ms = now_ms;
         ch.last_id = id;
-        let serial = ch.serial;
-        let info = ch.info(now_ms);
+        let info = ch.info(now_ms, listeners);
         self.last_id = id;
         self.stats.published += 1;
         if listeners > 0 {
-            self.notify_waiters(name, serial, wake);
+            self.notify_waiters(p, wake);
         }
+        self.rearm(p);
         Ok(Published { id, listeners, info })
     }
 
-    /// A listen request: a message at once, or the listener is counted and parks.
+    /// A listen request: a message at once, or the listener is counted and parks. A listener
+    /// of a slot that is not registered is not counted (nobody could wake it).
     pub fn listen(
         &mut self,
         name: &[u8],
@@ -282,87 +348,141 @@ impl<A: Allocator + Clone> Store<A> {
         wake: &mut std::vec::Vec<WakeTarget>,
     ) -> Result<Listen<'_, A>, StoreError> {
         let future_clamp = self.last_id;
-        // Decide first with shared borrows only, then mutate.
-        let parked = self.retrying(now_ms, |s| {
-            let ch = if opts.create {
+        let counted = self.is_registered(opts.slot);
+        let found = self.retrying(now_ms, |s| {
+            let (mut p, created) = if opts.create {
                 s.get_or_create(name, now_ms, opts.channel_timeout_ms)?
             } else {
-                s.channels.get_mut(name).ok_or(StoreError::NotFound)?
+                let p = s.channels.find(name).ok_or(StoreError::NotFound)?;
+                s.purge_dead(p);
+                (p, false)
             };
-            ch.last_requested_ms = now_ms.max(1);
-            ch.last_active_ms = now_ms;
-            ch.channel_timeout_ms = opts.channel_timeout_ms;
-            let since_id = match since {
-                Since::Oldest => 0,
-                Since::After(id) => id.min(future_clamp),
-                Since::ModifiedSince(t) => ch.queue.id_at_time(t, now_ms),
-            };
-            if ch.queue.next_after(since_id, now_ms, false).is_some() {
-                return Ok(Err(since_id));
-            }
-            match opts.concurrency {
-                Concurrency::First if ch.listeners > 0 => return Err(StoreError::Conflict),
+            // SAFETY: a live channel of the table; the reference ends with `listen_on`.
+            let r = s.listen_on(unsafe { p.as_mut() }, since, opts, now_ms, future_clamp, counted);
+            match r {
+                Err(_) if created => {
+                    s.remove_channel(p);
+                    return Err(r.err().unwrap_or(StoreError::NoMemory));
+                }
+                Ok(Ok((_, true))) => s.slot_joined(opts.slot),
                 _ => {}
             }
-            if opts.max_listeners > 0 && ch.listeners >= opts.max_listeners {
-                return Err(StoreError::TooManyListeners);
-            }
-            match ch.waiters.iter_mut().find(|w| w.slot == opts.slot) {
-                Some(w) => w.count += 1,
-                None => {
-                    ch.waiters.try_reserve(1).map_err(|_| NoMemory)?;
-                    ch.waiters.push(Waiter { slot: opts.slot, count: 1 });
-                }
-            }
-            ch.listeners += 1;
-            ch.park_counter += 1;
-            let park_seq = ch.park_counter;
-            if opts.concurrency == Concurrency::Last {
-                ch.evict_below = park_seq;
-            }
-            Ok(Ok(Parked { serial: ch.serial, since: since_id, park_seq, last_id: ch.last_id }))
+            s.rearm(p);
+            r.map(|r| (p, r.map(|(parked, _)| parked)))
         })?;
-        match parked {
-            Ok(p) => {
+        match found {
+            (p, Ok(parked)) => {
                 if opts.concurrency == Concurrency::Last {
-                    self.notify_waiters(name, p.serial, wake);
+                    self.notify_waiters(p, wake);
                 }
-                Ok(Listen::Park(p))
+                Ok(Listen::Park(parked))
             }
-            Err(since_id) => {
-                let msg = self
-                    .channels
-                    .get(name)
-                    .and_then(|c| c.queue.next_after(since_id, now_ms, false))
-                    .ok_or(StoreError::NotFound)?;
+            (p, Err(since_id)) => {
+                // SAFETY: a live channel of the table, borrowed for as long as the store is.
+                let ch = unsafe { p.as_ref() };
+                let msg =
+                    ch.queue.next_after(since_id, now_ms, false).ok_or(StoreError::NotFound)?;
                 Ok(Listen::Message(msg))
             }
         }
     }
 
+    /// The listen decision on channel `ch`: `Ok(Err(since))` when a stored message answers it,
+    /// `Ok(Ok((parked, joined)))` when it parks: counted in `ch` if `counted`, and `joined`
+    /// if it is the slot's first listener there.
+    fn listen_on(
+        &self,
+        ch: &mut Channel<A>,
+        since: Since,
+        opts: &ListenOpts,
+        now_ms: u64,
+        future_clamp: MsgId,
+        counted: bool,
+    ) -> Result<Result<(Parked, bool), MsgId>, StoreError> {
+        ch.last_requested_ms = now_ms.max(1);
+        ch.last_active_ms = now_ms;
+        ch.channel_timeout_ms = opts.channel_timeout_ms;
+        let since_id = match since {
+            Since::Oldest => 0,
+            Since::After(id) => id.min(future_clamp),
+            Since::ModifiedSince(t) => ch.queue.id_at_time(t, now_ms),
+        };
+        if ch.queue.next_after(since_id, now_ms, false).is_some() {
+            return Ok(Err(since_id));
+        }
+        if opts.concurrency == Concurrency::First && ch.listeners > 0 {
+            return Err(StoreError::Conflict);
+        }
+        if opts.max_listeners > 0 && ch.listeners >= opts.max_listeners {
+            return Err(StoreError::TooManyListeners);
+        }
+        let mut joined = false;
+        if counted {
+            match ch.waiters.iter_mut().find(|w| w.slot == opts.slot) {
+                Some(w) => w.count += 1,
+                None => {
+                    // Most channels have listeners in one worker: one slot, then doubling.
+                    let more = ch.waiters.len().max(1);
+                    ch.waiters.try_reserve_exact(more).map_err(|_| NoMemory)?;
+                    ch.waiters.push(Waiter { slot: opts.slot, count: 1 });
+                    joined = true;
+                }
+            }
+            ch.listeners += 1;
+        }
+        ch.park_counter += 1;
+        let park_seq = ch.park_counter;
+        if opts.concurrency == Concurrency::Last {
+            ch.evict_below = park_seq;
+        }
+        let parked = Parked { serial: ch.serial, since: since_id, park_seq, last_id: ch.last_id };
+        Ok(Ok((parked, joined)))
+    }
+
+    /// The channel incarnation `serial` of `name`, with dead slots' counts purged.
+    fn live_channel(&mut self, name: &[u8], serial: u64) -> Option<NonNull<Channel<A>>> {
+        let p = self.channels.find(name)?;
+        // SAFETY: a live channel of the table.
+        if unsafe { p.as_ref() }.serial != serial {
+            return None;
+        }
+        self.purge_dead(p);
+        Some(p)
+    }
+
     /// `n` listeners of `slot` on channel incarnation `serial` are gone (answered, timed
     /// out, or disconnected). When the worker has no listener left there (`last`), it also
-    /// stops holding back transient messages published after `seen`.
+    /// stops holding back transient messages published after `seen`. A channel that was
+    /// never published to goes soon after its last listener (see [`LISTENER_ONLY_GRACE_MS`]).
     pub fn release(&mut self, name: &[u8], serial: u64, slot: u32, n: u32, last: Option<MsgId>) {
-        if let Some(ch) = self.channels.get_mut(name).filter(|c| c.serial == serial) {
-            ch.release(slot, n);
-            if let Some(seen) = last {
-                ch.queue.ack_transient_after(seen);
-            }
+        let Some(mut p) = self.live_channel(name, serial) else {
+            return;
+        };
+        // SAFETY: a live channel of the table; the reference ends before the calls below.
+        let ch = unsafe { p.as_mut() };
+        let left = ch.release(slot, n);
+        if let Some(seen) = last {
+            ch.queue.ack_transient_after(seen);
         }
+        if left {
+            self.slot_left(slot);
+        }
+        self.rearm(p);
     }
 
     /// A worker that keeps listeners on the channel has seen every message after `seen`.
     pub fn ack(&mut self, name: &[u8], serial: u64, seen: MsgId) -> MsgId {
-        match self.channels.get_mut(name).filter(|c| c.serial == serial) {
-            Some(ch) => {
-                if ch.last_id > seen {
-                    ch.queue.ack_transient_after(seen);
-                }
-                ch.last_id
-            }
-            None => seen,
+        let Some(mut p) = self.live_channel(name, serial) else {
+            return seen;
+        };
+        // SAFETY: a live channel of the table.
+        let ch = unsafe { p.as_mut() };
+        if ch.last_id > seen {
+            ch.queue.ack_transient_after(seen);
         }
+        let last_id = ch.last_id;
+        self.rearm(p);
+        last_id
     }
 
     /// Deletes a channel; its listeners' workers are woken (they answer `410`).
@@ -372,38 +492,28 @@ impl<A: Allocator + Clone> Store<A> {
         now_ms: u64,
         wake: &mut std::vec::Vec<WakeTarget>,
     ) -> Option<ChannelInfo> {
-        let ch = self.channels.remove(name)?;
-        let info = ch.info(now_ms);
+        let p = self.channels.find(name)?;
+        self.purge_dead(p);
+        let ch = self.remove_channel(p);
         for w in ch.waiters.iter() {
             notify(&mut self.workers, w.slot, ch.serial, wake);
         }
-        Some(info)
+        Some(ch.info(now_ms, ch.listeners))
     }
 
-    /// Drops dead messages and idle channels. Returns the number of channels removed.
-    pub fn collect_garbage(&mut self, now_ms: u64) -> usize {
-        let before = self.channels.len();
-        self.channels.retain(|_, ch| {
-            ch.queue.expire(now_ms);
-            !ch.is_idle(now_ms)
-        });
-        before - self.channels.len()
-    }
-
-    /// Tells every worker with listeners on `name` to look at it.
-    fn notify_waiters(&mut self, name: &[u8], serial: u64, wake: &mut std::vec::Vec<WakeTarget>) {
-        if let Some(ch) = self.channels.get(name) {
-            for w in ch.waiters.iter() {
-                notify(&mut self.workers, w.slot, serial, wake);
-            }
+    /// Tells every worker with listeners on channel `p` to look at it.
+    fn notify_waiters(&mut self, p: NonNull<Channel<A>>, wake: &mut std::vec::Vec<WakeTarget>) {
+        // SAFETY: a live channel of the table, only read here.
+        let ch = unsafe { p.as_ref() };
+        for w in ch.waiters.iter() {
+            notify(&mut self.workers, w.slot, ch.serial, wake);
         }
-    }
-
-    /// Total listeners counted in every channel (for tests and stats).
-    pub fn total_listeners(&self) -> u64 {
-        self.channels.values().map(|c| u64::from(c.listeners)).sum()
     }
 }
 
 #[cfg(test)]
+mod check;
+#[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_gc;

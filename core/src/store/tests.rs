@@ -12,7 +12,7 @@ use crate::listeners::{Listeners, Verdict};
 
 /// The global allocator with a byte budget, like a small zone.
 #[derive(Clone)]
-struct Budget(Rc<Cell<usize>>);
+pub(super) struct Budget(pub(super) Rc<Cell<usize>>);
 
 unsafe impl Allocator for Budget {
     fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
@@ -30,11 +30,11 @@ unsafe impl Allocator for Budget {
     }
 }
 
-fn popts(buffer_len: usize) -> PublishOpts {
+pub(super) fn popts(buffer_len: usize) -> PublishOpts {
     PublishOpts { buffer_len, timeout_ms: 0, store: true, channel_timeout_ms: 300_000 }
 }
 
-fn lopts(slot: u32) -> ListenOpts {
+pub(super) fn lopts(slot: u32) -> ListenOpts {
     ListenOpts {
         concurrency: Concurrency::Broadcast,
         max_listeners: 0,
@@ -44,11 +44,11 @@ fn lopts(slot: u32) -> ListenOpts {
     }
 }
 
-fn msg(body: &[u8]) -> MessageSpec<'_> {
+pub(super) fn msg(body: &[u8]) -> MessageSpec<'_> {
     MessageSpec { content_type: b"text/plain", body, timeout_ms: 0 }
 }
 
-fn store_with_workers(n: u32) -> (Store<Global>, std::vec::Vec<u32>) {
+pub(super) fn store_with_workers(n: u32) -> (Store<Global>, std::vec::Vec<u32>) {
     let mut s = Store::new_in(Global);
     let slots =
         (0..n).map(|i| s.register_worker(100 + i as i32, 1, i, &|_| true).unwrap()).collect();
@@ -456,6 +456,7 @@ proptest! {
                     }
                 }
             }
+            s.check();
             // The zone never counts a listener no worker holds (deleted channels' listeners
             // are held until their worker wakes).
             let held = (workers[0].len() + workers[1].len()) as u64;

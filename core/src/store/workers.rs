@@ -1,8 +1,19 @@
-//! Worker slots: registration, mailboxes and wake-up marks.
+//! Worker slots: registration, mailboxes and wake-up marks, and the removal of the listener
+//! counts a crashed worker left behind.
+//!
+//! Each slot counts the channels it has listeners on. A worker that leaves gracefully has
+//! released all of them first, so unregistering it costs nothing more. A crashed worker's slot
+//! (purged by [`Store::register_worker`]) still has counts: it becomes a *dead* slot, whose
+//! counts go when a channel is touched (publish, listen, release, its garbage-collection
+//! deadline), and a sweep over the table, a few buckets per garbage-collection step, removes
+//! the rest in bounded time. It stops as soon as the dead slots' channel counts reach zero.
+
+use std::ptr::NonNull;
 
 use allocator_api2::alloc::Allocator;
 use allocator_api2::vec::Vec;
 
+use super::channel::Channel;
 use super::{Store, StoreError, WakeTarget, MAILBOX_CAP};
 
 /// A live worker process.
@@ -14,6 +25,16 @@ pub struct WorkerSlot<A: Allocator> {
     pub(super) signaled: bool,
     pub(super) overflow: bool,
     pub(super) mailbox: Vec<u64, A>,
+    /// Channels with listeners of this slot.
+    pub(super) channels: u32,
+}
+
+/// A slot that is gone while channels still count its listeners.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct DeadSlot {
+    pub(super) id: u32,
+    /// Channels still counting listeners of it.
+    pub(super) channels: u32,
 }
 
 impl<A: Allocator + Clone> Store<A> {
@@ -64,6 +85,9 @@ impl<A: Allocator + Clone> Store<A> {
             self.unregister_worker(slot);
         }
         self.workers.try_reserve(1).map_err(|_| StoreError::NoMemory)?;
+        // Room for every live slot to become a dead one: unregistering never allocates.
+        let dead_room = self.workers.len() + 1;
+        self.dead.try_reserve(dead_room).map_err(|_| StoreError::NoMemory)?;
         let id = self.next_slot;
         self.next_slot = self.next_slot.wrapping_add(1).max(1);
         self.workers.push(WorkerSlot {
@@ -74,16 +98,131 @@ impl<A: Allocator + Clone> Store<A> {
             signaled: false,
             overflow: false,
             mailbox: Vec::new_in(self.alloc.clone()),
+            channels: 0,
         });
         Ok(id)
     }
 
-    /// Removes a worker slot and every listener it counted.
+    /// Removes a worker slot. A worker that released its listeners first (a graceful exit)
+    /// leaves nothing behind; otherwise its counts go lazily (see the module's note), and
+    /// [`Store::info`] and [`Store::total_listeners`] leave them out meanwhile.
     pub fn unregister_worker(&mut self, slot: u32) {
-        self.workers.retain(|w| w.id != slot);
-        for ch in self.channels.values_mut() {
-            ch.release(slot, u32::MAX);
+        let Some(pos) = self.workers.iter().position(|w| w.id == slot) else {
+            return;
+        };
+        let w = self.workers.swap_remove(pos);
+        if w.channels == 0 {
+            return;
         }
+        // `register_worker` reserved room for this, so this never allocates.
+        if self.dead.try_reserve(1).is_ok() {
+            self.dead.push(DeadSlot { id: slot, channels: w.channels });
+            self.start_sweep();
+        } else {
+            // Never reached; should it be, no count may stay that nobody tracks.
+            for i in 0..self.channels.bucket_count() {
+                let mut cur = self.channels.bucket(i);
+                while let Some(mut p) = cur {
+                    // SAFETY: a live channel of the table, not unlinked here.
+                    let ch = unsafe { p.as_mut() };
+                    cur = ch.chain;
+                    ch.release(slot, u32::MAX);
+                    self.rearm(p);
+                }
+            }
+        }
+    }
+
+    /// Whether listeners of `slot` are counted although it is gone.
+    pub(super) fn is_dead(&self, slot: u32) -> bool {
+        self.dead.iter().any(|d| d.id == slot)
+    }
+
+    /// Whether `slot` is a registered worker's (only those have listeners counted).
+    pub(super) fn is_registered(&self, slot: u32) -> bool {
+        self.workers.iter().any(|w| w.id == slot)
+    }
+
+    /// Registered `slot` has listeners on one more channel.
+    pub(super) fn slot_joined(&mut self, slot: u32) {
+        if let Some(w) = self.workers.iter_mut().find(|w| w.id == slot) {
+            w.channels += 1;
+        }
+    }
+
+    /// `slot` has no listener left on one channel.
+    pub(super) fn slot_left(&mut self, slot: u32) {
+        if let Some(w) = self.workers.iter_mut().find(|w| w.id == slot) {
+            w.channels = w.channels.saturating_sub(1);
+        } else if let Some(pos) = self.dead.iter().position(|d| d.id == slot) {
+            let d = &mut self.dead[pos];
+            d.channels = d.channels.saturating_sub(1);
+            if d.channels == 0 {
+                self.dead.swap_remove(pos);
+                if self.dead.is_empty() {
+                    self.stop_sweep();
+                }
+            }
+        }
+    }
+
+    /// Drops the counts of dead slots from channel `p`.
+    pub(super) fn purge_dead(&mut self, mut p: NonNull<Channel<A>>) {
+        while !self.dead.is_empty() {
+            // SAFETY: a live channel of the table; the reference ends before `slot_left`.
+            let ch = unsafe { p.as_mut() };
+            let Some(w) = ch.waiters.iter().find(|w| self.dead.iter().any(|d| d.id == w.slot))
+            else {
+                return;
+            };
+            let slot = w.slot;
+            ch.release(slot, u32::MAX);
+            self.slot_left(slot);
+        }
+    }
+
+    fn start_sweep(&mut self) {
+        self.sweep = Some(0);
+        self.channels.frozen = true;
+    }
+
+    fn stop_sweep(&mut self) {
+        self.sweep = None;
+        self.channels.frozen = false;
+    }
+
+    /// Purges dead slots' counts from up to `budget` buckets and channels; returns the work
+    /// done. Buckets are never merged during a sweep (a merge could move an unvisited chain
+    /// into a visited bucket); a split only moves a chain to a bucket at the end.
+    pub(super) fn sweep_step(&mut self, budget: usize) -> usize {
+        let Some(mut i) = self.sweep else {
+            return 0;
+        };
+        let mut work = 0;
+        while work < budget && !self.dead.is_empty() {
+            if i >= self.channels.bucket_count() {
+                // Every channel was looked at since the last slot died: nothing can be left.
+                debug_assert!(self.dead.is_empty(), "dead slots left: {:?}", self.dead);
+                self.dead.clear();
+                break;
+            }
+            let mut cur = self.channels.bucket(i);
+            work += 1;
+            while let Some(p) = cur {
+                // SAFETY: a live channel of the table; purging and arming never unlink it.
+                cur = unsafe { p.as_ref() }.chain;
+                self.purge_dead(p);
+                self.rearm(p);
+                work += 1;
+            }
+            i += 1;
+        }
+        if self.dead.is_empty() {
+            self.stop_sweep();
+        } else {
+            self.sweep = Some(i);
+        }
+        work
     }
 }
 
