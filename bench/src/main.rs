@@ -7,16 +7,21 @@
 //! many runs into medians, martd/nchan ratios and BENCHMARKS.md. Only loopback addresses are
 //! ever used, and every run is bounded in time.
 
+mod alloc;
 mod args;
 mod http;
+mod legacy;
+mod lockhold;
 mod report;
 mod scenarios;
 mod server;
+mod zonesize;
 
 use std::process::ExitCode;
 
 const USAGE: &str = "\
 usage: martd-bench <scenario> --server martd|nchan [options]
+       martd-bench lockhold|zonesize [options]
        martd-bench report --results FILE [--md FILE] [--meta KEY=VALUE ...]
 
 scenarios (each starts a fresh nginx, prints a table and a final JSON line):
@@ -29,6 +34,18 @@ scenarios (each starts a fresh nginx, prints a table and a final JSON line):
   capacity  --listeners 30000 --procs 2 [--channels 1]
   latency   --rate 1000 --seconds 10
   big       --listeners 1000 --size 65536 --rounds 10
+
+in-process on martd-core (no nginx; no --server):
+  lockhold  [--channels 1000000] [--seconds 30] [--publish-rate 50000] [--listen-rate 10000]
+            [--fresh-pct 30] [--ttl-ms 2000] [--channel-timeout-ms 60000] [--budget 32]
+            [--gc-interval-ms 1000] [--size 64] [--legacy-walks 3] [--seed 1] [--replays 3]
+            [--alloc slab|global: the store's allocator, one that works like nginx's slab pool
+            or the process's malloc] [--prefault-mb 256+2/1000 channels: memory touched
+            before the run]: the longest single store call (one zone lock hold) under a steady
+            load of publishes, listens, wake-ups and bounded garbage-collection steps over
+            --channels channels, next to the full walk one garbage-collection tick was before
+  zonesize  [--channels 100000] [--size 64]: zone bytes per channel and per message, with
+            nginx's slab rounding
 
 common options:
   --server martd|nchan     which module to load (required)
@@ -58,6 +75,8 @@ fn main() -> ExitCode {
     let res = match cmd.as_str() {
         "report" => report::run(&args),
         "capacity-child" => scenarios::capacity_child(&args),
+        "lockhold" => lockhold::run(&args),
+        "zonesize" => zonesize::run(&args),
         "fanout" | "publish" | "idle" | "capacity" | "latency" | "big" => {
             scenarios::run(&cmd, &args)
         }

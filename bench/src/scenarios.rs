@@ -70,7 +70,7 @@ impl Outcome {
     }
 }
 
-fn percentile(sorted: &[u32], q: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[u32], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
