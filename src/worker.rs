@@ -16,7 +16,7 @@ use nginx_sys::{
 };
 
 use martd_core::listeners::Listeners;
-use martd_core::store::WakeTarget;
+use martd_core::store::{WakeTarget, GC_STEP_BUDGET};
 
 use crate::conf::MainConf;
 use crate::listen::detach::{self, DetachedListeners};
@@ -25,6 +25,11 @@ use crate::notify::{self, Sent};
 use crate::zone;
 
 const GC_INTERVAL_MS: u64 = 1000;
+/// Garbage-collection steps one timer event runs (each a short hold of the zone lock, see
+/// [`GC_STEP_BUDGET`]) before it lets the event loop run again.
+const GC_STEPS_PER_TICK: usize = 32;
+/// Channels a wake-up looks at per hold of the zone lock.
+const WAKE_CHANNELS_PER_LOCK: usize = 16;
 
 pub struct WorkerState {
     /// Our slot in the zone; `None` once shutting down (or if registering failed).
@@ -44,6 +49,8 @@ pub struct WorkerState {
     gc_ev: Box<ngx_event_t>,
     /// Second of the last "zone is full" log line.
     pub last_full_log: i64,
+    /// A garbage-collection pass of this worker has more to do.
+    gc_more: bool,
 }
 
 thread_local! {
@@ -160,6 +167,7 @@ pub extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         mailbox_ev: blank_event(mailbox_handler, log),
         gc_ev: blank_event(gc_handler, log),
         last_full_log: 0,
+        gc_more: false,
     };
     WORKER.with(|w| {
         let mut w = w.borrow_mut();
@@ -269,16 +277,21 @@ fn process_mailbox() {
         let mut out = Vec::new();
         let Some(slot) = st.slot else { return out };
         // SAFETY: `mcf` is this worker's cycle's main conf.
-        let Some(mut z) = zone::lock(unsafe { &*st.mcf }) else {
-            return out;
-        };
+        let mcf = unsafe { &*st.mcf };
         let mut serials = Vec::new();
-        if z.store().take_mailbox(slot, &mut serials) {
+        let overflow =
+            zone::lock(mcf).is_some_and(|mut z| z.store().take_mailbox(slot, &mut serials));
+        if overflow {
             serials = st.listeners.serials();
         }
         let now = now_ms();
-        for serial in serials {
-            st.listeners.wake(z.store(), serial, slot, now, &mut out);
+        // A few channels per hold of the zone lock: an overflowed mailbox names every channel
+        // with listeners here.
+        for chunk in serials.chunks(WAKE_CHANNELS_PER_LOCK) {
+            let Some(mut z) = zone::lock(mcf) else { break };
+            for &serial in chunk {
+                st.listeners.wake(z.store(), serial, slot, now, &mut out);
+            }
         }
         out
     });
@@ -323,24 +336,43 @@ fn shutdown() {
 /// and sending could delay.
 unsafe extern "C" fn gc_handler(ev: *mut ngx_event_t) {
     let now = now_ms();
-    let registered = with(|st| {
+    let state = with(|st| {
         // SAFETY: `mcf` is this worker's cycle's main conf.
-        if let Some(mut z) = zone::lock(unsafe { &*st.mcf }) {
-            let root = z.root();
-            if now.saturating_sub(root.last_gc_ms) >= GC_INTERVAL_MS {
-                root.last_gc_ms = now;
-                root.store.collect_garbage(now);
+        let mcf = unsafe { &*st.mcf };
+        // The zone-wide pass is claimed by the first worker whose tick is due; a pass that
+        // did not finish goes on at this worker's next (immediate) tick.
+        let claimed = st.gc_more
+            || zone::lock(mcf).is_some_and(|mut z| {
+                let root = z.root();
+                let due = now.saturating_sub(root.last_gc_ms) >= GC_INTERVAL_MS;
+                if due {
+                    root.last_gc_ms = now;
+                }
+                due
+            });
+        let mut more = false;
+        if claimed {
+            // Bounded steps, each its own short hold of the zone lock.
+            for _ in 0..GC_STEPS_PER_TICK {
+                let Some(mut z) = zone::lock(mcf) else { break };
+                more = z.store().collect_garbage_step(now, GC_STEP_BUDGET);
+                drop(z);
+                if !more {
+                    break;
+                }
             }
         }
-        st.slot.is_some()
+        st.gc_more = more;
+        (st.slot.is_some(), more)
     });
-    if registered == Some(true) {
+    let (registered, more) = state.unwrap_or((false, false));
+    if registered {
         process_mailbox();
     }
     // SAFETY: `ngx_exiting` is nginx's per-process flag; `ev` is our boxed GC event.
     unsafe {
         if nginx_sys::ngx_exiting == 0 {
-            ngx_add_timer(ev, GC_INTERVAL_MS as _);
+            ngx_add_timer(ev, if more { 1 } else { GC_INTERVAL_MS as _ });
         }
     }
 }
