@@ -214,3 +214,40 @@ async fn channel_timeout_removes_idle_channel() {
     assert!(i.is_some_and(|i| i.messages == 1), "a channel with a stored message was removed");
     ng.finish();
 }
+
+/// Channels that only listeners made (never published to) go soon after their last listener,
+/// whatever `martd_channel_timeout` says, so a flood of listeners on made-up names cannot hold
+/// the zone; a published channel stays for its channel timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_only_channels_freed_after_their_last_listener() {
+    let ng = Nginx::start(Conf::new(&format!(
+        "        martd_channel_timeout 1h;\n{}",
+        pubsub("", "martd_listener_timeout 1s;")
+    )));
+    let (mut a, b) = Conn::pair(ng.port).await;
+    let names: Vec<String> = (0..50).map(|i| format!("made-up-{i}")).collect();
+    let mut waiting = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let c = if i % 2 == 0 {
+            Conn::open_on(ng.port, a.worker()).await
+        } else {
+            Conn::open_on(ng.port, b.worker()).await
+        };
+        waiting.push(c.listen(n, None, None));
+    }
+    a.wait_listeners(&names[49], 1).await;
+    a.publish("published", "kept").await;
+    for l in waiting {
+        assert_status(&l.resp().await, 304, "listener timeout");
+    }
+    // Gone within a few housekeeping passes (each at most a second apart), not after 1 h.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in &names {
+        while a.info(n).await.is_some() {
+            assert!(Instant::now() < deadline, "listener-only channel {n} not freed");
+            sleep_ms(200).await;
+        }
+    }
+    assert!(a.info("published").await.is_some(), "a published channel was removed");
+    ng.finish();
+}
