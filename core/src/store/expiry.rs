@@ -254,7 +254,11 @@ impl<A: Allocator + Clone> Wheel<A> {
                     }
                 },
             };
-            let p = self.heads[list].expect("a non-empty list");
+            let Some(p) = self.heads[list] else {
+                // Not reached: a list is drained only while it has entries.
+                self.draining = None;
+                continue;
+            };
             let when = timer(p).timer.when;
             self.unlink(p);
             return Some((p, when));

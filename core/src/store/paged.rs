@@ -31,8 +31,15 @@ impl<T: Copy, A: Allocator + Clone> PagedVec<T, A> {
         PagedVec { pages: Vec::new_in(alloc), len: 0, _values: PhantomData }
     }
 
+    /// One page: `PER_PAGE` values (at most `PAGE_BYTES`, which always fits a `Layout`).
+    const PAGE_LAYOUT: Layout =
+        match Layout::from_size_align(Self::PER_PAGE * size_of::<T>(), align_of::<T>()) {
+            Ok(l) => l,
+            Err(_) => panic!("a page fits in memory"),
+        };
+
     fn page_layout() -> Layout {
-        Layout::array::<T>(Self::PER_PAGE).expect("a page fits in memory")
+        Self::PAGE_LAYOUT
     }
 
     pub(super) fn len(&self) -> usize {
@@ -93,7 +100,7 @@ impl<T: Copy, A: Allocator + Clone> PagedVec<T, A> {
         let keep = keep.max(self.len);
         let needed = keep.div_ceil(Self::PER_PAGE) + 1;
         while self.pages.len() > needed {
-            let page = self.pages.pop().expect("more pages than needed");
+            let Some(page) = self.pages.pop() else { break };
             // SAFETY: the page was allocated in `reserve_total` with this layout.
             unsafe { self.pages.allocator().deallocate(page.cast(), Self::page_layout()) };
         }
