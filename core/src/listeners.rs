@@ -50,14 +50,16 @@ pub struct PayloadCache {
 }
 
 impl PayloadCache {
-    /// The worker's copy of `msg`, made now if no response holds one.
-    pub fn get<A: Allocator>(&mut self, msg: &Message<A>) -> Rc<Payload> {
+    /// The worker's copy of `msg`, made now if no response holds one; `None` if the worker
+    /// cannot allocate it (the message's size is the publisher's).
+    pub fn get<A: Allocator>(&mut self, msg: &Message<A>) -> Option<Rc<Payload>> {
         if let Some(p) = self.copies.get(&msg.id).and_then(Weak::upgrade) {
-            return p;
+            return Some(p);
         }
         let ct = msg.content_type();
         let etag = format_etag(msg.id);
-        let mut data = Vec::with_capacity(etag.len() + ct.len() + msg.body().len());
+        let mut data = Vec::new();
+        data.try_reserve_exact(etag.len() + ct.len() + msg.body().len()).ok()?;
         data.extend_from_slice(etag.as_bytes());
         data.extend_from_slice(ct);
         data.extend_from_slice(msg.body());
@@ -73,7 +75,7 @@ impl PayloadCache {
         }
         self.copies.insert(msg.id, Rc::downgrade(&p));
         self.copies_made += 1;
-        p
+        Some(p)
     }
 
     /// Copies made so far (one per message per worker while it is in use).
@@ -91,6 +93,8 @@ pub enum Verdict {
     Conflict,
     /// `410`: the channel was deleted.
     Gone,
+    /// `503`: the worker could not allocate its copy of the message (the listener asks again).
+    Unavailable,
 }
 
 /// Where a parked listener sits, to remove it on timeout or disconnect.
@@ -218,7 +222,7 @@ impl<H: Copy> Listeners<H> {
         let mut answered = 0u32;
         let cache = &mut self.cache;
         // Listeners of a channel mostly wait past the same id: remember the last answer.
-        let mut last: Option<(MsgId, Option<Rc<Payload>>)> = None;
+        let mut last: Option<(MsgId, Option<Option<Rc<Payload>>>)> = None;
         local.parked.retain(|_, p| {
             let verdict = if p.park_seq < evict_below {
                 Some(Verdict::Conflict)
@@ -231,7 +235,7 @@ impl<H: Copy> Listeners<H> {
                         payload
                     }
                 };
-                payload.map(Verdict::Deliver)
+                payload.map(|p| p.map_or(Verdict::Unavailable, Verdict::Deliver))
             };
             match verdict {
                 Some(v) => {

@@ -169,7 +169,8 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
 
     match outcome {
         None => not_modified(r),
-        Some(Ok(Err(payload))) => deliver(r, &payload),
+        Some(Ok(Err(Some(payload)))) => deliver(r, &payload),
+        Some(Ok(Err(None))) => unavailable(r),
         Some(Ok(Ok(key))) => {
             // SAFETY: `r` and its connection are live.
             martd_debug!(
@@ -229,6 +230,11 @@ fn deliver(r: *mut ngx_http_request_t, payload: &Rc<Payload>) -> ngx_int_t {
     response::message(r, payload)
 }
 
+/// `503`: the worker could not make its copy of the message; the listener asks again.
+fn unavailable(r: *mut ngx_http_request_t) -> ngx_int_t {
+    response::text(r, 503, "martd: no memory for the message here, try again")
+}
+
 /// `304` echoing the request's ids.
 fn not_modified(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: `r` is a live request.
@@ -250,6 +256,7 @@ fn respond(r: *mut ngx_http_request_t, verdict: Option<Verdict>) -> ngx_int_t {
             response::text(r, 409, "martd: a newer listener took this channel")
         }
         Some(Verdict::Gone) => response::text(r, 410, "martd: channel deleted"),
+        Some(Verdict::Unavailable) => unavailable(r),
         None => not_modified(r),
     }
 }

@@ -452,6 +452,7 @@ proptest! {
                             }
                             Verdict::Gone => {}
                             Verdict::Conflict => prop_assert!(false, "broadcast never conflicts"),
+                            Verdict::Unavailable => prop_assert!(false, "the global allocator does not fail"),
                         }
                     }
                 }
