@@ -43,6 +43,8 @@ pub struct MainConf {
     /// `martd_shm_size` is set or some location uses `martd_push` or `martd_listen`: the zone
     /// is needed.
     pub used: bool,
+    /// Some location uses `martd_listen`: workers need their wake-up socket.
+    pub listens: bool,
     pub shm_zone: *mut ngx_shm_zone_t,
     /// The store's root in the zone, set when the zone is initialised.
     pub root: *mut ZoneRoot,
@@ -295,6 +297,7 @@ fn set_role(cf: *mut ngx_conf_t, conf: *mut c_void, role: Role) -> *mut c_char {
         });
         let mcf = *(*ctx).main_conf.add(crate::module().ctx_index) as *mut MainConf;
         (*mcf).used = true;
+        (*mcf).listens |= role == Role::Listen;
     }
     NGX_CONF_OK
 }
@@ -335,6 +338,7 @@ pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
         MainConf {
             shm_size: UNSET_SIZE,
             used: false,
+            listens: false,
             shm_zone: ptr::null_mut(),
             root: ptr::null_mut(),
             generation: 0,

@@ -123,7 +123,14 @@ pub extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
             unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
         };
         let nonce = z.root().nonce;
-        (z.store().register_worker(pid, generation, index as u32, &alive).ok(), nonce)
+        // Only a configuration with listen locations has listeners to wake: without one, the
+        // worker takes no slot and binds no socket (no connection of worker_connections).
+        let slot = if mcf.listens {
+            z.store().register_worker(pid, generation, index as u32, &alive).ok()
+        } else {
+            Some(0)
+        };
+        (slot, nonce)
     });
     let Some((slot, nonce)) = registered else {
         return NGX_OK as ngx_int_t;
@@ -131,6 +138,7 @@ pub extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     if slot.is_none() {
         martd_log!(NGX_LOG_ALERT, log, "could not register worker {} in the \"martd\" zone", pid);
     }
+    let slot = slot.filter(|_| mcf.listens);
     let send_fd = notify::sender().unwrap_or_else(|e| {
         martd_log!(NGX_LOG_ALERT, log, "socket() failed for wake-ups: {}", e);
         -1
