@@ -209,7 +209,7 @@ pub fn prepare(r: *mut ngx_http_request_t, lcf: &LocConf) -> Option<Prepared> {
             request,
             timeout: lcf.listener_timeout,
             start: ((*r).start_sec, (*r).start_msec),
-            addr: client_addr(c),
+            addr: if realip_changed(r) { client_addr(c) } else { None },
         })
     }
 }
@@ -243,6 +243,36 @@ unsafe fn saved_request(r: *mut ngx_http_request_t) -> Option<Box<[u8]>> {
         out.extend_from_slice(b"\r\n");
         (out.len() <= room).then(|| out.into_boxed_slice())
     }
+}
+
+thread_local! {
+    /// The realip module's context index, if this nginx has the module (looked up once: a
+    /// module built without it must still load).
+    static REALIP_INDEX: std::cell::Cell<Option<Option<usize>>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether the realip module changed this request's client address (it keeps a context in the
+/// request exactly when it did). Only then is the address worth keeping for the replay.
+///
+/// # Safety
+/// `r` is a live request.
+unsafe fn realip_changed(r: *mut ngx_http_request_t) -> bool {
+    let index = REALIP_INDEX.with(|cell| {
+        if let Some(known) = cell.get() {
+            return known;
+        }
+        // SAFETY: looking a symbol up in the process; when found it is nginx's module
+        // structure, whose `ctx_index` is set once configuration is read.
+        let found = unsafe {
+            let m = libc::dlsym(libc::RTLD_DEFAULT, c"ngx_http_realip_module".as_ptr())
+                as *const nginx_sys::ngx_module_t;
+            m.as_ref().map(|m| m.ctx_index)
+        };
+        cell.set(Some(found));
+        found
+    });
+    // SAFETY: `r->ctx` has one slot per HTTP module; `index` is one of them.
+    index.is_some_and(|i| unsafe { !(*(*r).ctx.add(i)).is_null() })
 }
 
 /// The connection's client address as it is now.
