@@ -46,8 +46,8 @@ pub(super) struct Detached {
     pub(super) key: Option<ListenerKey>,
     /// The request line and headers, fed back to nginx when the verdict is ready.
     pub(super) request: Box<[u8]>,
-    /// The listener timeout, armed when the connection is taken over.
-    pub(super) timeout: ngx_msec_t,
+    /// The listener timeout (ms, saturated), armed when the connection is taken over.
+    pub(super) timeout: u32,
     /// Taken over from nginx's keep-alive handler.
     pub(super) taken_over: bool,
     /// Set when woken: what the replayed request answers.
@@ -55,10 +55,33 @@ pub(super) struct Detached {
     /// The connection's own `recv`, put back after the replay's one read.
     pub(super) recv: nginx_sys::ngx_recv_pt,
     /// When the request arrived: the replay's `$request_time` counts from there.
-    pub(super) start: (libc::time_t, ngx_msec_t),
+    pub(super) start: StartTime,
     /// The client address the access phases saw (`set_real_ip_from` may have changed it),
     /// restored on the replay, whose access phases are skipped.
-    pub(super) addr: Option<ClientAddr>,
+    pub(super) addr: Option<Box<ClientAddr>>,
+}
+
+/// When a request arrived (`r->start_sec`, `r->start_msec`), in 8 bytes: a detached listener
+/// is kept small.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct StartTime(u64);
+
+impl StartTime {
+    /// # Safety
+    /// `r` is a live request.
+    pub(super) unsafe fn of(r: *mut ngx_http_request_t) -> StartTime {
+        // SAFETY: `r` is live.
+        let (sec, msec) = unsafe { ((*r).start_sec, (*r).start_msec) };
+        StartTime((sec.max(0) as u64).saturating_mul(1000).saturating_add(msec as u64))
+    }
+
+    pub(super) fn sec(self) -> libc::time_t {
+        (self.0 / 1000) as libc::time_t
+    }
+
+    pub(super) fn msec(self) -> ngx_msec_t {
+        (self.0 % 1000) as ngx_msec_t
+    }
 }
 
 /// A client address as nginx keeps it on the connection.
@@ -104,8 +127,8 @@ pub struct Prepared {
     seq: u64,
     request: Box<[u8]>,
     timeout: ngx_msec_t,
-    start: (libc::time_t, ngx_msec_t),
-    addr: Option<ClientAddr>,
+    start: StartTime,
+    addr: Option<Box<ClientAddr>>,
 }
 
 impl Prepared {
@@ -208,8 +231,8 @@ pub fn prepare(r: *mut ngx_http_request_t, lcf: &LocConf) -> Option<Prepared> {
             seq,
             request,
             timeout: lcf.listener_timeout,
-            start: ((*r).start_sec, (*r).start_msec),
-            addr: if realip_changed(r) { client_addr(c) } else { None },
+            start: StartTime::of(r),
+            addr: if realip_changed(r) { client_addr(c).map(Box::new) } else { None },
         })
     }
 }
@@ -307,7 +330,7 @@ pub fn insert(set: &mut DetachedListeners, p: Prepared, key: ListenerKey) {
             seq,
             key: Some(key),
             request: p.request,
-            timeout: p.timeout,
+            timeout: u32::try_from(p.timeout).unwrap_or(u32::MAX),
             taken_over: false,
             outcome: None,
             recv: None,
@@ -401,7 +424,7 @@ fn takeover(set: &mut DetachedListeners, ck: usize, seq: u64) -> Option<Option<L
             ngx_del_timer(rev);
         }
         if d.timeout > 0 {
-            ngx_add_timer(rev, d.timeout);
+            ngx_add_timer(rev, d.timeout as ngx_msec_t);
         }
         (*(*c).log).action = c"waiting for a martd message".as_ptr() as *mut _;
         d.taken_over = true;

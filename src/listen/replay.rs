@@ -13,11 +13,10 @@ use std::ptr;
 use martd_core::listeners::Verdict;
 use nginx_sys::{
     ngx_add_timer, ngx_connection_t, ngx_http_core_content_phase, ngx_http_core_main_conf_t,
-    ngx_http_core_module, ngx_http_request_t, ngx_int_t, ngx_msec_t, u_char, NGX_DECLINED,
-    NGX_ERROR,
+    ngx_http_core_module, ngx_http_request_t, ngx_int_t, u_char, NGX_DECLINED, NGX_ERROR,
 };
 
-use super::detach::{conn_is, detached_read_handler, ClientAddr, EventHandler};
+use super::detach::{conn_is, detached_read_handler, ClientAddr, EventHandler, StartTime};
 use crate::conf::Role;
 use crate::listen;
 use crate::worker;
@@ -125,9 +124,7 @@ pub fn take_outcome(r: *mut ngx_http_request_t) -> Option<Outcome> {
 
 /// If `r` is a replayed listener request: when it first arrived, and the client address its
 /// access phases saw.
-fn replay_context(
-    r: *mut ngx_http_request_t,
-) -> Option<((libc::time_t, ngx_msec_t), Option<ClientAddr>)> {
+fn replay_context(r: *mut ngx_http_request_t) -> Option<(StartTime, Option<Box<ClientAddr>>)> {
     // SAFETY: `r` is a live request.
     let (c, main) = unsafe { ((*r).connection, (*r).main) };
     if r != main {
@@ -211,8 +208,8 @@ pub unsafe extern "C" fn preaccess_handler(r: *mut ngx_http_request_t) -> ngx_in
     };
     // SAFETY: `r` is live.
     unsafe {
-        (*r).start_sec = start.0;
-        (*r).start_msec = start.1;
+        (*r).start_sec = start.sec();
+        (*r).start_msec = start.msec();
     }
     if let Some(addr) = addr {
         if restore_client_addr(r, &addr).is_none() {
