@@ -1,0 +1,2 @@
+/* martd browser library: placeholder until written */
+var martd = {};
