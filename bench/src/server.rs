@@ -31,6 +31,10 @@ pub struct ServerOpts {
     pub module: PathBuf,
     pub workers: usize,
     pub keep: bool,
+    /// Also a multi-channel listen location, `/subj` (martd: `martd_listen json`) or `/subm`
+    /// (nchan: `nchan_channel_id $arg_chs` split at commas): set by the scenarios that use it, so
+    /// that the other cases' configuration stays as it was.
+    pub multi: bool,
 }
 
 impl ServerOpts {
@@ -54,11 +58,13 @@ impl ServerOpts {
             module,
             workers: a.num("workers", 2)?,
             keep: a.flag("keep"),
+            multi: false,
         })
     }
 }
 
 pub struct Server {
+    pub kind: Kind,
     pub addr: SocketAddr,
     pub workers: usize,
     prefix: PathBuf,
@@ -86,7 +92,7 @@ fn free_port() -> Result<u16, String> {
     Ok(l.local_addr().map_err(|e| e.to_string())?.port())
 }
 
-fn config(kind: Kind, module: &Path, workers: usize, port: u16) -> String {
+fn config(kind: Kind, module: &Path, workers: usize, port: u16, multi: bool) -> String {
     let (zone, locations) = match kind {
         Kind::Martd => (
             "martd_shm_size 256m;",
@@ -101,6 +107,19 @@ fn config(kind: Kind, module: &Path, workers: usize, port: u16) -> String {
              nchan_subscriber_timeout 0; nchan_subscriber_first_message oldest; }",
         ),
     };
+    let mut locations = locations.to_string();
+    if multi {
+        locations.push_str(match kind {
+            Kind::Martd => {
+                "\n        location = /subj { martd_listen json; martd_listener_timeout 0; }"
+            }
+            Kind::Nchan => {
+                "\n        location = /subm { nchan_subscriber longpoll; nchan_channel_id $arg_chs; \
+                 nchan_channel_id_split_delimiter \",\"; nchan_subscriber_timeout 0; \
+                 nchan_subscriber_first_message oldest; }"
+            }
+        });
+    }
     let body64 = "m".repeat(64);
     format!(
         "load_module {module};
@@ -233,7 +252,8 @@ impl Server {
         let module = prefix.join(o.module.file_name().unwrap_or("module.so".as_ref()));
         fs::copy(&o.module, &module).map_err(|e| format!("copy {}: {e}", o.module.display()))?;
         let conf = prefix.join("nginx.conf");
-        fs::write(&conf, config(o.kind, &module, o.workers, port)).map_err(|e| e.to_string())?;
+        fs::write(&conf, config(o.kind, &module, o.workers, port, o.multi))
+            .map_err(|e| e.to_string())?;
         let stderr = fs::File::create(prefix.join("stderr")).map_err(|e| e.to_string())?;
         let mut prefix_arg = prefix.clone().into_os_string();
         prefix_arg.push("/");
@@ -248,6 +268,7 @@ impl Server {
             .spawn()
             .map_err(|e| format!("{}: {e}", o.nginx.display()))?;
         let mut s = Server {
+            kind: o.kind,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             workers: o.workers,
             prefix,

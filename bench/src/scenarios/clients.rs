@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use super::multi::POOL_BODY;
 use super::{median, percentile, Errs, Outcome, CONNECT_CONCURRENCY};
 use crate::http::{self, now_us, Sender, Sources};
 use crate::server::{self, Mem, Server};
@@ -45,6 +46,27 @@ impl Fan {
         })
     }
 
+    /// Records the arrival of a message body that must be message `expect` of the rounds.
+    pub(super) fn deliver(&self, body: &[u8], expect: u64) -> Result<(), String> {
+        let now = now_us();
+        if body.len() != self.size {
+            return Err(format!("message of {} bytes, want {}", body.len(), self.size));
+        }
+        let (ts, seq) = http::parse_message(body).ok_or("malformed message body")?;
+        if seq != expect {
+            return Err(format!("got message {seq}, want {expect} (lost or repeated)"));
+        }
+        let i = seq as usize;
+        if i >= self.got.len() {
+            return Err(format!("got message {seq} of {} rounds", self.rounds));
+        }
+        self.got[i].fetch_add(1, Relaxed);
+        self.last_us[i].fetch_max(now, Relaxed);
+        self.first_us[i].fetch_min(now, Relaxed);
+        self.lat_us.lock().unwrap().push(now.saturating_sub(ts).min(u32::MAX as u64) as u32);
+        Ok(())
+    }
+
     pub(super) fn deliveries(&self) -> u64 {
         self.got.iter().map(|g| g.load(Relaxed)).sum()
     }
@@ -64,20 +86,12 @@ pub(super) async fn listen_loop(fan: &Fan, s: &mut Sender, path: &str) -> Result
         let r = http::send(s, http::listen(path, etag.as_ref(), lm.as_ref())).await?;
         match r.status {
             200 => {
-                let now = now_us();
-                if r.body.len() != fan.size {
-                    return Err(format!("message of {} bytes, want {}", r.body.len(), fan.size));
+                if r.body.as_ref() == POOL_BODY {
+                    // A message of a pool channel (nchan's multiplexed listeners): not counted.
+                } else {
+                    fan.deliver(&r.body, expect)?;
+                    expect += 1;
                 }
-                let (ts, seq) = http::parse_message(&r.body).ok_or("malformed message body")?;
-                if seq != expect {
-                    return Err(format!("got message {seq}, want {expect} (lost or repeated)"));
-                }
-                let i = seq as usize;
-                fan.got[i].fetch_add(1, Relaxed);
-                fan.last_us[i].fetch_max(now, Relaxed);
-                fan.first_us[i].fetch_min(now, Relaxed);
-                fan.lat_us.lock().unwrap().push(now.saturating_sub(ts).min(u32::MAX as u64) as u32);
-                expect += 1;
                 if r.etag.is_none() {
                     return Err("200 without Etag".into());
                 }

@@ -10,9 +10,21 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::clients::*;
+use super::multi::{self, Multi, HOT};
 use super::{Outcome, CONNECT_CONCURRENCY};
 use crate::http::{self, now_us, Sources};
 use crate::server::Server;
+
+/// The listeners of a fan-out.
+#[derive(Clone, Copy)]
+pub(super) enum Variant {
+    /// `fanout`: single-channel listeners spread over the channels.
+    Plain,
+    /// `big`: single-channel listeners on one channel, worker memory sampled during the rounds.
+    Big,
+    /// `fanout --multi`: multi-channel listeners, the rounds published to `hot` alone.
+    Multi(Multi),
+}
 
 pub(super) async fn fanout(
     srv: &Server,
@@ -21,17 +33,29 @@ pub(super) async fn fanout(
     nch: u64,
     rounds: u64,
     size: usize,
-    big: bool,
+    variant: Variant,
 ) -> Result<(), String> {
+    let big = matches!(variant, Variant::Big);
+    let multi = match variant {
+        Variant::Multi(m) => Some(m),
+        _ => None,
+    };
     out.params.insert("listeners".into(), json!(n));
-    if !big {
+    if let Some(m) = &multi {
+        out.params.insert("channels_per_listener".into(), json!(m.per_listener));
+        out.params.insert("pool".into(), json!(m.pool));
+    } else if !big {
         out.params.insert("channels".into(), json!(nch));
     }
     out.params.insert("rounds".into(), json!(rounds));
     out.params.insert("size".into(), json!(size));
     let nch = nch.max(1);
     let prefix = if big { "big" } else { "fan" };
-    let channels: Arc<Vec<String>> = Arc::new((0..nch).map(|i| format!("{prefix}{i}")).collect());
+    let channels: Arc<Vec<String>> = Arc::new(match multi {
+        // Multi-channel listeners: the rounds publish to `hot` alone.
+        Some(_) => vec![HOT.to_string()],
+        None => (0..nch).map(|i| format!("{prefix}{i}")).collect(),
+    });
     let srcs = Arc::new(Sources::new(0));
     let errs = out.errs.clone();
     let fan = Fan::new(rounds, size, errs.clone());
@@ -40,11 +64,17 @@ pub(super) async fn fanout(
     for _ in 0..nch.min(8) {
         pubs.push(http::connect_spawned(srv.addr, srcs.next()).await?);
     }
+    if let Some(m) = &multi {
+        multi::fill_pool(srv, &srcs, m).await?;
+    }
     let mem0 = srv.mem();
 
     let mut set = JoinSet::new();
     let t_setup = Instant::now();
-    spawn_listeners(&mut set, &fan, srv.addr, &srcs, n, &channels);
+    match &multi {
+        Some(m) => multi::spawn(&mut set, &fan, srv, &srcs, n, m),
+        None => spawn_listeners(&mut set, &fan, srv.addr, &srcs, n, &channels),
+    }
     let want = || n - fan.failed.load(Relaxed);
     wait_parked(&mut ctl, &channels, want, Duration::from_secs(120)).await?;
     out.metric("setup_s", t_setup.elapsed().as_secs_f64());

@@ -13,6 +13,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::clients::*;
+use super::multi::{self, Multi, HOT};
 use super::{percentile, Errs, Outcome, CHILD_CPU_US, CONNECT_CONCURRENCY};
 use crate::args::Args;
 use crate::http::{self, now_us, Sources};
@@ -127,15 +128,27 @@ pub(super) async fn idle(
     n: u64,
     nch: u64,
     keepalive: bool,
+    multi: Option<Multi>,
 ) -> Result<(), String> {
     out.params.insert("listeners".into(), json!(n));
-    out.params.insert("channels".into(), json!(nch));
+    if let Some(m) = &multi {
+        out.params.insert("channels_per_listener".into(), json!(m.per_listener));
+        out.params.insert("pool".into(), json!(m.pool));
+    } else {
+        out.params.insert("channels".into(), json!(nch));
+    }
     out.params.insert("keepalive".into(), json!(keepalive));
     let nch = nch.max(1);
-    let channels: Vec<String> = (0..nch).map(|i| format!("idle{i}")).collect();
+    let channels: Vec<String> = match multi {
+        Some(_) => vec![HOT.to_string()],
+        None => (0..nch).map(|i| format!("idle{i}")).collect(),
+    };
     let srcs = Arc::new(Sources::new(0));
     let fan = Fan::new(1, 64, out.errs.clone());
     let mut ctl = control(srv, &srcs).await?;
+    if let Some(m) = &multi {
+        multi::fill_pool(srv, &srcs, m).await?;
+    }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mem0 = srv.mem();
     let mut set = JoinSet::new();
@@ -150,7 +163,10 @@ pub(super) async fn idle(
             return Err("keep-alive connections not all set up within 120 s".into());
         }
     } else {
-        spawn_listeners(&mut set, &fan, srv.addr, &srcs, n, &channels);
+        match &multi {
+            Some(m) => multi::spawn(&mut set, &fan, srv, &srcs, n, m),
+            None => spawn_listeners(&mut set, &fan, srv.addr, &srcs, n, &channels),
+        }
         wait_parked(&mut ctl, &channels, want, Duration::from_secs(120)).await?;
     }
     out.metric("setup_s", t0.elapsed().as_secs_f64());

@@ -2,11 +2,12 @@
 //!
 //! This file: the entry point (one run: start nginx, run the scenario, stop, report) and the
 //! results; `clients`: long-poll listeners and shared helpers; `fanout`: the fan-out rounds;
-//! `load`: publish, idle, capacity, latency.
+//! `load`: publish, idle, capacity, latency; `multi`: multi-channel listeners (`--multi`).
 
 mod clients;
 mod fanout;
 mod load;
+mod multi;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -16,9 +17,10 @@ use serde_json::{json, Map, Value};
 
 use crate::args::Args;
 use crate::server::{self, Server, ServerOpts};
-use fanout::{fanout, fanout_floor};
+use fanout::{fanout, fanout_floor, Variant};
 pub use load::capacity_child;
 use load::{capacity, idle, latency, publish};
+use multi::Multi;
 
 /// CPU time of the capacity child processes (for `other_cpu_pct`).
 static CHILD_CPU_US: AtomicU64 = AtomicU64::new(0);
@@ -115,12 +117,41 @@ fn fmt_num(v: f64) -> String {
 // Entry point
 
 enum Params {
-    Fanout { listeners: u64, channels: u64, rounds: u64, size: usize, floor: bool },
-    Publish { publishers: usize, channels: u64, seconds: f64, warmup: f64, size: usize },
-    Idle { listeners: u64, channels: u64, keepalive: bool },
-    Capacity { listeners: u64, procs: u64, channels: u64 },
-    Latency { rate: f64, seconds: f64 },
-    Big { listeners: u64, size: usize, rounds: u64 },
+    Fanout {
+        listeners: u64,
+        channels: u64,
+        rounds: u64,
+        size: usize,
+        floor: bool,
+        multi: Option<Multi>,
+    },
+    Publish {
+        publishers: usize,
+        channels: u64,
+        seconds: f64,
+        warmup: f64,
+        size: usize,
+    },
+    Idle {
+        listeners: u64,
+        channels: u64,
+        keepalive: bool,
+        multi: Option<Multi>,
+    },
+    Capacity {
+        listeners: u64,
+        procs: u64,
+        channels: u64,
+    },
+    Latency {
+        rate: f64,
+        seconds: f64,
+    },
+    Big {
+        listeners: u64,
+        size: usize,
+        rounds: u64,
+    },
 }
 
 fn shell_quote(s: &str) -> String {
@@ -132,11 +163,23 @@ fn shell_quote(s: &str) -> String {
 }
 
 pub fn run(cmd: &str, a: &Args) -> Result<u8, String> {
-    let opts = ServerOpts::from_args(a)?;
+    let mut opts = ServerOpts::from_args(a)?;
     let case = a.string("case", cmd);
     let strict = a.flag("strict");
     let deadline = Duration::from_secs(a.num("deadline", 300)?);
     let threads: usize = a.num("threads", 1)?;
+    let multi = match a.str_opt("multi") {
+        None => None,
+        Some(v) => {
+            let m = Multi {
+                per_listener: v.parse().map_err(|_| format!("--multi: bad value {v:?}"))?,
+                pool: a.num("pool", 1000)?,
+            };
+            m.check()?;
+            Some(m)
+        }
+    };
+    opts.multi = multi.is_some();
     let params = match cmd {
         "fanout" => Params::Fanout {
             listeners: a.num("listeners", 10_000)?,
@@ -144,6 +187,7 @@ pub fn run(cmd: &str, a: &Args) -> Result<u8, String> {
             rounds: a.num("rounds", 10)?,
             size: a.num("size", 64)?,
             floor: a.flag("floor"),
+            multi,
         },
         "publish" => Params::Publish {
             publishers: a.num("publishers", 16)?,
@@ -156,6 +200,7 @@ pub fn run(cmd: &str, a: &Args) -> Result<u8, String> {
             listeners: a.num("listeners", 15_000)?,
             channels: a.num("channels", 100)?,
             keepalive: a.flag("keepalive"),
+            multi,
         },
         "capacity" => Params::Capacity {
             listeners: a.num("listeners", 30_000)?,
@@ -195,21 +240,22 @@ pub fn run(cmd: &str, a: &Args) -> Result<u8, String> {
                 Params::Fanout { listeners, rounds, floor: true, .. } => {
                     fanout_floor(&srv, &mut out, listeners, rounds).await
                 }
-                Params::Fanout { listeners, channels, rounds, size, floor: false } => {
-                    fanout(&srv, &mut out, listeners, channels, rounds, size, false).await
+                Params::Fanout { listeners, channels, rounds, size, floor: false, multi } => {
+                    let v = multi.map_or(Variant::Plain, Variant::Multi);
+                    fanout(&srv, &mut out, listeners, channels, rounds, size, v).await
                 }
                 Params::Publish { publishers, channels, seconds, warmup, size } => {
                     publish(&srv, &mut out, publishers, channels, seconds, warmup, size).await
                 }
-                Params::Idle { listeners, channels, keepalive } => {
-                    idle(&srv, &mut out, listeners, channels, keepalive).await
+                Params::Idle { listeners, channels, keepalive, multi } => {
+                    idle(&srv, &mut out, listeners, channels, keepalive, multi).await
                 }
                 Params::Capacity { listeners, procs, channels } => {
                     capacity(&srv, &mut out, listeners, procs, channels, deadline).await
                 }
                 Params::Latency { rate, seconds } => latency(&srv, &mut out, rate, seconds).await,
                 Params::Big { listeners, size, rounds } => {
-                    fanout(&srv, &mut out, listeners, 1, rounds, size, true).await
+                    fanout(&srv, &mut out, listeners, 1, rounds, size, Variant::Big).await
                 }
             }
         };
