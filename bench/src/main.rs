@@ -27,10 +27,14 @@ usage: martd-bench <scenario> --server martd|nchan [options]
 scenarios (each starts a fresh nginx, prints a table and a final JSON line):
   fanout    --listeners 10000 --channels 1 --rounds 10 [--size 64] [--floor: each
             connection asks GET /ret64 (return 200, 64 bytes) when a round starts instead
-            of long-polling: nginx's own floor for a round]
+            of long-polling: nginx's own floor for a round] [--multi 10 --pool 1000: each
+            listener waits on `hot` and 9 channels of a pool of 1000 (one message each) in one
+            request (martd: martd_listen json; nchan: nchan_channel_id split at commas); the
+            rounds publish to `hot`]
   publish   --publishers 16 --channels 100 --seconds 5 [--warmup 1] [--size 64]
   idle      --listeners 15000 [--channels 100] [--keepalive: idle keep-alive
             connections after one GET /ret instead of long-polls: nginx's own floor]
+            [--multi 10 --pool 1000: multi-channel listeners, as for fanout]
   capacity  --listeners 30000 --procs 2 [--channels 1]
   latency   --rate 1000 --seconds 10
   big       --listeners 1000 --size 65536 --rounds 10

@@ -26,6 +26,9 @@ fn target(case: &str, metric: &str) -> Option<Target> {
     if case == "idle-keepalive" || case == "fanout-floor" {
         return None; // nginx's floor, for reference
     }
+    if case.ends_with("-multi") {
+        return None; // compared with the single-channel case instead (VERSUS)
+    }
     Some(match (scenario, metric) {
         ("fanout", "round_ms" | "p50_us" | "p99_us") => RatioMax(0.5),
         ("publish", "pubs_per_s") => RatioMin(1.25),
@@ -37,6 +40,18 @@ fn target(case: &str, metric: &str) -> Option<Target> {
         _ => return None,
     })
 }
+
+/// Cases compared with another case of the same invocation, each server against itself:
+/// (case, base case, metric, target on martd's case/base ratio).
+const VERSUS: &[(&str, &str, &str, Option<f64>)] = &[
+    ("fanout-multi", "fanout-1ch", "round_ms", Some(1.2)),
+    ("fanout-multi", "fanout-1ch", "p50_us", None),
+    ("fanout-multi", "fanout-1ch", "p99_us", None),
+    ("fanout-multi", "fanout-1ch", "server_us_per_delivery", Some(1.2)),
+    ("idle-multi", "idle", "rss_per_listener_b", None),
+    ("idle-multi", "idle", "anon_per_listener_b", None),
+    ("idle-multi", "idle", "shmem_per_listener_b", None),
+];
 
 /// The metrics shown in the summary table (every metric is in "Every run").
 fn key_metrics(scenario: &str) -> &'static [&'static str] {
@@ -79,6 +94,8 @@ struct Row {
     nchan: f64,
     target: String,
     holds: String,
+    /// A `case ÷ base` row: the values are ratios, no martd/nchan column.
+    cross: bool,
 }
 
 pub fn run(a: &Args) -> Result<u8, String> {
@@ -112,7 +129,11 @@ pub fn run(a: &Args) -> Result<u8, String> {
     for case in &cases {
         let m = by.get(&(case.clone(), "martd".into())).unwrap_or(&empty);
         let n = by.get(&(case.clone(), "nchan".into())).unwrap_or(&empty);
-        pairs = pairs.max(m.len().min(n.len()));
+        pairs = pairs.max(if m.is_empty() || n.is_empty() {
+            m.len().max(n.len())
+        } else {
+            m.len().min(n.len())
+        });
         let scenario = case.split('-').next().unwrap_or(case);
         let metrics: Vec<String> = key_metrics(scenario).iter().map(|m| m.to_string()).collect();
         let med = |runs: &[&Value], k: &str| {
@@ -135,6 +156,7 @@ pub fn run(a: &Args) -> Result<u8, String> {
                 nchan: nv,
                 target: t,
                 holds,
+                cross: false,
             });
         }
         let other = |runs: &[&Value]| {
@@ -147,6 +169,7 @@ pub fn run(a: &Args) -> Result<u8, String> {
             nchan: other(n),
             target: String::new(),
             holds: String::new(),
+            cross: false,
         });
         let errs =
             |runs: &[&Value]| runs.iter().map(|r| r["errors"].as_u64().unwrap_or(1)).sum::<u64>();
@@ -158,6 +181,27 @@ pub fn run(a: &Args) -> Result<u8, String> {
             nchan: ne as f64,
             target: "martd = 0".into(),
             holds: yes(me == 0 && !m.is_empty()),
+            cross: false,
+        });
+    }
+    let med_of = |case: &str, server: &str, k: &str| {
+        let runs = by.get(&(case.to_string(), server.to_string())).unwrap_or(&empty);
+        median(runs.iter().filter_map(|r| r["metrics"][k].as_f64()).collect())
+    };
+    for &(case, base, k, max) in VERSUS {
+        if !(cases.iter().any(|c| c == case) && cases.iter().any(|c| c == base)) {
+            continue;
+        }
+        let mv = med_of(case, "martd", k) / med_of(base, "martd", k);
+        let nv = med_of(case, "nchan", k) / med_of(base, "nchan", k);
+        rows.push(Row {
+            case: format!("{case} ÷ {base}"),
+            metric: k.to_string(),
+            martd: mv,
+            nchan: nv,
+            target: max.map(|x| format!("martd ≤ {x}")).unwrap_or_default(),
+            holds: max.map(|x| yes(mv <= x)).unwrap_or_default(),
+            cross: true,
         });
     }
 
@@ -166,7 +210,7 @@ pub fn run(a: &Args) -> Result<u8, String> {
     );
     for r in &rows {
         let count = r.metric.starts_with("errors");
-        let ratio = if count || r.metric.starts_with("other") {
+        let ratio = if count || r.cross || r.metric.starts_with("other") {
             String::new()
         } else {
             num(r.martd / r.nchan)
@@ -251,7 +295,11 @@ pub fn run(a: &Args) -> Result<u8, String> {
              the peak worker RSS growth during the rounds over the parked state, and `copies_per_listener` \
              that growth in message sizes per listener (about 1 if every listener had its own copy alive \
              at once). latency: \
-             listener connection on one worker, publisher connection on the other.\n",
+             listener connection on one worker, publisher connection on the other. fanout-multi, \
+             idle-multi: every listener waits on 10 channels in one request (martd: a `martd_listen \
+             json` location; nchan: `nchan_channel_id` split at commas), `hot` and 9 of a pool of \
+             1,000 that each hold one message; the rounds publish to `hot`. A row `A ÷ B` is the \
+             ratio of case A's median to case B's, each server against itself in this invocation.\n",
         );
         s.push_str("\n## Every run\n\n| case | server | errors | elapsed s | other_cpu_pct | metrics |\n|---|---|---:|---:|---:|---|\n");
         for r in &runs {
