@@ -214,6 +214,13 @@ const timer = setTimeout(() => {
     process.exit(1);
 }, DEADLINE_MS);
 
+// scripts/browser-test stops us with SIGTERM on its own exit (playwright-core kills the browser
+// it launched when the process exits)
+process.on("SIGTERM", () => {
+    console.error(`FAIL (${step}): terminated`);
+    process.exit(1);
+});
+
 main().then(
     () => {
         clearTimeout(timer);
