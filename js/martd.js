@@ -13,8 +13,10 @@
  *       etag: optional, "0" (the default) = every message the channel stores; the callback's
  *       etag is that of the last message of the reply it came in, to resume from later.
  *       All subscriptions share one long-poll request; a second sub on a channel already
- *       subscribed to joins it where it is. On an error the poll is retried with a capped
- *       exponential backoff, resuming after the last message each channel got.
+ *       subscribed to joins it where it is. A failed poll (network error, an HTTP error, a
+ *       broken reply) is retried after 0.5 s, doubling up to 30 s (each wait jittered between
+ *       half and all of that), resuming after the last message each channel got; an empty
+ *       reply (listener timeout, nginx reload) is followed by the next poll at once.
  *
  *   martd.pub(channel, payload, {key: K, size: N, life: S, one2one: true}, function (err, etag) { ... });
  *       options and callback are optional; err is null or the server's reason ("HTTP 502"
