@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod h2;
 pub mod http;
+pub mod json;
 pub mod nginx;
 pub mod proto;
 pub mod raw;

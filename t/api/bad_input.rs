@@ -1,0 +1,187 @@
+//! Bad input: every one gets 400 with a JSON `{"error":...}` body and changes nothing.
+
+use super::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_attribute_values_400_and_nothing_changes() {
+    let ng = Nginx::start(api_conf(""));
+    let (mut c, d) = Conn::pair(ng.port).await;
+    let id = jpub(&mut c, "bi", "size=3", "m1").await.etag;
+    let l = d.spawn_get(&jsub("/jsub", &[("bi", &id.to_string())]), &[], LONG);
+    c.wait_listeners("bi", 1).await;
+    let before = state(&jinfo(&mut c, "bi").await);
+    let big = "9".repeat(30);
+    let (big_size, big_life) = (format!("size={big}"), format!("life={big}"));
+    let bad_args = [
+        "size=abc",
+        "size=-1",
+        "size=1.5",
+        "size=0x10",
+        "size=3abc",
+        big_size.as_str(),
+        "life=-1",
+        "life=abc",
+        "life=1.5",
+        "life=1s",
+        big_life.as_str(),
+        "one2one=maybe",
+        "one2one=yes",
+        "one2one=2",
+        "one2one=truee",
+        "size=2&one2one=maybe",
+        "one2one=true&size=abc",
+    ];
+    let bad_headers = [
+        ("x-martd-size", "abc"),
+        ("x-martd-size", "-1"),
+        ("x-martd-life", "-1"),
+        ("x-martd-life", "soon"),
+        ("x-martd-one2one", "maybe"),
+    ];
+    for loc in ["/jpub", "/pub"] {
+        for body in ["x", ""] {
+            for args in &bad_args {
+                let path = pub_target(loc, "bi", args);
+                let r = c.send("POST", &path, &[], body).await;
+                expect_json_error(&r, 400, &format!("POST {path} body {body:?}"));
+            }
+            for (k, v) in bad_headers {
+                let path = pub_target(loc, "bi", "");
+                let r = c.send("POST", &path, &[(k, v)], body).await;
+                expect_json_error(&r, 400, &format!("POST {path} {k}: {v} body {body:?}"));
+            }
+        }
+        // A bad attribute never creates a channel either.
+        let r = c.send("POST", &pub_target(loc, "bi-new", "size=abc"), &[], "x").await;
+        expect_json_error(&r, 400, "bad size on a new channel");
+        assert!(jinfo(&mut c, "bi-new").await.is_none(), "{loc}: a refused push created it");
+    }
+    assert_eq!(state(&jinfo(&mut c, "bi").await), before, "refused pushes changed the channel");
+    assert!(!l.is_finished(), "a refused push woke the listener");
+    // Neither the size nor one2one changed: 4 more messages keep 3, and a second listener waits.
+    let second = Conn::open_probed(ng.port).await.spawn_get(
+        &jsub("/jsub", &[("bi", &id.to_string())]),
+        &[],
+        LONG,
+    );
+    c.wait_listeners("bi", 2).await;
+    for i in 2..=5 {
+        jpub(&mut c, "bi", "", format!("m{i}")).await;
+    }
+    for p in [l, second] {
+        let (_, r) = promptly(p, "listener after the refused pushes").await;
+        expect_texts(&r, &[("bi", &["m2"])], "first message after the refused pushes");
+    }
+    assert_eq!(jinfo(&mut c, "bi").await.map(|i| i.messages), Some(3), "size still 3");
+    ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_channels_per_request_400() {
+    let ng = Nginx::start(api_conf(
+        "        location = /jsub3 { martd_listen json; martd_max_channels_per_request 3; }\n",
+    ));
+    let mut c = Conn::open_probed(ng.port).await;
+    jpub(&mut c, "n0", "", "m").await;
+    let names: Vec<String> = (0..65).map(|i| format!("n{i}")).collect();
+    let chans =
+        |n: usize| -> Vec<(&str, &str)> { names[..n].iter().map(|s| (s.as_str(), "0")).collect() };
+    for (loc, max) in [("/jsub3", 3), ("/jsub", 64)] {
+        let r = c.get(&jsub(loc, &chans(max + 1)), &[]).await;
+        expect_json_error(&r, 400, &format!("{loc}: {} channels", max + 1));
+        for n in &names[1..=max] {
+            assert!(
+                jinfo(&mut c, n).await.is_none_or(|i| i.listeners == 0),
+                "{loc}: {n} has a listener"
+            );
+        }
+        assert_eq!(jinfo(&mut c, "n0").await.map(|i| i.listeners), Some(0));
+        let r = c.get(&jsub(loc, &chans(max)), &[]).await;
+        expect_texts(&r, &[("n0", &["m"])], &format!("{loc}: {max} channels"));
+    }
+    ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_etags_400() {
+    let ng = Nginx::start(api_conf(""));
+    let mut c = Conn::open_probed(ng.port).await;
+    jpub(&mut c, "be", "", "m").await;
+    let before = state(&jinfo(&mut c, "be").await);
+    for etag in ["abc", "1x", "-1", "1.0", "0x10", "+1", "%201", "1%20", "\"1\"", "1e5"] {
+        for chans in [vec![("be", etag)], vec![("be2", "0"), ("be", etag)]] {
+            let path = jsub("/jsub", &chans);
+            let r = c.get(&path, &[]).await;
+            expect_json_error(&r, 400, &format!("GET {path}"));
+        }
+    }
+    assert_eq!(state(&jinfo(&mut c, "be").await), before, "bad requests changed the channel");
+    assert!(jinfo(&mut c, "be2").await.is_none_or(|i| i.listeners == 0), "a listener was left");
+    ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_channel_or_a_channel_twice_400() {
+    let ng = Nginx::start(api_conf(""));
+    let mut c = Conn::open_probed(ng.port).await;
+    jpub(&mut c, "dup", "", "m").await;
+    let before = state(&jinfo(&mut c, "dup").await);
+    for path in [
+        "/jsub",
+        "/jsub?",
+        "/jsub?cid=x",
+        "/jsub?cid=x&_=1&callback=cb",
+        "/jsub?_=1",
+        "/jsub?dup=0&dup=0",
+        "/jsub?cid=x&dup=0&other=0&dup=5",
+    ] {
+        let r = c.get(path, &[]).await;
+        expect_json_error(&r, 400, &format!("GET {path}"));
+    }
+    assert_eq!(state(&jinfo(&mut c, "dup").await), before, "bad requests changed the channel");
+    assert!(jinfo(&mut c, "other").await.is_none_or(|i| i.listeners == 0), "a listener was left");
+    ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_in_channel_ids_400() {
+    let ng = Nginx::start(api_conf(
+        "        location = /hjpub { martd_push json; martd_channel_id $http_x_channel; }
+        location = /hpub { martd_push; martd_channel_id $http_x_channel; }
+        location = /hsub { martd_listen; martd_channel_id $http_x_channel; }
+",
+    ));
+    let port = ng.port;
+    let mut c = Conn::open_probed(port).await;
+    let bad: [&[u8]; 6] = [b"a\x01b", b"\x1fab", b"ab\x7f", b"a\tb", b"a\x1bb", b"a\x08b"];
+    for name in bad {
+        for (method, loc, body) in [
+            ("POST", "/hjpub", &b"x"[..]),
+            ("POST", "/hjpub", &b""[..]),
+            ("GET", "/hjpub", &b""[..]),
+            ("DELETE", "/hjpub", &b""[..]),
+            ("POST", "/hpub", &b"x"[..]),
+            ("PUT", "/hpub", &b"x"[..]),
+            ("GET", "/hpub", &b""[..]),
+            ("DELETE", "/hpub", &b""[..]),
+            ("GET", "/hsub", &b""[..]),
+        ] {
+            let mut head =
+                format!("{method} {loc} HTTP/1.1\r\nHost: t\r\nX-Channel: ").into_bytes();
+            head.extend_from_slice(name);
+            head.extend_from_slice(b"\r\n");
+            let r = raw_to_resp(raw_request(port, &head, body).await);
+            expect_json_error(&r, 400, &format!("{method} {loc} with channel {name:?}"));
+        }
+    }
+    // The same names without the control character are fine, and nothing was stored.
+    for name in ["ab", "a b"] {
+        let r = c.get("/hjpub", &[("x-channel", name)]).await;
+        expect_json_error(&r, 404, &format!("info of {name:?} after refused pushes"));
+        let r = c.send("POST", "/hjpub", &[("x-channel", name)], "fine").await;
+        expect_pub_reply(&r, &format!("push to {name:?}"));
+    }
+    let r = c.get("/hsub", &[("x-channel", "ab")]).await;
+    assert_eq!(expect_msg(&r).text(), "fine");
+    ng.finish();
+}

@@ -1,0 +1,245 @@
+//! `martd_client_js`: the browser library (js/martd.js) served as `application/javascript`,
+//! with `martd.SUB`/`martd.PUB` lines appended for `sub=`/`pub=`; only GET and HEAD.
+
+use super::*;
+
+fn js_conf() -> Conf {
+    api_conf(
+        "        location = /martd.js { martd_client_js; }
+        location = /both.js { martd_client_js sub=/jsub pub=/jpub; }
+        location = /pub-only.js { martd_client_js pub=/x/jpub; }
+        location = /sub-only.js { martd_client_js sub=/x/jsub; }
+",
+    )
+}
+
+/// The library as the module embeds it.
+fn library() -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("js/martd.js");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// GET `path`: 200 `application/javascript`, the library, then `extra` lines.
+async fn expect_script(c: &mut Conn, path: &str, extra: &[&str]) -> String {
+    let r = c.get(path, &[]).await;
+    assert_eq!(r.status, 200, "GET {path}: {} {:?}", r.status, r.text());
+    assert_eq!(
+        media_type(&r).as_deref(),
+        Some("application/javascript"),
+        "GET {path}: {:?}",
+        r.headers
+    );
+    let body = String::from_utf8(r.body.to_vec()).expect("the script is UTF-8");
+    let lib = library();
+    let rest = body
+        .strip_prefix(lib.as_str())
+        .unwrap_or_else(|| panic!("GET {path}: the body does not start with js/martd.js"));
+    let lines: Vec<&str> = rest.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines, extra, "GET {path}: lines after the library: {rest:?}");
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_the_library_with_sub_and_pub() {
+    let ng = Nginx::start(js_conf());
+    let mut c = Conn::open_probed(ng.port).await;
+    let plain = expect_script(&mut c, "/martd.js", &[]).await;
+    assert_eq!(plain, library(), "without sub=/pub=: exactly js/martd.js");
+    for name in ["martd", "sub", "pub", "cancel", "SERVER", "SUB", "PUB", "cid", "XMLHttpRequest"] {
+        assert!(plain.contains(name), "the library has no {name:?}");
+    }
+    expect_script(&mut c, "/both.js", &[r#"martd.SUB = "/jsub";"#, r#"martd.PUB = "/jpub";"#])
+        .await;
+    expect_script(&mut c, "/pub-only.js", &[r#"martd.PUB = "/x/jpub";"#]).await;
+    expect_script(&mut c, "/sub-only.js", &[r#"martd.SUB = "/x/jsub";"#]).await;
+    // Arguments do not matter.
+    expect_script(&mut c, "/both.js?v=3", &[r#"martd.SUB = "/jsub";"#, r#"martd.PUB = "/jpub";"#])
+        .await;
+
+    // HEAD: the headers of GET, no body.
+    let get = c.get("/both.js", &[]).await;
+    let r = c.send("HEAD", "/both.js", &[], "").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(media_type(&r).as_deref(), Some("application/javascript"));
+    assert!(r.body.is_empty());
+    assert_eq!(
+        r.header("content-length"),
+        Some(get.body.len().to_string().as_str()),
+        "HEAD Content-Length"
+    );
+
+    // Other methods: 405.
+    for m in ["POST", "PUT", "DELETE"] {
+        for path in ["/martd.js", "/both.js"] {
+            let r = c.send(m, path, &[], "x").await;
+            expect_json_error(&r, 405, &format!("{m} {path}"));
+        }
+    }
+    // Still served after that.
+    expect_script(&mut c, "/martd.js", &[]).await;
+    ng.finish();
+}
+
+/// Node.js, if this machine has it.
+fn node() -> Option<&'static str> {
+    ["/usr/bin/node", "/usr/local/bin/node", "/usr/bin/nodejs"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+}
+
+/// Runs `script` with node (bounded); returns its stdout.
+async fn run_node(script: &str) -> String {
+    let node = node().expect("node");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("t.js");
+    std::fs::write(&file, script).unwrap();
+    let out = within(
+        Duration::from_secs(40),
+        "node",
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("timeout")
+                .arg("30")
+                .arg(node)
+                .arg(&file)
+                .output()
+                .expect("run node")
+        }),
+    )
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "node failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A minimal XMLHttpRequest over node's http module, then the served script.
+fn node_prelude(script_path: &str, port: u16) -> String {
+    format!(
+        r#"
+const http = require('http'), vm = require('vm'), fs = require('fs');
+const BASE = 'http://127.0.0.1:{port}';
+function XHR() {{ this.readyState = 0; this.status = 0; this.responseText = ''; this._h = {{}}; }}
+XHR.prototype.open = function (m, u) {{ this._m = m; this._u = u; this.readyState = 1; }};
+XHR.prototype.setRequestHeader = function (k, v) {{ this._h[k] = v; }};
+XHR.prototype.getResponseHeader = function (k) {{ return this._rh ? (this._rh[k.toLowerCase()] || null) : null; }};
+XHR.prototype.getAllResponseHeaders = function () {{ return ''; }};
+XHR.prototype.send = function (body) {{
+  const self = this;
+  const done = function () {{
+    self.readyState = 4;
+    if (self.onreadystatechange) self.onreadystatechange();
+    if (self.status && self.onload) self.onload();
+    if (!self.status && self.onerror) self.onerror();
+  }};
+  const req = http.request(new URL(this._u, BASE), {{ method: this._m, headers: this._h, agent: false }}, function (res) {{
+    const chunks = [];
+    res.on('data', function (c) {{ chunks.push(c); }});
+    res.on('end', function () {{
+      if (self._aborted) return;
+      self.status = res.statusCode; self._rh = res.headers;
+      self.responseText = Buffer.concat(chunks).toString('utf8');
+      done();
+    }});
+  }});
+  req.on('error', function () {{ if (self._aborted) return; self.status = 0; done(); }});
+  this._req = req;
+  if (body !== undefined && body !== null) req.write(body);
+  req.end();
+}};
+XHR.prototype.abort = function () {{ this._aborted = true; if (this._req) this._req.destroy(); }};
+global.XMLHttpRequest = XHR;
+global.window = global;
+vm.runInThisContext(fs.readFileSync({script_path:?}, 'utf8'));
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn served_library_runs_in_node() {
+    if node().is_none() {
+        eprintln!("no node on this machine: the served library is not run");
+        return;
+    }
+    let ng = Nginx::start(js_conf());
+    let mut c = Conn::open_probed(ng.port).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lib_path = dir.path().join("both.js");
+    std::fs::write(&lib_path, c.get("/both.js", &[]).await.body).unwrap();
+    let lib_path = lib_path.display().to_string();
+
+    // Loading it defines the API with the defaults and the appended lines.
+    let out = run_node(&format!(
+        "{}\nconsole.log(JSON.stringify({{sub: typeof martd.sub, pub: typeof martd.pub, \
+         SERVER: martd.SERVER, SUB: martd.SUB, PUB: martd.PUB, cid: typeof martd.cid}}));",
+        node_prelude(&lib_path, ng.port)
+    ))
+    .await;
+    let v = parse_json(out.trim().as_bytes(), "node: the API");
+    assert_eq!(
+        v,
+        serde_json::json!({"sub": "function", "pub": "function", "SERVER": "", "SUB": "/jsub",
+                           "PUB": "/jpub", "cid": "string"}),
+        "the API after loading /both.js"
+    );
+
+    // Subscribed to two channels, it gets what it publishes itself, with the etags `pub`
+    // reported; a keyed channel's error reaches the `pub` callback.
+    let out = run_node(&format!(
+        r#"{}
+martd.SERVER = BASE;
+const got = [], pubs = [];
+function finish(code) {{ console.log(JSON.stringify({{got: got, pubs: pubs}})); process.exit(code); }}
+function check() {{ if (got.length >= 2 && pubs.length >= 4) finish(0); }}
+martd.sub('n1', function (p, ch, etag) {{ got.push([ch, p, String(etag)]); check(); }});
+martd.sub('n 2', function (p, ch, etag) {{ got.push([ch, p, String(etag)]); check(); }});
+setTimeout(function () {{
+  martd.pub('n1', 'hello', {{}}, function (err, etag) {{
+    pubs.push([err, String(etag)]);
+    martd.pub('n 2', 'w\u00e9rld', {{size: 5}}, function (err, etag) {{
+      pubs.push([err, String(etag)]);
+      martd.pub('kk', 'x', {{key: 'sesame'}}, function (err) {{
+        pubs.push([err, null]);
+        martd.pub('kk', 'y', {{}}, function (err) {{ pubs.push([err, null]); check(); }});
+      }});
+    }});
+  }});
+}}, 500);
+setTimeout(function () {{ finish(3); }}, 20000);
+"#,
+        node_prelude(&lib_path, ng.port)
+    ))
+    .await;
+    let v = parse_json(out.trim().as_bytes(), "node: sub and pub");
+    let pubs = v["pubs"].as_array().expect("pubs");
+    assert_eq!(pubs.len(), 4, "{v}");
+    assert!(pubs[0][0].is_null() && pubs[1][0].is_null() && pubs[2][0].is_null(), "{v}");
+    assert!(pubs[3][0].is_string(), "the keyed channel's 403 reached the callback: {v}");
+    let got = v["got"].as_array().expect("got");
+    let mut got: Vec<(String, String, String)> = got
+        .iter()
+        .map(|g| {
+            (
+                g[0].as_str().unwrap().into(),
+                g[1].as_str().unwrap().into(),
+                g[2].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("n 2".to_string(), "wérld".to_string(), pubs[1][1].as_str().unwrap().to_string()),
+            ("n1".to_string(), "hello".to_string(), pubs[0][1].as_str().unwrap().to_string()),
+        ],
+        "{v}"
+    );
+    // The channel names went through encodeURIComponent on both sides.
+    assert_eq!(c.info("n%202").await.map(|i| i.messages), Some(1), "channel n%202");
+    ng.finish();
+}

@@ -1,0 +1,128 @@
+//! The JSON listen location inside a realistic server: a `proxy_cache_path` zone (cache manager
+//! and loader processes), `limit_req` on the listen location, reached through `X-Accel-Redirect`
+//! from a backend.
+
+use super::*;
+use harness::backend::*;
+
+/// `/backend<suffix>?args` answers `X-Accel-Redirect: /internal-jsub<suffix>?args`.
+async fn accel_backend() -> Backend {
+    Backend::start(Duration::ZERO, |target| {
+        let (path, args) = target.split_once('?').unwrap_or((target, ""));
+        let suffix = path.strip_prefix("/backend").unwrap_or("-unknown");
+        accel_redirect(&format!("/internal-jsub{suffix}?{args}"))
+    })
+    .await
+}
+
+/// Each client request carries a fresh `cid`; `limit_req` lets a `cid` through once a minute,
+/// so a request whose access phases ran twice would get 429.
+fn realistic_conf(backend_port: u16) -> Conf {
+    let once = "limit_req zone=once; limit_req_status 429;";
+    let mut s = String::new();
+    for (suffix, extra) in
+        [("", "martd_listener_timeout 30s;"), ("-short", "martd_listener_timeout 1s;")]
+    {
+        s += &format!(
+            "        location = /auth{suffix} {{ proxy_pass http://127.0.0.1:{backend_port}/backend{suffix}; proxy_cache c; }}
+        location = /internal-jsub{suffix} {{ internal; {once} martd_listen json; {extra} }}
+"
+        );
+    }
+    api_conf(&s).http(
+        "    proxy_cache_path tmp/cache keys_zone=c:1m loader_sleep=50ms loader_files=1 loader_threshold=10ms;
+    limit_req_zone $arg_cid zone=once:1m rate=1r/m;",
+    )
+}
+
+/// `/auth<suffix>?cid=..&chans`, and the `cid=..&` the backend sees it by.
+fn auth(suffix: &str, chans: &[(&str, &str)]) -> (String, String) {
+    let path = jsub(&format!("/auth{suffix}"), chans);
+    let cid = path.split_once("cid=").unwrap().1.split('&').next().unwrap().to_string();
+    (path, format!("cid={cid}&"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_listen_behind_x_accel_redirect_with_cache_and_limit_req() {
+    let backend = accel_backend().await;
+    let ng = Nginx::start(realistic_conf(backend.port));
+    let w = ng.worker_pids();
+    let kids = children_of(ng.master_pid());
+    assert!(kids.iter().any(|(_, t)| t.contains("cache manager")), "no cache manager: {kids:?}");
+    let mut p = Conn::open_on(ng.port, w[0]).await;
+    let a1 = jpub(&mut p, "ra", "", "a1").await.etag.to_string();
+
+    // Stored messages: answered at once.
+    let (path, key) = auth("", &[("ra", "0"), ("rb", "0")]);
+    let r = p.get(&path, &[]).await;
+    expect_texts(&r, &[("ra", &["a1"])], "stored message through X-Accel-Redirect");
+    assert_eq!(backend.count(&key), 1, "backend asked once: {:?}", backend.requests());
+
+    // Waiting, woken from the other worker, both directions; the connection then serves a
+    // 1 s listen that times out, then another that a message answers.
+    let mut rb = "0".to_string();
+    for (lw, pw) in [(w[0], w[1]), (w[1], w[0])] {
+        let mut p = Conn::open_on(ng.port, pw).await;
+        let (path, key) = auth("", &[("ra", &a1), ("rb", &rb)]);
+        let l = listen_on(ng.port, lw, &path).await;
+        p.wait_listeners("rb", 1).await;
+        let body = format!("{pw} -> {lw}");
+        let m = jpub(&mut p, "rb", "", body.clone()).await;
+        assert_eq!(m.listeners, 1);
+        let (c, r) = promptly(l, "redirected JSON listener").await;
+        let chans = expect_texts(&r, &[("rb", &[body.as_str()])], "redirected JSON listener");
+        assert_eq!(r.worker(), lw);
+        rb = chans["rb"].etag.to_string();
+        p.wait_listeners("rb", 0).await;
+        assert_eq!(backend.count(&key), 1, "backend asked once per listen");
+
+        let (path, key) = auth("-short", &[("ra", &a1), ("rb", &rb)]);
+        let started = Instant::now();
+        let (c, r) = within(
+            PROMPT + Duration::from_secs(1),
+            "1 s redirected listen",
+            c.spawn_get(&path, &[], LONG).conn_resp(),
+        )
+        .await;
+        expect_empty(&r, "redirected listener timeout");
+        assert!(started.elapsed() >= Duration::from_millis(900), "after {:?}", started.elapsed());
+        assert_eq!(backend.count(&key), 1);
+
+        let (path, key) = auth("", &[("ra", &a1), ("rb", &rb)]);
+        let l = c.spawn_get(&path, &[], LONG);
+        p.wait_listeners("rb", 1).await;
+        let m = jpub(&mut p, "ra", "", format!("again {lw}")).await;
+        let (_, r) = promptly(l, "second listen on the connection").await;
+        let again = format!("again {lw}");
+        let chans = expect_texts(&r, &[("ra", &[again.as_str()])], "second listen");
+        assert_eq!(chans["ra"].etag, m.etag);
+        assert_eq!(backend.count(&key), 1);
+        // Keep ra's etag current.
+        let r = p.send("DELETE", "/jpub?channel=ra", &[], "").await;
+        assert_eq!(r.status, 200);
+        p.wait_listeners("rb", 0).await;
+    }
+
+    // JSONP through the redirect.
+    let (path, _) = auth("", &[("rb", "0")]);
+    let r = p.get(&format!("{path}&callback=cb"), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(media_type(&r).as_deref(), Some("application/javascript"));
+    let text = r.text();
+    let chans = parse_channels(
+        &parse_json(unwrap_jsonp(&text, "cb", "JSONP").as_bytes(), "JSONP"),
+        "JSONP",
+    );
+    assert_eq!(chans["rb"].payload.len(), 2, "{text}");
+
+    // Errors stay JSON; limit_req is in force (a cid used twice gets 429).
+    let (path, _) = auth("", &[("rb", "abc")]);
+    let r = p.get(&path, &[]).await;
+    expect_json_error(&r, 400, "bad etag through the redirect");
+    let (path, _) = auth("", &[("rb", "0")]);
+    let r = p.get(&path, &[]).await;
+    expect_channels(&r, "first use of a cid");
+    let r = p.get(&path, &[]).await;
+    assert_eq!(r.status, 429, "a cid used twice: {}", r.text());
+    ng.finish();
+}
