@@ -33,6 +33,10 @@ async fn size_per_channel_in_one_location() {
     expect_texts(&r, &[("sz2", &["a6", "a7", "a8"])], "size changed to 3");
     assert_eq!(jinfo(&mut c, "sz4").await.map(|i| i.messages), Some(4), "the other channel kept 4");
 
+    // json mode answers info in JSON whatever the Accept header says.
+    let r = c.get("/jpub?channel=sz4", &[("accept", "text/plain")]).await;
+    assert_eq!(media_type(&r).as_deref(), Some("application/json"), "{:?}", r.headers);
+    assert_eq!(parse_info_json(&r.text()).last_id, Some(last[1]));
     // A channel with no size keeps martd_message_buffer_length (10).
     for i in 1..=12 {
         jpub(&mut c, "szd", "", format!("d{i}")).await;

@@ -174,3 +174,32 @@ async fn key_set_by_attribute_only_push_and_length_limit() {
     assert_eq!(jinfo(&mut c, "kl").await.map(|i| i.messages), Some(2));
     ng.finish();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_and_attributes_survive_a_reload() {
+    let mut ng = Nginx::start(api_conf(""));
+    let mut c = Conn::open_probed(ng.port).await;
+    jpub(&mut c, "kr", &format!("key={KEY}&size=2&one2one=true"), "m1").await;
+    drop(c);
+    ng.reload();
+    let (mut c, d) = Conn::pair(ng.port).await;
+    let r = c.send("POST", "/jpub?channel=kr", &[], "x").await;
+    expect_json_error(&r, 403, "push without the key after a reload");
+    for i in 2..=4 {
+        jpub_h(&mut c, "kr", "", &[("x-martd-key", KEY)], format!("m{i}")).await;
+    }
+    assert_eq!(jinfo(&mut c, "kr").await.map(|i| i.messages), Some(2), "size=2 after a reload");
+    let last = jinfo(&mut c, "kr").await.unwrap().last_id.unwrap().to_string();
+    let l = Conn::open_on(ng.port, c.worker()).await.spawn_get(
+        &jsub("/jsub", &[("kr", &last)]),
+        &[],
+        LONG,
+    );
+    c.wait_listeners("kr", 1).await;
+    let (_, r) = promptly(d.spawn_get(&jsub("/jsub", &[("kr", &last)]), &[], LONG), "second").await;
+    expect_json_error(&r, 409, "one2one after a reload");
+    jpub_h(&mut c, "kr", "", &[("x-martd-key", KEY)], "m5").await;
+    let (_, r) = promptly(l, "the one2one listener").await;
+    expect_texts(&r, &[("kr", &["m5"])], "after a reload");
+    ng.finish();
+}

@@ -47,8 +47,10 @@ async fn json_listen_behind_x_accel_redirect_with_cache_and_limit_req() {
     let backend = accel_backend().await;
     let ng = Nginx::start(realistic_conf(backend.port));
     let w = ng.worker_pids();
-    let kids = children_of(ng.master_pid());
-    assert!(kids.iter().any(|(_, t)| t.contains("cache manager")), "no cache manager: {kids:?}");
+    wait_until("a cache manager process", NGINX_WAIT, || {
+        children_of(ng.master_pid()).iter().any(|(_, t)| t.contains("cache manager process"))
+    })
+    .await;
     let mut p = Conn::open_on(ng.port, w[0]).await;
     let a1 = jpub(&mut p, "ra", "", "a1").await.etag.to_string();
 
