@@ -26,5 +26,8 @@ pub fn channel_id(r: *mut ngx_http_request_t, lcf: &LocConf) -> Result<Vec<u8>, 
     if id.len() > lcf.max_channel_id_length.max(0) as usize {
         return Err(ChannelIdError::TooLong(lcf.max_channel_id_length.max(0) as usize));
     }
+    if id.iter().any(|&b| b < 0x20 || b == 0x7f) {
+        return Err(ChannelIdError::Control);
+    }
     Ok(id)
 }

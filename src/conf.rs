@@ -16,7 +16,8 @@ use nginx_sys::{
     ngx_http_phases_NGX_HTTP_PREACCESS_PHASE as NGX_HTTP_PREACCESS_PHASE,
     ngx_http_set_complex_value_slot, ngx_int_t, ngx_msec_t, ngx_parse_size, ngx_pcalloc,
     ngx_shared_memory_add, ngx_shm_zone_t, ngx_str_t, ngx_uint_t, NGX_CONF_FLAG, NGX_CONF_NOARGS,
-    NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
+    NGX_CONF_TAKE1, NGX_CONF_TAKE2, NGX_HTTP_LOC_CONF, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF,
+    NGX_LOG_EMERG,
 };
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ngx_string;
@@ -59,12 +60,18 @@ pub enum Role {
     None = 0,
     Push = 1,
     Listen = 2,
+    /// `martd_client_js`: serves the browser library.
+    ClientJs = 3,
 }
 
 /// Location-level settings.
 #[repr(C)]
 pub struct LocConf {
     pub role: Role,
+    /// `martd_push json` / `martd_listen json`: martd's JSON API.
+    pub json: bool,
+    /// `martd_client_js`: the script served, made when the directive is read.
+    pub client_js: ngx_str_t,
     pub channel_id: *mut ngx_http_complex_value_t,
     pub buffer_length: ngx_int_t,
     pub message_timeout: ngx_msec_t,
@@ -76,6 +83,8 @@ pub struct LocConf {
     pub authorized_only: ngx_flag_t,
     pub channel_timeout: ngx_msec_t,
     pub detach_listeners: ngx_flag_t,
+    pub buffer_length_max: ngx_int_t,
+    pub max_channels: ngx_int_t,
 }
 
 impl LocConf {
@@ -111,7 +120,7 @@ static mut CONCURRENCY_VALUES: [ngx_conf_enum_t; 4] = [
 ];
 
 /// The directive table.
-pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 15] = [
+pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 18] = [
     command(
         ngx_string!("martd_shm_size"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
@@ -122,7 +131,7 @@ pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 15] = [
     ),
     command(
         ngx_string!("martd_push"),
-        NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
+        NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1,
         cmd_push,
         LOC,
         0,
@@ -130,7 +139,7 @@ pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 15] = [
     ),
     command(
         ngx_string!("martd_listen"),
-        NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
+        NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1,
         cmd_listen,
         LOC,
         0,
@@ -225,6 +234,30 @@ pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 15] = [
         offset_of!(LocConf, detach_listeners),
         ptr::null_mut(),
     ),
+    command(
+        ngx_string!("martd_message_buffer_length_max"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_num_slot,
+        LOC,
+        offset_of!(LocConf, buffer_length_max),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_max_channels_per_request"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_num_slot,
+        LOC,
+        offset_of!(LocConf, max_channels),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_client_js"),
+        NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1 | NGX_CONF_TAKE2,
+        cmd_client_js,
+        LOC,
+        0,
+        ptr::null_mut(),
+    ),
     ngx_command_t::empty(),
 ];
 
@@ -285,6 +318,20 @@ fn set_role(cf: *mut ngx_conf_t, conf: *mut c_void, role: Role) -> *mut c_char {
         return conf_error(cf, &ConfError::RoleTwice.to_string());
     }
     lcf.role = role;
+    let a = args(cf);
+    match a.get(1).map(|v| v.as_slice()) {
+        _ if role == Role::ClientJs => {}
+        None => {}
+        Some(b"json") => lcf.json = true,
+        Some(other) => {
+            let name = String::from_utf8_lossy(&a[0]).into_owned();
+            return conf_error(
+                cf,
+                &ConfError::BadArgument(name, String::from_utf8_lossy(other).into_owned())
+                    .to_string(),
+            );
+        }
+    }
     // SAFETY: during a location directive, `cf->ctx` is the location's `ngx_http_conf_ctx_t`
     // and the core module's location conf is at its `ctx_index`.
     unsafe {
@@ -293,8 +340,12 @@ fn set_role(cf: *mut ngx_conf_t, conf: *mut c_void, role: Role) -> *mut c_char {
             *(*ctx).loc_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
         (*clcf).handler = Some(match role {
             Role::Push => crate::push::push_handler,
+            Role::ClientJs => crate::client_js::client_js_handler,
             _ => crate::listen::listen_handler,
         });
+        if role == Role::ClientJs {
+            return NGX_CONF_OK;
+        }
         let mcf = *(*ctx).main_conf.add(crate::module().ctx_index) as *mut MainConf;
         (*mcf).used = true;
         (*mcf).listens |= role == Role::Listen;
@@ -316,6 +367,32 @@ unsafe extern "C" fn cmd_listen(
     conf: *mut c_void,
 ) -> *mut c_char {
     set_role(cf, conf, Role::Listen)
+}
+
+unsafe extern "C" fn cmd_client_js(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    let a = args(cf);
+    let script = match crate::client_js::script(&a[1..]) {
+        Ok(s) => s,
+        Err(e) => return conf_error(cf, &e),
+    };
+    // SAFETY: `conf` is this module's location conf; `cf->pool` lives as long as it.
+    unsafe {
+        let lcf = &mut *(conf as *mut LocConf);
+        if lcf.role != Role::None {
+            return conf_error(cf, &ConfError::RoleTwice.to_string());
+        }
+        let p = nginx_sys::ngx_pnalloc((*cf).pool, script.len()) as *mut u8;
+        if p.is_null() {
+            return NGX_CONF_ERROR;
+        }
+        ptr::copy_nonoverlapping(script.as_ptr(), p, script.len());
+        lcf.client_js = ngx_str_t { len: script.len(), data: p };
+    }
+    set_role(cf, conf, Role::ClientJs)
 }
 
 /// Allocates a zeroed `T` in the configuration pool and writes `value` into it.
@@ -360,6 +437,8 @@ pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
         cf,
         LocConf {
             role: Role::None,
+            json: false,
+            client_js: ngx_str_t { len: 0, data: ptr::null_mut() },
             channel_id: ptr::null_mut(),
             buffer_length: UNSET,
             message_timeout: UNSET_MSEC,
@@ -371,6 +450,8 @@ pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             authorized_only: UNSET,
             channel_timeout: UNSET_MSEC,
             detach_listeners: UNSET,
+            buffer_length_max: UNSET,
+            max_channels: UNSET,
         },
     )
 }
@@ -401,6 +482,8 @@ pub unsafe extern "C" fn merge_loc_conf(
     merge(&mut conf.authorized_only, prev.authorized_only, UNSET, 0);
     merge(&mut conf.channel_timeout, prev.channel_timeout, UNSET_MSEC, 300_000);
     merge(&mut conf.detach_listeners, prev.detach_listeners, UNSET, 1);
+    merge(&mut conf.buffer_length_max, prev.buffer_length_max, UNSET, 1000);
+    merge(&mut conf.max_channels, prev.max_channels, UNSET, 64);
     NGX_CONF_OK
 }
 

@@ -9,15 +9,19 @@ pub enum ConfError {
     InvalidSize(String),
     #[error("martd_shm_size \"{0}\" is too small, the minimum is {1}k")]
     ZoneTooSmall(String, usize),
-    #[error("a location is either \"martd_push\" or \"martd_listen\", once")]
+    #[error("a location is one of \"martd_push\", \"martd_listen\" or \"martd_client_js\", once")]
     RoleTwice,
+    #[error("invalid parameter \"{1}\" of \"{0}\": only \"json\" is accepted")]
+    BadArgument(String, String),
 }
 
 /// Why a request's channel id is refused (the one-line body of a `400`).
 #[derive(Debug, Error)]
 pub enum ChannelIdError {
-    #[error("martd: no channel id provided")]
+    #[error("no channel id provided")]
     Missing,
-    #[error("martd: channel id longer than {0} bytes (martd_max_channel_id_length)")]
+    #[error("channel id longer than {0} bytes (martd_max_channel_id_length)")]
     TooLong(usize),
+    #[error("channel id with a control character")]
+    Control,
 }

@@ -2,6 +2,7 @@
 //! (`DELETE`).
 
 use martd_core::info::{ChannelInfo, InfoFormat};
+use martd_core::key::hash_key;
 use martd_core::queue::MessageSpec;
 use martd_core::store::{PublishOpts, StoreError};
 use nginx_sys::{
@@ -11,6 +12,7 @@ use nginx_sys::{
     NGX_LOG_ERR, NGX_OK,
 };
 
+use crate::attrs;
 use crate::channel_id::channel_id;
 use crate::conf::LocConf;
 use crate::listen::{main_conf, method};
@@ -35,8 +37,13 @@ fn accept(r: *mut ngx_http_request_t) -> Option<&'static [u8]> {
         })
 }
 
-fn info_response(r: *mut ngx_http_request_t, status: usize, info: &ChannelInfo) -> ngx_int_t {
-    let format = InfoFormat::from_accept(accept(r));
+fn info_response(
+    r: *mut ngx_http_request_t,
+    lcf: &LocConf,
+    status: usize,
+    info: &ChannelInfo,
+) -> ngx_int_t {
+    let format = if lcf.json { InfoFormat::Json } else { InfoFormat::from_accept(accept(r)) };
     let body = info.render(format);
     response::send(r, status, format.content_type().as_bytes(), Body::Bytes(body.as_bytes()), None)
 }
@@ -60,7 +67,7 @@ pub fn zone_full(r: *mut ngx_http_request_t, channel: &[u8]) -> ngx_int_t {
             String::from_utf8_lossy(&channel[..channel.len().min(64)])
         );
     }
-    response::text(r, 507, "martd: shared memory zone is full")
+    response::error(r, 507, "shared memory zone is full")
 }
 
 /// The content handler of `martd_push` locations.
@@ -68,13 +75,16 @@ pub unsafe extern "C" fn push_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     let m = method(r);
     let lcf = loc_conf(r);
     if m == NGX_HTTP_POST as usize || m == NGX_HTTP_PUT as usize {
-        if let Err(reason) = channel_id(r, lcf) {
+        // Bad input is refused before the body is read.
+        let checked =
+            channel_id(r, lcf).map_err(|e| e.to_string()).and_then(|_| attrs::from_request(r, lcf));
+        if let Err(reason) = checked {
             // SAFETY: live request.
             let rc = unsafe { ngx_http_discard_request_body(r) };
             if rc != NGX_OK as ngx_int_t {
                 return rc;
             }
-            return response::text(r, 400, &reason.to_string());
+            return response::error(r, 400, &reason);
         }
         // SAFETY: live request; nginx calls `publish_body` once the body is read (memory or
         // temp file) and holds the request until then.
@@ -91,27 +101,39 @@ pub unsafe extern "C" fn push_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     }
     if m != NGX_HTTP_GET as usize && m != NGX_HTTP_DELETE as usize {
         response::add_header(r, "Allow", b"GET, POST, PUT, DELETE");
-        return response::text(r, 405, "martd: publishers take GET, POST, PUT and DELETE");
+        return response::error(r, 405, "publishers take GET, POST, PUT and DELETE");
     }
     let name = match channel_id(r, lcf) {
         Ok(n) => n,
-        Err(reason) => return response::text(r, 400, &reason.to_string()),
+        Err(reason) => return response::error(r, 400, &reason.to_string()),
+    };
+    let key = match attrs::key(r) {
+        Ok(k) => k,
+        Err(reason) => return response::error(r, 400, &reason),
     };
     let mcf = main_conf(r);
     let now = now_ms();
     let mut wake = Vec::new();
-    let info = zone::lock(mcf).and_then(|mut z| {
+    let info = zone::lock(mcf).map(|mut z| {
         if m == NGX_HTTP_GET as usize {
-            z.store().info(&name, now)
+            Ok(z.store().info(&name, now))
         } else {
-            z.store().delete(&name, now, &mut wake)
+            let key = key.map(|k| hash_key(z.root().nonce, &k));
+            z.store().delete(&name, key.as_ref(), now, &mut wake)
         }
     });
     worker::wake(&wake);
     match info {
-        Some(info) => info_response(r, 200, &info),
-        None => response::text(r, 404, "martd: no such channel"),
+        None => NGX_ERROR as ngx_int_t,
+        Some(Ok(Some(info))) => info_response(r, lcf, 200, &info),
+        Some(Ok(None)) => response::error(r, 404, "no such channel"),
+        Some(Err(_)) => forbidden(r),
     }
+}
+
+/// `403`: the channel has a key and the request did not carry it.
+fn forbidden(r: *mut ngx_http_request_t) -> ngx_int_t {
+    response::error(r, 403, "wrong or missing key for this channel")
 }
 
 /// Why a body could not be read.
@@ -202,8 +224,8 @@ extern "C" fn publish_body(r: *mut ngx_http_request_t) {
 
 fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
     let lcf = loc_conf(r);
-    let Ok(name) = channel_id(r, lcf) else {
-        return response::text(r, 400, "martd: no channel id provided");
+    let (Ok(name), Ok(attrs)) = (channel_id(r, lcf), attrs::from_request(r, lcf)) else {
+        return response::error(r, 400, "bad channel id or attributes");
     };
     let mcf = main_conf(r);
     // SAFETY: the connection's log is live.
@@ -217,11 +239,11 @@ fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
                 "refused a message of {} bytes: larger than the \"martd\" zone (martd_shm_size)",
                 n
             );
-            return response::text(r, 413, "martd: message larger than the shared memory zone");
+            return response::error(r, 413, "message larger than the shared memory zone");
         }
         Err(BodyError::NoMemory(n)) => {
             martd_log!(NGX_LOG_ERR, log, "could not allocate {} bytes for a message body", n);
-            return response::text(r, 503, "martd: no memory for the message, try again");
+            return response::error(r, 503, "no memory for the message, try again");
         }
         Err(BodyError::Io(e)) => {
             martd_log!(NGX_LOG_ERR, log, "could not read the request body: {}", e);
@@ -231,23 +253,40 @@ fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: `r` is live; the Content-Type header (if any) lives as long as it.
     let content_type =
         unsafe { (*r).headers_in.content_type.as_ref().map(|h| h.value.as_bytes()).unwrap_or(b"") };
-    let store = lcf.store_messages != 0;
     let opts = PublishOpts {
         buffer_len: lcf.buffer_length.max(0) as usize,
+        buffer_max: lcf.buffer_length_max.max(0) as usize,
         timeout_ms: lcf.message_timeout as u64,
-        store,
+        store: lcf.store_messages != 0,
         channel_timeout_ms: lcf.channel_timeout as u64,
     };
     let spec = MessageSpec { content_type, body: &body, timeout_ms: opts.timeout_ms };
+    // An empty push only sets attributes: always in martd's API, and in the relay protocol
+    // when it names any (else it is an empty message, as that protocol has it).
+    let attributes_only = body.is_empty() && (lcf.json || attrs.any());
+    let spec = (!attributes_only).then_some(&spec);
     let now = now_ms();
     let mut wake = Vec::new();
-    let result =
-        zone::lock(mcf).map(|mut z| z.store().publish(&name, &spec, &opts, now, &mut wake));
+    let result = zone::lock(mcf).map(|mut z| {
+        let update = attrs.hashed(z.root().nonce);
+        z.store().publish(&name, spec, &update, &opts, now, &mut wake)
+    });
     worker::wake(&wake);
     match result {
         None => NGX_ERROR as ngx_int_t,
-        Some(Ok(p)) => info_response(r, if p.listeners > 0 { 201 } else { 202 }, &p.info),
+        Some(Ok(p)) if lcf.json => {
+            response::json(r, 200, &martd_core::json::published(p.id, p.listeners), None)
+        }
+        Some(Ok(p)) => {
+            let status = match (spec, p.listeners) {
+                (None, _) => 200,
+                (Some(_), 0) => 202,
+                (Some(_), _) => 201,
+            };
+            info_response(r, lcf, status, &p.info)
+        }
         Some(Err(StoreError::NoMemory)) => zone_full(r, &name),
+        Some(Err(StoreError::Forbidden)) => forbidden(r),
         Some(Err(_)) => NGX_ERROR as ngx_int_t,
     }
 }

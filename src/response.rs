@@ -20,6 +20,8 @@ pub enum Body<'a> {
     /// A message shared with every other listener of this worker, already held by the
     /// request: no copy.
     Held(&'a Rc<Payload>),
+    /// Bytes that outlive the request (configuration memory): no copy.
+    Lasting(&'a [u8]),
 }
 
 /// Copies `bytes` into the request pool.
@@ -89,10 +91,11 @@ fn send_inner(
             (s.data as *const u8, s.len)
         }
         Body::Held(p) => (p.body().as_ptr(), p.body().len()),
+        Body::Lasting(b) => (b.as_ptr(), b.len()),
     };
     let content_type = match &body {
         Body::Held(p) => p.content_type(),
-        Body::Bytes(_) => content_type,
+        Body::Bytes(_) | Body::Lasting(_) => content_type,
     };
     // SAFETY: `r` is a live request owned by this worker; the strings given to nginx live in
     // the request pool or in a payload the pool holds.
@@ -108,7 +111,7 @@ fn send_inner(
                 Body::Held(_) => {
                     ngx_str_t { len: content_type.len(), data: content_type.as_ptr() as *mut u8 }
                 }
-                Body::Bytes(_) => pool_bytes(r, content_type)?,
+                Body::Bytes(_) | Body::Lasting(_) => pool_bytes(r, content_type)?,
             };
             (*r).headers_out.content_type = ct;
             (*r).headers_out.content_type_len = ct.len;
@@ -177,10 +180,47 @@ pub fn message(r: *mut ngx_http_request_t, payload: &Rc<Payload>) -> ngx_int_t {
     send(r, 200, b"", Body::Held(payload), Some(payload.time as _))
 }
 
-/// A one-line `text/plain` response (errors, displaced listeners).
-pub fn text(r: *mut ngx_http_request_t, status: usize, line: &str) -> ngx_int_t {
-    let mut body = String::with_capacity(line.len() + 1);
-    body.push_str(line);
-    body.push('\n');
-    send(r, status, b"text/plain", Body::Bytes(body.as_bytes()), None)
+/// An error response: `{"error":"reason"}` as `application/json`.
+pub fn error(r: *mut ngx_http_request_t, status: usize, reason: &str) -> ngx_int_t {
+    error_in(r, status, reason, None)
+}
+
+/// An error response about one channel: `{"error":"reason","channel":"name"}`.
+pub fn error_in(
+    r: *mut ngx_http_request_t,
+    status: usize,
+    reason: &str,
+    channel: Option<&[u8]>,
+) -> ngx_int_t {
+    let body = martd_core::json::error(reason, channel);
+    no_store(r);
+    send(r, status, b"application/json", Body::Bytes(&body), None)
+}
+
+/// `Cache-Control: no-store`: martd's answers are never to be cached (old browsers cache
+/// XMLHttpRequest GETs).
+pub fn no_store(r: *mut ngx_http_request_t) {
+    let _ = add_header_ref(r, "Cache-Control", b"no-store");
+}
+
+/// A JSON (or, with a JSONP callback, JavaScript) body of martd's API.
+pub fn json(
+    r: *mut ngx_http_request_t,
+    status: usize,
+    body: &[u8],
+    callback: Option<&[u8]>,
+) -> ngx_int_t {
+    no_store(r);
+    let Some(cb) = callback else {
+        return send(r, status, b"application/json", Body::Bytes(body), None);
+    };
+    let mut wrapped = Vec::new();
+    if wrapped.try_reserve_exact(cb.len() + body.len() + 3).is_err() {
+        return NGX_ERROR as ngx_int_t;
+    }
+    wrapped.extend_from_slice(cb);
+    wrapped.push(b'(');
+    wrapped.extend_from_slice(body.strip_suffix(b"\n").unwrap_or(body));
+    wrapped.extend_from_slice(b");");
+    send(r, status, b"application/javascript", Body::Bytes(&wrapped), None)
 }

@@ -283,7 +283,7 @@ unsafe extern "C" fn mailbox_handler(_ev: *mut ngx_event_t) {
 fn process_mailbox() {
     let out = with(|st| {
         let mut out = Vec::new();
-        let Some(slot) = st.slot else { return out };
+        let Some(slot) = st.slot else { return (out, Vec::new()) };
         // SAFETY: `mcf` is this worker's cycle's main conf.
         let mcf = unsafe { &*st.mcf };
         let mut serials = Vec::new();
@@ -293,17 +293,20 @@ fn process_mailbox() {
             serials = st.listeners.serials();
         }
         let now = now_ms();
+        let mut again = Vec::new();
         // A few channels per hold of the zone lock: an overflowed mailbox names every channel
         // with listeners here.
         for chunk in serials.chunks(WAKE_CHANNELS_PER_LOCK) {
             let Some(mut z) = zone::lock(mcf) else { break };
             for &serial in chunk {
-                st.listeners.wake(z.store(), serial, slot, now, &mut out);
+                st.listeners.wake(z.store(), serial, slot, now, &mut out, &mut again);
             }
         }
-        out
+        (out, again)
     });
-    let out = out.unwrap_or_default();
+    let (out, again) = out.unwrap_or_default();
+    // A one-to-one election was decided: the workers whose listeners lost look again.
+    wake(&again);
     if !out.is_empty() {
         martd_debug!(
             ngx::log::ngx_cycle_log().as_ptr(),
@@ -321,20 +324,18 @@ fn process_mailbox() {
 fn shutdown() {
     let drained = with(|st| {
         let slot = st.slot.take()?;
-        let drained = st.listeners.drain_all();
+        let (releases, handles) = st.listeners.drain_all();
         // SAFETY: `mcf` is this worker's cycle's main conf.
         if let Some(mut z) = zone::lock(unsafe { &*st.mcf }) {
-            for (removed, n, _) in &drained {
+            for (removed, n) in &releases {
                 z.store().release(&removed.name, removed.serial, slot, *n, removed.last);
             }
             z.store().unregister_worker(slot);
         }
-        Some(drained)
+        Some(handles)
     });
-    for (_, _, handles) in drained.flatten().unwrap_or_default() {
-        for handle in handles {
-            listen::answer_handle(handle, None);
-        }
+    for handle in drained.flatten().unwrap_or_default() {
+        listen::answer_handle(handle, None);
     }
 }
 

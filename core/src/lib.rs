@@ -7,10 +7,15 @@
 //! * [`listeners`]: one worker's parked listeners and its copies of messages, driven by the
 //!   store.
 //! * [`info`]: the channel info bodies (plain text and JSON).
+//! * [`json`]: martd's JSON bodies (multi-channel replies, errors); [`key`]: channel keys.
+//! * [`api`]: parsing martd's API requests (attribute values, multi-channel listens).
 //!
 //! Nothing here locks: the caller holds the zone's mutex around every call that takes the store.
 
+pub mod api;
 pub mod info;
+pub mod json;
+pub mod key;
 pub mod listeners;
 pub mod msgid;
 pub mod queue;

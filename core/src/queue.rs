@@ -164,6 +164,40 @@ impl<A: Allocator + Clone> MessageQueue<A> {
             .find(|m| !m.is_dead(now_ms) && (include_transient || !m.is_transient()))
     }
 
+    /// Every live message after `since`, oldest first; transient ones only if
+    /// `include_transient`.
+    pub fn after(
+        &self,
+        since: MsgId,
+        now_ms: u64,
+        include_transient: bool,
+    ) -> impl Iterator<Item = &Message<A>> + Clone {
+        let start = self.messages.partition_point(|m| m.id <= since);
+        self.messages[start..]
+            .iter()
+            .filter(move |m| !m.is_dead(now_ms) && (include_transient || !m.is_transient()))
+    }
+
+    /// Removes the messages with ids in `(after, upto]` (delivered one-to-one: consumed).
+    pub fn consume(&mut self, after: MsgId, upto: MsgId) -> usize {
+        let before = self.messages.len();
+        self.messages.retain(|m| m.id <= after || m.id > upto);
+        let n = before - self.messages.len();
+        if n > 0 {
+            self.settle();
+        }
+        n
+    }
+
+    /// Drops the oldest messages until at most `max_len` stay (a channel's size was lowered).
+    pub fn truncate_to(&mut self, max_len: usize) {
+        let len = self.messages.len();
+        if len > max_len {
+            self.messages.drain(..len - max_len);
+            self.settle();
+        }
+    }
+
     /// The id of the newest live stored message published at or before second `time`
     /// (`0` if none): the id an `If-Modified-Since` of `time` stands for.
     pub fn id_at_time(&self, time: u64, now_ms: u64) -> MsgId {

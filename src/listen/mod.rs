@@ -10,6 +10,7 @@
 //! [`Listeners`]: martd_core::listeners::Listeners
 
 pub mod detach;
+pub mod json;
 pub mod replay;
 
 use std::ffi::c_void;
@@ -115,12 +116,15 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
     }
     if method(r) != NGX_HTTP_GET as usize {
         response::add_header(r, "Allow", b"GET");
-        return response::text(r, 405, "martd: listeners only GET");
+        return response::error(r, 405, "listeners only GET");
     }
     let lcf = loc_conf(r);
+    if lcf.json {
+        return json::listen(r, lcf);
+    }
     let name = match channel_id(r, lcf) {
         Ok(n) => n,
-        Err(reason) => return response::text(r, 400, &reason.to_string()),
+        Err(reason) => return response::error(r, 400, &reason.to_string()),
     };
     if !worker::accepting() {
         return not_modified(r);
@@ -128,32 +132,24 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
     let (etag, modified) = request_ids(r);
     let since = Since::from_headers(etag, modified);
 
-    // A detaching listener's copy, or else the parked request's context, is made first so
-    // that nothing can fail once the zone counts us.
-    let mut detached = detach::prepare(r, lcf);
-    let handle = match &detached {
-        Some(d) => d.handle(),
-        None => match park_ctx(r) {
-            Some(ctx) => Handle::Request(ctx),
-            None => return NGX_ERROR as ngx_int_t,
-        },
+    let Some((mut detached, handle)) = prepare_handle(r, lcf) else {
+        return NGX_ERROR as ngx_int_t;
     };
-
     let mcf = main_conf(r);
     let now = now_ms();
     let mut wake = Vec::new();
     let outcome = worker::with(|st| {
         let slot = st.slot?;
-        let opts = ListenOpts {
-            concurrency: lcf.concurrency(),
-            max_listeners: lcf.max_listeners.clamp(0, u32::MAX as isize) as u32,
-            create: lcf.authorized_only == 0,
-            channel_timeout_ms: lcf.channel_timeout as u64,
-            slot,
-        };
+        let opts = listen_opts(lcf, slot);
         let mut z = zone::lock(mcf)?;
         Some(match z.store().listen(&name, since, &opts, now, &mut wake) {
-            Ok(Listen::Message(m)) => Ok(Err(st.listeners.cache.get(m))),
+            Ok(Listen::Message(m)) => {
+                let (after, upto) = (m.id, m.id);
+                let payload = st.listeners.cache.get(m);
+                // A one-to-one channel's message is consumed by its delivery.
+                z.store().consume(&name, after.saturating_sub(1), upto);
+                Ok(Err(payload))
+            }
             Ok(Listen::Park(p)) => {
                 let key = st.listeners.park(&name, &p, handle);
                 if let Some(d) = detached.take() {
@@ -171,27 +167,69 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
         None => not_modified(r),
         Some(Ok(Err(Some(payload)))) => deliver(r, &payload),
         Some(Ok(Err(None))) => unavailable(r),
-        Some(Ok(Ok(key))) => {
-            // SAFETY: `r` and its connection are live.
-            martd_debug!(
-                unsafe { (*(*r).connection).log },
-                "parked listener on channel #{} ({})",
-                key.serial,
-                if matches!(handle, Handle::Detached { .. }) { "detaching" } else { "held" }
-            );
-            match handle {
-                Handle::Detached { .. } => detach::finish(r),
-                Handle::Request(ctx) => hold(r, ctx, key, lcf),
-            }
+        Some(Ok(Ok(key))) => parked(r, handle, key, lcf),
+        Some(Err(e)) => refused(r, e, &name),
+    }
+}
+
+/// The handle of a listener about to park: a detaching listener's copy of its request, or
+/// else the parked request's context, made first so that nothing can fail once the zone
+/// counts it. `None`: no memory.
+pub(crate) fn prepare_handle(
+    r: *mut ngx_http_request_t,
+    lcf: &LocConf,
+) -> Option<(Option<detach::Prepared>, Handle)> {
+    let detached = detach::prepare(r, lcf);
+    let handle = match &detached {
+        Some(d) => d.handle(),
+        None => Handle::Request(park_ctx(r)?),
+    };
+    Some((detached, handle))
+}
+
+/// How a listener of location `lcf` waits in worker slot `slot`.
+pub(crate) fn listen_opts(lcf: &LocConf, slot: u32) -> ListenOpts {
+    ListenOpts {
+        concurrency: lcf.concurrency(),
+        max_listeners: lcf.max_listeners.clamp(0, u32::MAX as isize) as u32,
+        create: lcf.authorized_only == 0,
+        channel_timeout_ms: lcf.channel_timeout as u64,
+        slot,
+    }
+}
+
+/// A listener the zone counts now waits: detached, or its request held.
+pub(crate) fn parked(
+    r: *mut ngx_http_request_t,
+    handle: Handle,
+    key: ListenerKey,
+    lcf: &LocConf,
+) -> ngx_int_t {
+    // SAFETY: `r` and its connection are live.
+    martd_debug!(
+        unsafe { (*(*r).connection).log },
+        "parked listener on channel #{} ({})",
+        key.serial,
+        if matches!(handle, Handle::Detached { .. }) { "detaching" } else { "held" }
+    );
+    match handle {
+        Handle::Detached { .. } => detach::finish(r),
+        Handle::Request(ctx) => hold(r, ctx, key, lcf),
+    }
+}
+
+/// The answer to a listen the store refused.
+pub(crate) fn refused(r: *mut ngx_http_request_t, e: StoreError, channel: &[u8]) -> ngx_int_t {
+    match e {
+        StoreError::Conflict => {
+            response::error(r, 409, "another listener is waiting on this channel")
         }
-        Some(Err(StoreError::Conflict)) => {
-            response::text(r, 409, "martd: another listener is waiting on this channel")
+        StoreError::NotFound => response::error(r, 403, "no such channel"),
+        StoreError::TooManyListeners => {
+            response::error(r, 403, "too many listeners on this channel")
         }
-        Some(Err(StoreError::NotFound)) => response::text(r, 403, "martd: no such channel"),
-        Some(Err(StoreError::TooManyListeners)) => {
-            response::text(r, 403, "martd: too many listeners on this channel")
-        }
-        Some(Err(StoreError::NoMemory)) => crate::push::zone_full(r, &name),
+        StoreError::Forbidden => response::error(r, 403, "forbidden"),
+        StoreError::NoMemory => crate::push::zone_full(r, channel),
     }
 }
 
@@ -231,8 +269,8 @@ fn deliver(r: *mut ngx_http_request_t, payload: &Rc<Payload>) -> ngx_int_t {
 }
 
 /// `503`: the worker could not make its copy of the message; the listener asks again.
-fn unavailable(r: *mut ngx_http_request_t) -> ngx_int_t {
-    response::text(r, 503, "martd: no memory for the message here, try again")
+pub(crate) fn unavailable(r: *mut ngx_http_request_t) -> ngx_int_t {
+    response::error(r, 503, "no memory for the message here, try again")
 }
 
 /// `304` echoing the request's ids.
@@ -248,15 +286,17 @@ fn not_modified(r: *mut ngx_http_request_t) -> ngx_int_t {
     response::send(r, 304, b"", Body::Bytes(b""), None)
 }
 
-/// A woken listener's response (`None`: `304`).
+/// A woken listener's response (`None`: `304`, or an empty reply in martd's API).
 fn respond(r: *mut ngx_http_request_t, verdict: Option<Verdict>) -> ngx_int_t {
+    if loc_conf(r).json {
+        return json::respond(r, verdict);
+    }
     match verdict {
         Some(Verdict::Deliver(p)) => deliver(r, &p),
-        Some(Verdict::Conflict) => {
-            response::text(r, 409, "martd: a newer listener took this channel")
-        }
-        Some(Verdict::Gone) => response::text(r, 410, "martd: channel deleted"),
+        Some(Verdict::Conflict) => response::error(r, 409, "a newer listener took this channel"),
+        Some(Verdict::Gone) => response::error(r, 410, "channel deleted"),
         Some(Verdict::Unavailable) => unavailable(r),
+        Some(Verdict::Batch(_) | Verdict::GoneChannel(_)) => unavailable(r),
         None => not_modified(r),
     }
 }
@@ -310,13 +350,14 @@ fn leave(ctx: *mut ListenerCtx) -> bool {
 /// Takes the listener at `key` out of the worker's listeners and the zone's counts.
 pub fn leave_key(key: ListenerKey) {
     worker::with(|st| {
-        let (Some(removed), Some(slot)) = (st.listeners.remove(key), st.slot) else {
+        let Some(slot) = st.slot else {
             return;
         };
         // SAFETY: `mcf` is this worker's cycle's main conf.
-        if let Some(mut z) = zone::lock(unsafe { &*st.mcf }) {
-            z.store().release(&removed.name, removed.serial, slot, 1, removed.last);
-        }
+        let Some(mut z) = zone::lock(unsafe { &*st.mcf }) else {
+            return;
+        };
+        st.listeners.remove(key, |r| z.store().release(&r.name, r.serial, slot, 1, r.last));
     });
 }
 

@@ -4,11 +4,16 @@
 use std::ptr::NonNull;
 
 use allocator_api2::alloc::Allocator;
+use allocator_api2::boxed::Box;
 use allocator_api2::vec::Vec;
 
+use super::attrs::{AttrUpdate, ChannelAttrs};
 use super::expiry::Timer;
+use super::PublishOpts;
 use crate::info::ChannelInfo;
+use crate::key::KeyHash;
 use crate::msgid::MsgId;
+use crate::queue::NoMemory;
 use crate::queue::{Message, MessageQueue};
 
 /// How long a channel that was never published to stays after its last listener left, counted
@@ -52,6 +57,8 @@ pub struct Channel<A: Allocator + Clone> {
     /// The last publish or listen request.
     pub(super) last_active_ms: u64,
     pub(super) channel_timeout_ms: u64,
+    /// Attributes a publisher set, if any.
+    pub(super) attrs: Option<Box<ChannelAttrs, A>>,
 }
 
 impl<A: Allocator + Clone> Channel<A> {
@@ -73,6 +80,7 @@ impl<A: Allocator + Clone> Channel<A> {
             last_requested_ms: 0,
             last_active_ms: now_ms,
             channel_timeout_ms: timeout,
+            attrs: None,
         }
     }
 
@@ -94,13 +102,106 @@ impl<A: Allocator + Clone> Channel<A> {
         self.last_id
     }
 
+    /// Listeners that parked before this sequence number are displaced (`last` concurrency).
     pub fn evict_below(&self) -> u64 {
         self.evict_below
+    }
+
+    /// Whether the listener that parked with sequence number `seq` is displaced (`409`): by a
+    /// newer listener (`last` concurrency), or by the one-to-one election.
+    pub fn evicts(&self, seq: u64) -> bool {
+        seq < self.evict_below || self.attrs.as_ref().is_some_and(|a| a.evicts(seq))
+    }
+
+    /// One-to-one delivery is on: a message delivered is consumed.
+    pub fn one2one(&self) -> bool {
+        self.attrs.as_ref().is_some_and(|a| a.one2one)
+    }
+
+    /// The one-to-one election running on the channel, as `(cut, best)` (see
+    /// [`super::Store::elect`]); `None` if none ever ran.
+    pub fn election(&self) -> Option<(u64, u64)> {
+        self.attrs.as_ref().filter(|a| a.elect_cut > 0).map(|a| (a.elect_cut, a.elect_best))
     }
 
     /// The message a listener waiting past `since` gets now, if any.
     pub fn next_for(&self, since: MsgId, now_ms: u64) -> Option<&Message<A>> {
         self.queue.next_after(since, now_ms, true)
+    }
+
+    /// Every live message after `since`, oldest first; transient ones only if
+    /// `include_transient`.
+    pub fn messages_after(
+        &self,
+        since: MsgId,
+        now_ms: u64,
+        include_transient: bool,
+    ) -> impl Iterator<Item = &Message<A>> + Clone {
+        self.queue.after(since, now_ms, include_transient)
+    }
+
+    /// Whether a push or delete carrying `key` may change the channel.
+    pub(super) fn admits(&self, key: Option<&KeyHash>) -> bool {
+        self.attrs.as_ref().is_none_or(|a| a.admits(key))
+    }
+
+    /// The buffer length and message life a push with `update` gets here: the channel's
+    /// attributes (the push's own first), bounded by the publishing location, else the
+    /// location's defaults.
+    pub(super) fn effective(&self, update: &AttrUpdate, opts: &PublishOpts) -> (usize, u64) {
+        let cur = self.attrs.as_deref();
+        let size = update.size.or(cur.and_then(|a| a.size));
+        let life = update.life_ms.or(cur.and_then(|a| a.life_ms));
+        let len = size.map_or(opts.buffer_len, |s| (s as usize).min(opts.buffer_max));
+        let life = match (life, opts.timeout_ms) {
+            (None, t) => t,
+            (Some(l), 0) => l,
+            (Some(0), t) => t,
+            (Some(l), t) => l.min(t),
+        };
+        (len, life)
+    }
+
+    /// Makes room for the attributes `update` sets, so that applying them cannot fail.
+    pub(super) fn reserve_attrs(&mut self, update: &AttrUpdate) -> Result<(), NoMemory> {
+        if self.attrs.is_none() && update.any() {
+            let alloc = self.name.allocator().clone();
+            let b = Box::try_new_in(ChannelAttrs::default(), alloc).map_err(|_| NoMemory)?;
+            self.attrs = Some(b);
+        }
+        Ok(())
+    }
+
+    /// Applies `update` (room made by [`Channel::reserve_attrs`]); `buffer_len` is the
+    /// channel's buffer length from now on. Returns whether one-to-one delivery was switched
+    /// on while listeners waited: an election starts (see [`super::Store::elect`]) and the
+    /// workers must be woken.
+    pub(super) fn apply_attrs(&mut self, update: &AttrUpdate, buffer_len: usize) -> bool {
+        let Some(a) = self.attrs.as_deref_mut() else {
+            return false;
+        };
+        if update.size.is_some() {
+            a.size = update.size;
+            self.queue.truncate_to(buffer_len);
+        }
+        if update.life_ms.is_some() {
+            a.life_ms = update.life_ms;
+        }
+        if a.key.is_none() {
+            a.key = update.key;
+        }
+        let mut elect = false;
+        if let Some(on) = update.one2one {
+            if on && !a.one2one {
+                a.elect_cut = if self.listeners > 1 { self.park_counter } else { 0 };
+                a.elect_best = u64::MAX;
+                elect = a.elect_cut > 0;
+            } else if !on {
+                a.elect_cut = 0;
+            }
+            a.one2one = on;
+        }
+        elect
     }
 
     pub(super) fn info(&self, now_ms: u64, listeners: u32) -> ChannelInfo {

@@ -18,15 +18,20 @@ use allocator_api2::alloc::Allocator;
 use allocator_api2::vec::Vec;
 
 use crate::info::ChannelInfo;
+use crate::key::KeyHash;
 use crate::msgid::{next_id, MsgId, Since};
 use crate::queue::{Message, MessageSpec, NoMemory};
 
+mod api;
+mod attrs;
 mod channel;
 mod expiry;
 mod paged;
 mod table;
 mod workers;
 
+pub use api::MultiListen;
+pub use attrs::AttrUpdate;
 use channel::Waiter;
 pub use channel::{Channel, LISTENER_ONLY_GRACE_MS};
 use expiry::Wheel;
@@ -54,8 +59,11 @@ pub enum StoreError {
     NotFound,
     /// `martd_max_listeners` reached.
     TooManyListeners,
-    /// `martd_listener_concurrency first` and a listener is already waiting.
+    /// `martd_listener_concurrency first`, or a one-to-one channel, and a listener is
+    /// already waiting.
     Conflict,
+    /// The channel has a key and the request did not carry it.
+    Forbidden,
 }
 
 impl From<NoMemory> for StoreError {
@@ -85,7 +93,10 @@ pub struct WakeTarget {
 /// How a channel is published to, from the publishing location's configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct PublishOpts {
+    /// Messages kept when the channel has no `size` attribute.
     pub buffer_len: usize,
+    /// The most messages a channel's `size` attribute can keep here.
+    pub buffer_max: usize,
     /// `0` = never.
     pub timeout_ms: u64,
     pub store: bool,
@@ -279,58 +290,81 @@ impl<A: Allocator + Clone> Store<A> {
     /// Messages live until their timeout (`timeout_ms`, never if `0`) or until newer ones push
     /// them out of the buffer; a channel with no listener and no message is removed
     /// `channel_timeout_ms` after its last publish or listen request.
+    ///
+    /// `spec` is the message (`None`: the push only sets attributes). `attrs` are the
+    /// channel attributes the push carries; a channel with a key refuses a push without it
+    /// ([`StoreError::Forbidden`]) and nothing changes.
     pub fn publish(
         &mut self,
         name: &[u8],
-        spec: &MessageSpec<'_>,
+        spec: Option<&MessageSpec<'_>>,
+        attrs: &AttrUpdate,
         opts: &PublishOpts,
         now_ms: u64,
         wake: &mut std::vec::Vec<WakeTarget>,
     ) -> Result<Published, StoreError> {
-        self.retrying(now_ms, |s| s.publish_once(name, spec, opts, now_ms, wake))
+        self.retrying(now_ms, |s| s.publish_once(name, spec, attrs, opts, now_ms, wake))
     }
 
     fn publish_once(
         &mut self,
         name: &[u8],
-        spec: &MessageSpec<'_>,
+        spec: Option<&MessageSpec<'_>>,
+        attrs: &AttrUpdate,
         opts: &PublishOpts,
         now_ms: u64,
         wake: &mut std::vec::Vec<WakeTarget>,
     ) -> Result<Published, StoreError> {
-        let id = next_id(self.last_id, now_ms.saturating_mul(1000));
+        if let Some(p) = self.channels.find(name) {
+            // SAFETY: a live channel of the table, only read here.
+            if !unsafe { p.as_ref() }.admits(attrs.key.as_ref()) {
+                return Err(StoreError::Forbidden);
+            }
+        }
         let (mut p, created) = self.get_or_create(name, now_ms, opts.channel_timeout_ms)?;
         // SAFETY: a live channel of the table; this reference ends before the wheel or the
         // table touch it again.
         let ch = unsafe { p.as_mut() };
         ch.queue.expire(now_ms);
         let listeners = ch.listeners;
-        let keep = opts.store && opts.buffer_len > 0;
-        if keep || listeners > 0 {
-            let transient = (!keep).then_some(ch.waiters.len() as u32);
-            let max_len = if keep { opts.buffer_len } else { usize::MAX };
-            let stored = ch
-                .queue
-                .make_message(spec, id, now_ms, transient)
-                .and_then(|msg| ch.queue.push(msg, max_len));
-            if let Err(e) = stored {
-                if created {
-                    // A refused publish leaves nothing behind.
-                    self.remove_channel(p);
-                } else {
-                    // Expired messages may have gone.
-                    self.rearm(p);
-                }
-                return Err(e.into());
+        let (buffer_len, timeout_ms) = ch.effective(attrs, opts);
+        let keep = opts.store && buffer_len > 0;
+        let id = match spec {
+            Some(_) => next_id(self.last_id, now_ms.saturating_mul(1000)),
+            None => ch.last_id,
+        };
+        let mut stored = ch.reserve_attrs(attrs);
+        if let (Ok(()), Some(spec)) = (stored, spec) {
+            if keep || listeners > 0 {
+                let transient = (!keep).then_some(ch.waiters.len() as u32);
+                let max_len = if keep { buffer_len } else { usize::MAX };
+                let spec = MessageSpec { timeout_ms, ..*spec };
+                stored = ch
+                    .queue
+                    .make_message(&spec, id, now_ms, transient)
+                    .and_then(|msg| ch.queue.push(msg, max_len));
             }
         }
+        if let Err(e) = stored {
+            if created {
+                // A refused publish leaves nothing behind.
+                self.remove_channel(p);
+            } else {
+                // Expired messages may have gone.
+                self.rearm(p);
+            }
+            return Err(e.into());
+        }
+        let elect = ch.apply_attrs(attrs, buffer_len);
         ch.channel_timeout_ms = opts.channel_timeout_ms;
         ch.last_active_ms = now_ms;
-        ch.last_id = id;
+        if spec.is_some() {
+            ch.last_id = id;
+            self.last_id = id;
+            self.stats.published += 1;
+        }
         let info = ch.info(now_ms, listeners);
-        self.last_id = id;
-        self.stats.published += 1;
-        if listeners > 0 {
+        if listeners > 0 && (spec.is_some() || elect) {
             self.notify_waiters(p, wake);
         }
         self.rearm(p);
@@ -410,7 +444,7 @@ impl<A: Allocator + Clone> Store<A> {
         if ch.queue.next_after(since_id, now_ms, false).is_some() {
             return Ok(Err(since_id));
         }
-        if opts.concurrency == Concurrency::First && ch.listeners > 0 {
+        if (opts.concurrency == Concurrency::First || ch.one2one()) && ch.listeners > 0 {
             return Err(StoreError::Conflict);
         }
         if opts.max_listeners > 0 && ch.listeners >= opts.max_listeners {
@@ -485,20 +519,28 @@ impl<A: Allocator + Clone> Store<A> {
         last_id
     }
 
-    /// Deletes a channel; its listeners' workers are woken (they answer `410`).
+    /// Deletes a channel; its listeners' workers are woken (they answer `410`). `Ok(None)`:
+    /// no such channel; [`StoreError::Forbidden`]: the channel has a key and `key` is not it.
     pub fn delete(
         &mut self,
         name: &[u8],
+        key: Option<&KeyHash>,
         now_ms: u64,
         wake: &mut std::vec::Vec<WakeTarget>,
-    ) -> Option<ChannelInfo> {
-        let p = self.channels.find(name)?;
+    ) -> Result<Option<ChannelInfo>, StoreError> {
+        let Some(p) = self.channels.find(name) else {
+            return Ok(None);
+        };
+        // SAFETY: a live channel of the table, only read here.
+        if !unsafe { p.as_ref() }.admits(key) {
+            return Err(StoreError::Forbidden);
+        }
         self.purge_dead(p);
         let ch = self.remove_channel(p);
         for w in ch.waiters.iter() {
             notify(&mut self.workers, w.slot, ch.serial, wake);
         }
-        Some(ch.info(now_ms, ch.listeners))
+        Ok(Some(ch.info(now_ms, ch.listeners)))
     }
 
     /// Tells every worker with listeners on channel `p` to look at it.
@@ -512,8 +554,35 @@ impl<A: Allocator + Clone> Store<A> {
 }
 
 #[cfg(test)]
+impl<A: Allocator + Clone> Store<A> {
+    /// A relay publish: a message, no attributes.
+    pub(crate) fn publish_msg(
+        &mut self,
+        name: &[u8],
+        spec: &MessageSpec<'_>,
+        opts: &PublishOpts,
+        now_ms: u64,
+        wake: &mut std::vec::Vec<WakeTarget>,
+    ) -> Result<Published, StoreError> {
+        self.publish(name, Some(spec), &AttrUpdate::default(), opts, now_ms, wake)
+    }
+
+    /// A delete without a key.
+    pub(crate) fn delete_any(
+        &mut self,
+        name: &[u8],
+        now_ms: u64,
+        wake: &mut std::vec::Vec<WakeTarget>,
+    ) -> Option<ChannelInfo> {
+        self.delete(name, None, now_ms, wake).ok().flatten()
+    }
+}
+
+#[cfg(test)]
 mod check;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_api;
 #[cfg(test)]
 mod tests_gc;

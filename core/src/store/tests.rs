@@ -31,7 +31,13 @@ unsafe impl Allocator for Budget {
 }
 
 pub(super) fn popts(buffer_len: usize) -> PublishOpts {
-    PublishOpts { buffer_len, timeout_ms: 0, store: true, channel_timeout_ms: 300_000 }
+    PublishOpts {
+        buffer_len,
+        buffer_max: 1000,
+        timeout_ms: 0,
+        store: true,
+        channel_timeout_ms: 300_000,
+    }
 }
 
 pub(super) fn lopts(slot: u32) -> ListenOpts {
@@ -59,8 +65,8 @@ pub(super) fn store_with_workers(n: u32) -> (Store<Global>, std::vec::Vec<u32>) 
 fn publish_without_listeners_is_stored_and_served_oldest_first() {
     let (mut s, slots) = store_with_workers(1);
     let mut wake = vec![];
-    let p1 = s.publish(b"a", &msg(b"one"), &popts(10), 1_000, &mut wake).unwrap();
-    let p2 = s.publish(b"a", &msg(b"two"), &popts(10), 1_000, &mut wake).unwrap();
+    let p1 = s.publish_msg(b"a", &msg(b"one"), &popts(10), 1_000, &mut wake).unwrap();
+    let p2 = s.publish_msg(b"a", &msg(b"two"), &popts(10), 1_000, &mut wake).unwrap();
     assert_eq!(p1.listeners, 0);
     assert!(p2.id > p1.id);
     assert!(wake.is_empty());
@@ -97,18 +103,18 @@ fn parked_listener_in_another_worker_is_woken_with_one_copy() {
         worker_b.park(b"c", &p, h);
     }
     assert_eq!(s.info(b"c", 10).unwrap().listeners, 3);
-    let p = s.publish(b"c", &msg(b"hi"), &popts(10), 20, &mut wake).unwrap();
+    let p = s.publish_msg(b"c", &msg(b"hi"), &popts(10), 20, &mut wake).unwrap();
     assert_eq!(p.listeners, 3);
     assert_eq!(wake.len(), 1);
     assert_eq!(wake[0].slot, slots[1]);
     // A second publish before the worker ran does not signal it again.
-    s.publish(b"c", &msg(b"again"), &popts(10), 20, &mut wake).unwrap();
+    s.publish_msg(b"c", &msg(b"again"), &popts(10), 20, &mut wake).unwrap();
     assert_eq!(wake.len(), 1);
     let mut serials = vec![];
     assert!(!s.take_mailbox(slots[1], &mut serials));
     assert_eq!(serials.len(), 1);
     let mut out = vec![];
-    worker_b.wake(&mut s, serials[0], slots[1], 30, &mut out);
+    worker_b.wake(&mut s, serials[0], slots[1], 30, &mut out, &mut vec![]);
     assert_eq!(out.len(), 3);
     for (_, v) in &out {
         let Verdict::Deliver(pl) = v else { panic!("expected delivery") };
@@ -140,11 +146,11 @@ fn concurrency_last_and_first() {
     b.park(b"l", &p, 2);
     assert!(wake.iter().any(|w| w.slot == slots[0]));
     let mut out = vec![];
-    a.wake(&mut s, p.serial, slots[0], 3, &mut out);
+    a.wake(&mut s, p.serial, slots[0], 3, &mut out, &mut vec![]);
     assert!(matches!(out.as_slice(), [(1, Verdict::Conflict)]));
     assert_eq!(s.info(b"l", 3).unwrap().listeners, 1);
     out.clear();
-    b.wake(&mut s, p.serial, slots[1], 3, &mut out);
+    b.wake(&mut s, p.serial, slots[1], 3, &mut out, &mut vec![]);
     assert!(out.is_empty(), "the newest listener keeps waiting");
 
     let first = ListenOpts { concurrency: Concurrency::First, ..lopts(slots[0]) };
@@ -161,23 +167,23 @@ fn delete_sends_gone_and_ids_survive_recreation() {
     let (mut s, slots) = store_with_workers(1);
     let mut wake = vec![];
     let mut w: Listeners<u32> = Listeners::default();
-    let p0 = s.publish(b"d", &msg(b"x"), &popts(10), 5, &mut wake).unwrap();
+    let p0 = s.publish_msg(b"d", &msg(b"x"), &popts(10), 5, &mut wake).unwrap();
     let Listen::Park(p) =
         s.listen(b"d", Since::After(p0.id), &lopts(slots[0]), 5, &mut wake).unwrap()
     else {
         panic!()
     };
     w.park(b"d", &p, 9);
-    let info = s.delete(b"d", 6, &mut wake).unwrap();
+    let info = s.delete_any(b"d", 6, &mut wake).unwrap();
     assert_eq!(info.listeners, 1);
     assert_eq!(wake.len(), 1);
     // Created again before the worker looked: the old listeners still get 410.
-    let p1 = s.publish(b"d", &msg(b"y"), &popts(10), 0, &mut wake).unwrap();
+    let p1 = s.publish_msg(b"d", &msg(b"y"), &popts(10), 0, &mut wake).unwrap();
     assert!(p1.id > p0.id, "ids keep increasing even if the clock went back");
     let mut out = vec![];
-    w.wake(&mut s, p.serial, slots[0], 7, &mut out);
+    w.wake(&mut s, p.serial, slots[0], 7, &mut out, &mut vec![]);
     assert!(matches!(out.as_slice(), [(9, Verdict::Gone)]));
-    assert!(s.delete(b"nope", 7, &mut wake).is_none());
+    assert!(s.delete_any(b"nope", 7, &mut wake).is_none());
 }
 
 #[test]
@@ -201,9 +207,9 @@ fn limits_and_authorized_only() {
 fn future_ids_wait_for_the_next_message_and_old_ids_get_the_oldest() {
     let (mut s, slots) = store_with_workers(1);
     let mut wake = vec![];
-    s.publish(b"f", &msg(b"1"), &popts(2), 1_000, &mut wake).unwrap();
-    s.publish(b"f", &msg(b"2"), &popts(2), 1_000, &mut wake).unwrap();
-    s.publish(b"f", &msg(b"3"), &popts(2), 1_000, &mut wake).unwrap();
+    s.publish_msg(b"f", &msg(b"1"), &popts(2), 1_000, &mut wake).unwrap();
+    s.publish_msg(b"f", &msg(b"2"), &popts(2), 1_000, &mut wake).unwrap();
+    s.publish_msg(b"f", &msg(b"3"), &popts(2), 1_000, &mut wake).unwrap();
     let Listen::Message(m) =
         s.listen(b"f", Since::After(1), &lopts(slots[0]), 1_000, &mut wake).unwrap()
     else {
@@ -218,9 +224,9 @@ fn future_ids_wait_for_the_next_message_and_old_ids_get_the_oldest() {
     assert_eq!(p.since, s.last_id());
     let mut w: Listeners<u32> = Listeners::default();
     w.park(b"f", &p, 1);
-    s.publish(b"f", &msg(b"4"), &popts(2), 1_000, &mut wake).unwrap();
+    s.publish_msg(b"f", &msg(b"4"), &popts(2), 1_000, &mut wake).unwrap();
     let mut out = vec![];
-    w.wake(&mut s, p.serial, slots[0], 1_000, &mut out);
+    w.wake(&mut s, p.serial, slots[0], 1_000, &mut out, &mut vec![]);
     assert!(matches!(&out[..], [(1, Verdict::Deliver(pl))] if pl.body() == b"4"));
 }
 
@@ -229,7 +235,7 @@ fn store_off_reaches_waiting_listeners_only_and_frees_itself() {
     let (mut s, slots) = store_with_workers(2);
     let mut wake = vec![];
     let off = PublishOpts { store: false, ..popts(10) };
-    let p = s.publish(b"t", &msg(b"lost"), &off, 1, &mut wake).unwrap();
+    let p = s.publish_msg(b"t", &msg(b"lost"), &off, 1, &mut wake).unwrap();
     assert_eq!(p.listeners, 0);
     assert!(matches!(
         s.listen(b"t", Since::Oldest, &lopts(slots[0]), 1, &mut wake),
@@ -247,12 +253,12 @@ fn store_off_reaches_waiting_listeners_only_and_frees_itself() {
         panic!()
     };
     b.park(b"t", &pb, 2);
-    let p = s.publish(b"t", &msg(b"live"), &off, 2, &mut wake).unwrap();
+    let p = s.publish_msg(b"t", &msg(b"live"), &off, 2, &mut wake).unwrap();
     assert_eq!(p.listeners, 3);
     assert_eq!(s.info(b"t", 2).unwrap().messages, 0, "not stored for later listeners");
     let mut out = vec![];
-    a.wake(&mut s, pa.serial, slots[0], 3, &mut out);
-    b.wake(&mut s, pb.serial, slots[1], 3, &mut out);
+    a.wake(&mut s, pa.serial, slots[0], 3, &mut out, &mut vec![]);
+    b.wake(&mut s, pb.serial, slots[1], 3, &mut out, &mut vec![]);
     assert_eq!(out.len(), 2);
     // Both workers saw it; a fresh listener does not get it and the memory is gone.
     s.collect_garbage(4);
@@ -280,7 +286,8 @@ fn idle_channels_go_after_their_timeout() {
     let (mut s, slots) = store_with_workers(1);
     let mut wake = vec![];
     let short = PublishOpts { timeout_ms: 1_000, channel_timeout_ms: 5_000, ..popts(10) };
-    s.publish(b"i", &MessageSpec { timeout_ms: 1_000, ..msg(b"x") }, &short, 0, &mut wake).unwrap();
+    s.publish_msg(b"i", &MessageSpec { timeout_ms: 1_000, ..msg(b"x") }, &short, 0, &mut wake)
+        .unwrap();
     let Listen::Park(p) = s
         .listen(
             b"j",
@@ -311,7 +318,7 @@ fn a_full_zone_refuses_then_recovers() {
     let mut full_at = None;
     for i in 0..100 {
         let name = format!("ch{i}");
-        match s.publish(name.as_bytes(), &msg(&big), &popts(10), 1, &mut wake) {
+        match s.publish_msg(name.as_bytes(), &msg(&big), &popts(10), 1, &mut wake) {
             Ok(_) => {}
             Err(StoreError::NoMemory) => {
                 full_at = Some(i);
@@ -328,9 +335,9 @@ fn a_full_zone_refuses_then_recovers() {
     );
     assert_eq!(s.stats.out_of_memory, 1);
     for i in 0..full_at {
-        assert!(s.delete(format!("ch{i}").as_bytes(), 2, &mut wake).is_some());
+        assert!(s.delete_any(format!("ch{i}").as_bytes(), 2, &mut wake).is_some());
     }
-    s.publish(b"again", &msg(&big), &popts(10), 3, &mut wake).unwrap();
+    s.publish_msg(b"again", &msg(&big), &popts(10), 3, &mut wake).unwrap();
     let _ = s.listen(b"again", Since::Oldest, &lopts(slot), 3, &mut wake).unwrap();
     drop(s);
     assert_eq!(budget.0.get(), 64 * 1024, "everything was given back");
@@ -391,9 +398,9 @@ proptest! {
                     counter += 1;
                     let body = format!("m{counter}").into_bytes();
                     let timeout_ms = u64::from(ttl) * 1000;
-                    let opts = PublishOpts { buffer_len: len, timeout_ms, store: true, channel_timeout_ms: 1_000_000 };
+                    let opts = PublishOpts { buffer_len: len, buffer_max: 1000, timeout_ms, store: true, channel_timeout_ms: 1_000_000 };
                     let spec = MessageSpec { content_type: b"", body: &body, timeout_ms };
-                    let p = s.publish(&[ch], &spec, &opts, now, &mut wake).unwrap();
+                    let p = s.publish_msg(&[ch], &spec, &opts, now, &mut wake).unwrap();
                     prop_assert!(model.ids.last().is_none_or(|&l| p.id > l), "ids increase");
                     model.ids.push(p.id);
                     let q = model.channels.entry(ch).or_default();
@@ -418,7 +425,7 @@ proptest! {
                     }
                 }
                 Op::Delete { ch } => {
-                    let existed = s.delete(&[ch], now, &mut wake).is_some();
+                    let existed = s.delete_any(&[ch], now, &mut wake).is_some();
                     prop_assert_eq!(existed, model.channels.remove(&ch).is_some());
                 }
                 Op::Tick { ms } => now += u64::from(ms),
@@ -428,8 +435,8 @@ proptest! {
                     let serials = workers[w].serials();
                     if let Some(&serial) = serials.first() {
                         for index in 0..64 {
-                            if let Some(r) = workers[w].remove(crate::listeners::ListenerKey { serial, index }) {
-                                s.release(&r.name, r.serial, slots[w], 1, r.last);
+                            let key = crate::listeners::ListenerKey { serial, index };
+                            if workers[w].remove(key, |r| s.release(&r.name, r.serial, slots[w], 1, r.last)) {
                                 break;
                             }
                         }
@@ -441,7 +448,7 @@ proptest! {
                     s.take_mailbox(slots[w], &mut serials);
                     let mut out = vec![];
                     for serial in workers[w].serials() {
-                        workers[w].wake(&mut s, serial, slots[w], now, &mut out);
+                        workers[w].wake(&mut s, serial, slots[w], now, &mut out, &mut vec![]);
                     }
                     for (h, v) in out {
                         let (ch, since) = waiting.remove(&h).unwrap();
@@ -453,6 +460,7 @@ proptest! {
                             Verdict::Gone => {}
                             Verdict::Conflict => prop_assert!(false, "broadcast never conflicts"),
                             Verdict::Unavailable => prop_assert!(false, "the global allocator does not fail"),
+                            Verdict::Batch(_) | Verdict::GoneChannel(_) => prop_assert!(false, "no multi-channel listener here"),
                         }
                     }
                 }
@@ -467,7 +475,7 @@ proptest! {
         for (w, slot) in slots.iter().enumerate() {
             let mut out = vec![];
             for serial in workers[w].serials() {
-                workers[w].wake(&mut s, serial, *slot, now, &mut out);
+                workers[w].wake(&mut s, serial, *slot, now, &mut out, &mut vec![]);
             }
         }
         let held = (workers[0].len() + workers[1].len()) as u64;
@@ -480,7 +488,7 @@ fn only_unsignalled_mail_needs_the_backstop() {
     let (mut s, slots) = store_with_workers(2);
     let mut wake = vec![];
     s.listen(b"u", Since::Oldest, &lopts(slots[1]), 1, &mut wake).unwrap();
-    s.publish(b"u", &msg(b"x"), &popts(10), 2, &mut wake).unwrap();
+    s.publish_msg(b"u", &msg(b"x"), &popts(10), 2, &mut wake).unwrap();
     assert_eq!(wake.len(), 1);
     assert!(!s.has_unsignalled_mail(slots[1]), "the pipe carries this one");
     s.clear_signal(slots[1]);

@@ -34,7 +34,7 @@ fn queued<A: Allocator + Clone>(s: &Store<A>, name: &[u8]) -> usize {
 fn a_message_is_reclaimed_at_its_expiry_on_an_idle_channel() {
     let (mut s, _) = store_with_workers(1);
     let (spec, opts) = ttl(1_000);
-    s.publish(b"a", &spec, &opts, T0, &mut vec![]).unwrap();
+    s.publish_msg(b"a", &spec, &opts, T0, &mut vec![]).unwrap();
     assert!(!s.collect_garbage_step(T0 + 999, 64), "nothing due yet");
     assert_eq!(queued(&s, b"a"), 1);
     assert_eq!(s.collect_garbage(T0 + 999), 0);
@@ -55,9 +55,9 @@ fn far_deadlines_and_a_clock_that_jumps() {
     let (mut s, _) = store_with_workers(1);
     let far = 1u64 << 40; // beyond the wheel's exact span
     let (spec, opts) = ttl(far);
-    s.publish(b"far", &spec, &opts, T0, &mut vec![]).unwrap();
+    s.publish_msg(b"far", &spec, &opts, T0, &mut vec![]).unwrap();
     let (spec, opts) = ttl(5);
-    s.publish(b"near", &spec, &opts, T0, &mut vec![]).unwrap();
+    s.publish_msg(b"near", &spec, &opts, T0, &mut vec![]).unwrap();
     for now in [T0 + 4, T0 - 10_000, T0 + 3, T0 + 5, T0 + (1 << 37), T0 + far - 1] {
         s.collect_garbage(now);
         s.check();
@@ -70,7 +70,7 @@ fn far_deadlines_and_a_clock_that_jumps() {
     s.check_collected(T0 + far);
     // A clock that went back delays nothing past its deadline and loops on nothing.
     let (spec, opts) = ttl(100);
-    s.publish(b"back", &spec, &opts, T0 + far, &mut vec![]).unwrap();
+    s.publish_msg(b"back", &spec, &opts, T0 + far, &mut vec![]).unwrap();
     assert!(!s.collect_garbage_step(T0 + far - 50_000, 8));
     assert!(!s.collect_garbage_step(T0 + far + 99, 8));
     s.collect_garbage(T0 + far + 100);
@@ -92,7 +92,7 @@ fn listener_only_channels_go_soon_after_their_last_listener() {
     // A channel published to keeps its channel timeout.
     let p = park(&mut s, b"n", slots[0], T0 + 80_000);
     let off = PublishOpts { store: false, ..popts(10) };
-    s.publish(b"n", &msg(b"x"), &off, T0 + 80_000, &mut vec![]).unwrap();
+    s.publish_msg(b"n", &msg(b"x"), &off, T0 + 80_000, &mut vec![]).unwrap();
     s.release(b"n", p.serial, slots[0], 1, Some(p.last_id));
     assert_eq!(s.collect_garbage(T0 + 80_000 + 299_999), 0);
     assert_eq!(s.collect_garbage(T0 + 80_000 + 300_000), 1);
@@ -127,7 +127,7 @@ fn each_step_does_at_most_its_budget() {
     let (mut s, _) = store_with_workers(1);
     let (spec, opts) = ttl(10);
     for i in 0..1_000u32 {
-        s.publish(format!("c{i}").as_bytes(), &spec, &opts, T0, &mut vec![]).unwrap();
+        s.publish_msg(format!("c{i}").as_bytes(), &spec, &opts, T0, &mut vec![]).unwrap();
     }
     let total = |s: &Store<Global>| -> usize {
         (0..1_000u32).map(|i| queued(s, format!("c{i}").as_bytes())).sum()
@@ -168,7 +168,7 @@ fn a_crashed_workers_counts_go_in_bounded_steps_without_a_touch() {
             park(&mut s, name.as_bytes(), slots[0], T0);
         }
         if i % 2 == 0 {
-            s.publish(name.as_bytes(), &msg(b"m"), &popts(1), T0, &mut vec![]).unwrap();
+            s.publish_msg(name.as_bytes(), &msg(b"m"), &popts(1), T0, &mut vec![]).unwrap();
         }
     }
     // Worker 1 crashes; its respawn purges the slot.
@@ -201,7 +201,7 @@ fn a_graceful_exit_leaves_nothing_to_sweep() {
         let p = park(&mut s, name.as_bytes(), slots[1], T0);
         w.park(name.as_bytes(), &p, i);
     }
-    for (removed, n, _) in w.drain_all() {
+    for (removed, n) in w.drain_all().0 {
         s.release(&removed.name, removed.serial, slots[1], n, removed.last);
     }
     s.unregister_worker(slots[1]);
@@ -216,14 +216,14 @@ fn a_full_zone_runs_one_bounded_step_not_a_walk() {
     let slot = s.register_worker(1, 1, 0, &|_| true).unwrap();
     let (spec, opts) = ttl(1_000);
     let mut n = 0u32;
-    while s.publish(format!("e{n}").as_bytes(), &spec, &opts, T0, &mut vec![]).is_ok() {
+    while s.publish_msg(format!("e{n}").as_bytes(), &spec, &opts, T0, &mut vec![]).is_ok() {
         n += 1;
     }
     assert!(n as usize > OOM_GC_BUDGET, "{n} channels");
     assert_eq!(s.stats.out_of_memory, 1);
     s.check();
     // Everything has expired: a refused allocation frees what one step reaches, enough here.
-    s.publish(b"after", &msg(b"y"), &popts(1), T0 + 1_000, &mut vec![]).unwrap();
+    s.publish_msg(b"after", &msg(b"y"), &popts(1), T0 + 1_000, &mut vec![]).unwrap();
     let emptied = (0..n).filter(|i| queued(&s, format!("e{i}").as_bytes()) == 0).count();
     assert!(emptied <= OOM_GC_BUDGET, "{emptied} queues emptied");
     let p = park(&mut s, b"listener", slot, T0 + 1_000);
@@ -301,9 +301,9 @@ proptest! {
                 Op::Publish { ch, ttl, timeout } => {
                     let ttl = TTLS[ttl as usize];
                     let timeout = TIMEOUTS[timeout as usize];
-                    let opts = PublishOpts { buffer_len: 3, timeout_ms: ttl, store: true, channel_timeout_ms: timeout };
+                    let opts = PublishOpts { buffer_len: 3, buffer_max: 1000, timeout_ms: ttl, store: true, channel_timeout_ms: timeout };
                     let spec = MessageSpec { content_type: b"", body: b"b", timeout_ms: ttl };
-                    let p = s.publish(&[ch], &spec, &opts, now, &mut vec![]).unwrap();
+                    let p = s.publish_msg(&[ch], &spec, &opts, now, &mut vec![]).unwrap();
                     let serial = s.channels.find(&[ch]).map(|p| unsafe { p.as_ref() }.serial).unwrap();
                     let m = model.entry(ch).or_insert(MChan {
                         serial, msgs: vec![], published: false, listeners: [0, 0], last_active: now, timeout,
@@ -344,7 +344,7 @@ proptest! {
                     }
                 }
                 Op::Delete { ch } => {
-                    prop_assert_eq!(s.delete(&[ch], now, &mut vec![]).is_some(), model.remove(&ch).is_some());
+                    prop_assert_eq!(s.delete_any(&[ch], now, &mut vec![]).is_some(), model.remove(&ch).is_some());
                 }
                 Op::Tick { ms } => now += ms,
                 Op::Step { budget } => {
@@ -407,8 +407,8 @@ proptest! {
                     Op::Publish { ch, ttl, timeout } => {
                         let name = vec![b'p'; 1 + ch as usize * 40];
                         let spec = MessageSpec { content_type: b"t", body: &body, timeout_ms: TTLS[ttl as usize] };
-                        let opts = PublishOpts { buffer_len: 4, timeout_ms: TTLS[ttl as usize], store: true, channel_timeout_ms: TIMEOUTS[timeout as usize] };
-                        match s.publish(&name, &spec, &opts, now, &mut vec![]) {
+                        let opts = PublishOpts { buffer_len: 4, buffer_max: 1000, timeout_ms: TTLS[ttl as usize], store: true, channel_timeout_ms: TIMEOUTS[timeout as usize] };
+                        match s.publish_msg(&name, &spec, &opts, now, &mut vec![]) {
                             Ok(_) | Err(StoreError::NoMemory) => {}
                             Err(e) => prop_assert!(false, "{:?}", e),
                         }
@@ -431,7 +431,7 @@ proptest! {
                         }
                     }
                     Op::Delete { ch } => {
-                        s.delete(&vec![b'p'; 1 + ch as usize * 40], now, &mut vec![]);
+                        s.delete_any(&vec![b'p'; 1 + ch as usize * 40], now, &mut vec![]);
                     }
                     Op::Tick { ms } => now += ms,
                     Op::Step { budget } => {

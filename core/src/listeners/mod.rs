@@ -1,0 +1,208 @@
+//! One worker's parked listeners, grouped by channel, and its copies of messages.
+//!
+//! A listener is whatever handle the edge gives (`H`: a pointer to the request context in
+//! nginx, a number in tests). A listener waits on one channel, or on several at once (a
+//! multi-channel listener of martd's JSON API: one entry in each of its channels, all
+//! pointing at one [`MultiListener`] record that holds the handle). When the worker is woken
+//! for a channel, [`Listeners::wake`] decides, under the zone lock, which of its listeners get
+//! a message, a `409` or a `410`, copies each message out of the zone at most once (see
+//! [`PayloadCache`]), and returns the verdicts for the edge to answer after the lock is
+//! released. A multi-channel listener answered on one channel leaves its other channels in
+//! the same pass.
+
+mod payload;
+mod wake;
+
+pub use payload::{Payload, PayloadCache, Verdict};
+
+use std::collections::HashMap;
+
+use slab::Slab;
+
+use crate::msgid::MsgId;
+use crate::store::Parked;
+
+/// [`ListenerKey::serial`] of a multi-channel listener (channel serials start at 1 and are
+/// never this large).
+pub const MULTI: u64 = u64::MAX;
+
+/// Where a parked listener sits, to remove it on timeout or disconnect: a channel serial and
+/// its index there, or [`MULTI`] and the index of its multi-channel record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerKey {
+    pub serial: u64,
+    pub index: usize,
+}
+
+/// Who a parked entry belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner<H> {
+    One(H),
+    /// The index of a [`MultiListener`].
+    Multi(usize),
+}
+
+struct ParkedListener<H> {
+    owner: Owner<H>,
+    since: MsgId,
+    park_seq: u64,
+}
+
+/// A listener waiting on several channels: its handle and its entry in each channel.
+struct MultiListener<H> {
+    handle: H,
+    parts: Vec<ListenerKey>,
+}
+
+struct LocalChannel<H> {
+    name: Box<[u8]>,
+    /// Every message up to this id has been looked at by this worker.
+    seen: MsgId,
+    parked: Slab<ParkedListener<H>>,
+}
+
+/// What the edge must tell the store after removing one listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removed {
+    pub name: Box<[u8]>,
+    pub serial: u64,
+    /// `Some(seen)` when it was the worker's last listener on the channel.
+    pub last: Option<MsgId>,
+}
+
+/// One worker's parked listeners.
+pub struct Listeners<H> {
+    channels: HashMap<u64, LocalChannel<H>>,
+    multis: Slab<MultiListener<H>>,
+    pub cache: PayloadCache,
+    count: usize,
+}
+
+impl<H> Default for Listeners<H> {
+    fn default() -> Self {
+        Listeners {
+            channels: HashMap::new(),
+            multis: Slab::new(),
+            cache: PayloadCache::default(),
+            count: 0,
+        }
+    }
+}
+
+impl<H: Copy> Listeners<H> {
+    fn insert(&mut self, name: &[u8], parked: &Parked, owner: Owner<H>) -> ListenerKey {
+        let ch = self.channels.entry(parked.serial).or_insert_with(|| LocalChannel {
+            name: name.into(),
+            seen: parked.last_id,
+            parked: Slab::new(),
+        });
+        let index = ch.parked.insert(ParkedListener {
+            owner,
+            since: parked.since,
+            park_seq: parked.park_seq,
+        });
+        ListenerKey { serial: parked.serial, index }
+    }
+
+    /// Keeps a listener the store told to park.
+    pub fn park(&mut self, name: &[u8], parked: &Parked, handle: H) -> ListenerKey {
+        self.count += 1;
+        self.insert(name, parked, Owner::One(handle))
+    }
+
+    /// Keeps a multi-channel listener the store parked on every channel in `names` (one
+    /// [`Parked`] each, in the same order).
+    pub fn park_multi(&mut self, names: &[&[u8]], parked: &[Parked], handle: H) -> ListenerKey {
+        let mi = self.multis.vacant_key();
+        let parts = names.iter().zip(parked).map(|(n, p)| self.insert(n, p, Owner::Multi(mi)));
+        let parts = parts.collect();
+        self.multis.insert(MultiListener { handle, parts });
+        self.count += 1;
+        ListenerKey { serial: MULTI, index: mi }
+    }
+
+    /// Takes one entry out of its channel if it belongs to `owner`.
+    fn remove_entry(&mut self, at: ListenerKey, owner: Owner<()>) -> Option<Removed> {
+        let ch = self.channels.get_mut(&at.serial)?;
+        let matches = match (ch.parked.get(at.index)?.owner, owner) {
+            (Owner::One(_), Owner::One(())) => true,
+            (Owner::Multi(a), Owner::Multi(b)) => a == b,
+            _ => false,
+        };
+        if !matches {
+            return None;
+        }
+        ch.parked.remove(at.index);
+        let last = ch.parked.is_empty().then_some(ch.seen);
+        let removed = Removed { name: ch.name.clone(), serial: at.serial, last };
+        if last.is_some() {
+            self.channels.remove(&at.serial);
+        }
+        Some(removed)
+    }
+
+    /// Removes a listener (timeout, disconnect); `release` gets what to tell the store for
+    /// each of its channels. `false` if it was already answered.
+    pub fn remove(&mut self, key: ListenerKey, mut release: impl FnMut(Removed)) -> bool {
+        if key.serial == MULTI {
+            let Some(m) = self.multis.try_remove(key.index) else {
+                return false;
+            };
+            self.count -= 1;
+            for part in m.parts {
+                if let Some(r) = self.remove_entry(part, Owner::Multi(key.index)) {
+                    release(r);
+                }
+            }
+            return true;
+        }
+        match self.remove_entry(key, Owner::One(())) {
+            Some(r) => {
+                self.count -= 1;
+                release(r);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Takes every listener out (worker shutting down): what to release in the store per
+    /// channel (with the number of entries there), and every handle once.
+    pub fn drain_all(&mut self) -> (Vec<(Removed, u32)>, Vec<H>) {
+        self.count = 0;
+        let mut handles = Vec::new();
+        let releases = self
+            .channels
+            .drain()
+            .map(|(serial, ch)| {
+                let n = ch.parked.len() as u32;
+                handles.extend(ch.parked.into_iter().filter_map(|(_, p)| match p.owner {
+                    Owner::One(h) => Some(h),
+                    Owner::Multi(_) => None,
+                }));
+                (Removed { name: ch.name, serial, last: Some(ch.seen) }, n)
+            })
+            .collect();
+        handles.extend(self.multis.drain().map(|m| m.handle));
+        (releases, handles)
+    }
+
+    /// Serials of every channel with listeners here (for a mailbox overflow).
+    pub fn serials(&self) -> Vec<u64> {
+        self.channels.keys().copied().collect()
+    }
+
+    /// Listeners parked in this worker (a multi-channel listener counts once).
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Entries in every channel (a multi-channel listener has one per channel).
+    pub fn entries(&self) -> usize {
+        self.channels.values().map(|c| c.parked.len()).sum()
+    }
+}

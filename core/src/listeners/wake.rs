@@ -1,0 +1,319 @@
+//! A wake-up: a worker looks at one channel after a publish, a delete, a displacement or a
+//! one-to-one election, and answers every listener it can.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use allocator_api2::alloc::Allocator;
+
+use super::{ListenerKey, Listeners, Owner, Payload, Removed, Verdict};
+use crate::json;
+use crate::msgid::MsgId;
+use crate::store::{Channel, Store, WakeTarget};
+
+/// A multi-channel listener answered on the channel being looked at.
+struct Triggered {
+    index: usize,
+    since: MsgId,
+    conflict: bool,
+}
+
+/// One channel's part of multi-channel replies, by `(serial, since)`: the JSON fragment and
+/// the id of its last message; `None` when nothing is newer.
+type Fragments = HashMap<(u64, MsgId), Option<(Rc<[u8]>, MsgId)>>;
+
+/// Entries of one worker gone from a channel: its name, how many, and `Some(seen)` when none
+/// is left here.
+type Release = (Box<[u8]>, u32, Option<MsgId>);
+
+/// What the store must be told after a pass, collected while the channels are borrowed.
+#[derive(Default)]
+struct Afterwards {
+    /// Per channel serial.
+    releases: HashMap<u64, Release>,
+    /// One-to-one deliveries: `(name, after, upto)`.
+    consumed: Vec<(Box<[u8]>, MsgId, MsgId)>,
+}
+
+impl Afterwards {
+    fn release(&mut self, r: Removed) {
+        let e = self.releases.entry(r.serial).or_insert((r.name, 0, None));
+        e.1 += 1;
+        if r.last.is_some() {
+            e.2 = r.last;
+        }
+    }
+
+    fn apply<A: Allocator + Clone>(self, store: &mut Store<A>, slot: u32) {
+        for (serial, (name, n, last)) in self.releases {
+            store.release(&name, serial, slot, n, last);
+        }
+        for (name, after, upto) in self.consumed {
+            store.consume(&name, after, upto);
+        }
+    }
+}
+
+fn fragment<A: Allocator + Clone>(
+    ch: &Channel<A>,
+    since: MsgId,
+    now_ms: u64,
+) -> Option<(Rc<[u8]>, MsgId)> {
+    let last = ch.messages_after(since, now_ms, true).last()?.id;
+    let bodies = ch.messages_after(since, now_ms, true).map(|m| m.body());
+    // No memory for it: `Verdict::Unavailable` for the listener (see `batch_verdict`).
+    let f = json::fragment(ch.name(), last, bodies).unwrap_or_default();
+    Some((f.into(), last))
+}
+
+impl<H: Copy> Listeners<H> {
+    /// Looks at channel `serial` after a wake-up: every listener that can be answered is
+    /// removed here and in the store's counts, and pushed to `out` with its verdict. `wake`
+    /// gets the workers to wake again (a one-to-one election was decided).
+    pub fn wake<A: Allocator + Clone>(
+        &mut self,
+        store: &mut Store<A>,
+        serial: u64,
+        slot: u32,
+        now_ms: u64,
+        out: &mut Vec<(H, Verdict)>,
+        wake: &mut Vec<WakeTarget>,
+    ) {
+        let Some(local) = self.channels.get(&serial) else {
+            return;
+        };
+        let name = local.name.clone();
+        if store.channel(&name, serial).is_none() {
+            self.wake_deleted(store, serial, slot, out);
+            return;
+        }
+        self.report_election(store, &name, serial, wake);
+        let Some(ch) = store.channel(&name, serial) else {
+            return;
+        };
+        let mut after = Afterwards::default();
+        let (answered, triggered) = self.answer_singles(ch, serial, now_ms, out, &mut after);
+        let mut fragments = Fragments::new();
+        let mut bodies: HashMap<*const u8, Rc<[u8]>> = HashMap::new();
+        for t in &triggered {
+            let Some(m) = self.multis.try_remove(t.index) else {
+                continue;
+            };
+            self.count -= 1;
+            let verdict = if t.conflict {
+                Verdict::Conflict
+            } else {
+                let own = fragments
+                    .entry((serial, t.since))
+                    .or_insert_with(|| fragment(ch, t.since, now_ms));
+                let own = own.clone();
+                self.batch_verdict(
+                    store,
+                    &m.parts,
+                    serial,
+                    own,
+                    now_ms,
+                    &mut fragments,
+                    &mut bodies,
+                    &mut after,
+                )
+            };
+            for &part in m.parts.iter().filter(|p| p.serial != serial) {
+                if let Some(r) = self.remove_entry(part, Owner::Multi(t.index)) {
+                    after.release(r);
+                }
+            }
+            out.push((m.handle, verdict));
+        }
+        let one2one = ch.one2one();
+        let gone = answered + triggered.len() as u32;
+        if one2one {
+            for (&(s, since), f) in &fragments {
+                if let (true, Some((_, last))) = (s == serial, f) {
+                    after.consumed.push((name.clone(), since, *last));
+                }
+            }
+        }
+        self.settle(store, &name, serial, slot, gone, after);
+    }
+
+    /// The single-channel listeners of `serial` are answered; multi-channel ones with
+    /// something to get (or displaced) are returned for the caller to answer.
+    fn answer_singles<A: Allocator + Clone>(
+        &mut self,
+        ch: &Channel<A>,
+        serial: u64,
+        now_ms: u64,
+        out: &mut Vec<(H, Verdict)>,
+        after: &mut Afterwards,
+    ) -> (u32, Vec<Triggered>) {
+        let mut triggered = Vec::new();
+        let Some(local) = self.channels.get_mut(&serial) else {
+            return (0, triggered);
+        };
+        let mut answered = 0u32;
+        let cache = &mut self.cache;
+        let one2one = ch.one2one();
+        // Listeners of a channel mostly wait past the same id: remember the last answer.
+        let mut last: Option<(MsgId, Option<Option<Rc<Payload>>>)> = None;
+        local.parked.retain(|_, p| {
+            let conflict = ch.evicts(p.park_seq);
+            if let Owner::Multi(index) = p.owner {
+                if conflict || ch.next_for(p.since, now_ms).is_some() {
+                    triggered.push(Triggered { index, since: p.since, conflict });
+                    return false;
+                }
+                return true;
+            }
+            let verdict = if conflict {
+                Some(Verdict::Conflict)
+            } else {
+                let payload = match &last {
+                    Some((since, payload)) if *since == p.since => payload.clone(),
+                    _ => {
+                        let payload = ch.next_for(p.since, now_ms).map(|m| cache.get(m));
+                        last = Some((p.since, payload.clone()));
+                        payload
+                    }
+                };
+                payload.map(|p| p.map_or(Verdict::Unavailable, Verdict::Deliver))
+            };
+            let (Owner::One(h), Some(v)) = (p.owner, verdict) else {
+                return true;
+            };
+            if let (true, Verdict::Deliver(msg)) = (one2one, &v) {
+                after.consumed.push((ch.name().into(), p.since, msg.id));
+            }
+            out.push((h, v));
+            answered += 1;
+            false
+        });
+        self.count -= answered as usize;
+        (answered, triggered)
+    }
+
+    /// The reply of a multi-channel listener answered on channel `serial` (its fragment
+    /// `own`): every one of its channels with something newer.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_verdict<A: Allocator + Clone>(
+        &self,
+        store: &Store<A>,
+        parts: &[ListenerKey],
+        serial: u64,
+        own: Option<(Rc<[u8]>, MsgId)>,
+        now_ms: u64,
+        fragments: &mut Fragments,
+        bodies: &mut HashMap<*const u8, Rc<[u8]>>,
+        after: &mut Afterwards,
+    ) -> Verdict {
+        let mut list: Vec<Rc<[u8]>> = own.into_iter().map(|(f, _)| f).collect();
+        for part in parts.iter().filter(|p| p.serial != serial) {
+            let Some(local) = self.channels.get(&part.serial) else { continue };
+            let Some(entry) = local.parked.get(part.index) else { continue };
+            let since = entry.since;
+            let f = fragments.entry((part.serial, since)).or_insert_with(|| {
+                store.channel(&local.name, part.serial).and_then(|c| fragment(c, since, now_ms))
+            });
+            if let Some((frag, last)) = f {
+                list.push(frag.clone());
+                if store.channel(&local.name, part.serial).is_some_and(|c| c.one2one()) {
+                    after.consumed.push((local.name.clone(), since, *last));
+                }
+            }
+        }
+        if list.iter().any(|f| f.is_empty()) {
+            return Verdict::Unavailable;
+        }
+        if let [only] = list.as_slice() {
+            if let Some(b) = bodies.get(&only.as_ptr()) {
+                return Verdict::Batch(b.clone());
+            }
+        }
+        let Some(body) = json::batch(list.iter().map(|f| &f[..])) else {
+            return Verdict::Unavailable;
+        };
+        let body: Rc<[u8]> = body.into();
+        if let [only] = list.as_slice() {
+            bodies.insert(only.as_ptr(), body.clone());
+        }
+        Verdict::Batch(body)
+    }
+
+    /// Tells the store what the pass changed: `gone` entries left channel `serial`, and
+    /// whatever `after` collected.
+    fn settle<A: Allocator + Clone>(
+        &mut self,
+        store: &mut Store<A>,
+        name: &[u8],
+        serial: u64,
+        slot: u32,
+        gone: u32,
+        after: Afterwards,
+    ) {
+        match self.channels.get_mut(&serial) {
+            Some(local) if !local.parked.is_empty() => {
+                store.release(name, serial, slot, gone, None);
+                local.seen = store.ack(name, serial, local.seen);
+            }
+            Some(local) => {
+                let seen = local.seen;
+                self.channels.remove(&serial);
+                store.release(name, serial, slot, gone, Some(seen));
+            }
+            None => {}
+        }
+        after.apply(store, slot);
+    }
+
+    /// Channel `serial` was deleted (or deleted and created again): every listener here gets
+    /// `410`, and multi-channel ones leave their other channels.
+    fn wake_deleted<A: Allocator + Clone>(
+        &mut self,
+        store: &mut Store<A>,
+        serial: u64,
+        slot: u32,
+        out: &mut Vec<(H, Verdict)>,
+    ) {
+        let Some(local) = self.channels.remove(&serial) else {
+            return;
+        };
+        let name: Rc<[u8]> = local.name[..].into();
+        let mut after = Afterwards::default();
+        for (_, p) in local.parked {
+            self.count -= 1;
+            match p.owner {
+                Owner::One(h) => out.push((h, Verdict::Gone)),
+                Owner::Multi(index) => {
+                    let Some(m) = self.multis.try_remove(index) else { continue };
+                    for &part in m.parts.iter().filter(|p| p.serial != serial) {
+                        if let Some(r) = self.remove_entry(part, Owner::Multi(index)) {
+                            after.release(r);
+                        }
+                    }
+                    out.push((m.handle, Verdict::GoneChannel(name.clone())));
+                }
+            }
+        }
+        after.apply(store, slot);
+    }
+
+    /// One-to-one was switched on while listeners waited on channel `serial`: report this
+    /// worker's longest-waiting listener there to the store's election.
+    fn report_election<A: Allocator + Clone>(
+        &self,
+        store: &mut Store<A>,
+        name: &[u8],
+        serial: u64,
+        wake: &mut Vec<WakeTarget>,
+    ) {
+        let Some(local) = self.channels.get(&serial) else { return };
+        let Some(ch) = store.channel(name, serial) else { return };
+        let Some((cut, best)) = ch.election() else { return };
+        let below = ch.evict_below();
+        let seqs = local.parked.iter().map(|(_, p)| p.park_seq);
+        let min = seqs.filter(|&s| s <= cut && s >= below).min();
+        if let Some(m) = min.filter(|&m| m < best) {
+            store.elect(name, serial, m, wake);
+        }
+    }
+}

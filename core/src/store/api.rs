@@ -1,0 +1,113 @@
+//! Store operations of martd's own API: listening on several channels at once, one-to-one
+//! delivery (consumed messages, the election that keeps one listener), beside the relay
+//! operations in `mod.rs`.
+
+use std::ptr::NonNull;
+
+use allocator_api2::alloc::Allocator;
+
+use super::{Channel, Listen, ListenOpts, Parked, Store, StoreError, WakeTarget};
+use crate::msgid::{MsgId, Since};
+
+/// What a listen request on several channels gets.
+pub enum MultiListen<'a, A: Allocator + Clone> {
+    /// Some channels have messages newer than asked: each with the id to send messages after
+    /// and its index in the request. Nothing was counted.
+    Messages(Vec<(usize, &'a Channel<A>, MsgId)>),
+    /// Nothing newer anywhere: the listener is counted on every channel, in request order.
+    Park(Vec<Parked>),
+}
+
+impl<A: Allocator + Clone> Store<A> {
+    /// A listen request on several channels (`(name, etag)`, etag `0` = everything stored):
+    /// every channel's newer messages at once if any has some, else the listener parks on all
+    /// of them. Either every channel counts it or none does.
+    pub fn listen_multi(
+        &mut self,
+        channels: &[(&[u8], MsgId)],
+        opts: &ListenOpts,
+        now_ms: u64,
+        wake: &mut Vec<WakeTarget>,
+    ) -> Result<MultiListen<'_, A>, StoreError> {
+        let clamp = self.last_id;
+        let mut found: Vec<(usize, NonNull<Channel<A>>, MsgId)> = Vec::new();
+        for (i, &(name, etag)) in channels.iter().enumerate() {
+            let Some(mut p) = self.channels.find(name) else {
+                continue;
+            };
+            let since = etag.min(clamp);
+            // SAFETY: a live channel of the table; the reference ends in this iteration.
+            let ch = unsafe { p.as_mut() };
+            if ch.queue.next_after(since, now_ms, false).is_some() {
+                ch.last_requested_ms = now_ms.max(1);
+                ch.last_active_ms = now_ms;
+                found.push((i, p, since));
+            }
+        }
+        if !found.is_empty() {
+            // SAFETY: live channels of the table, borrowed for as long as the store is.
+            let found = found.into_iter().map(|(i, p, s)| (i, unsafe { p.as_ref() }, s));
+            return Ok(MultiListen::Messages(found.collect()));
+        }
+        let mut parked: Vec<Parked> = Vec::with_capacity(channels.len());
+        for &(name, etag) in channels {
+            let since = if etag == 0 { Since::Oldest } else { Since::After(etag) };
+            match self.listen(name, since, opts, now_ms, wake) {
+                Ok(Listen::Park(p)) => parked.push(p),
+                // Not possible in the same hold of the lock: nothing newer was stored.
+                Ok(Listen::Message(_)) => {
+                    self.unpark(channels, &parked, opts.slot);
+                    return Err(StoreError::NotFound);
+                }
+                Err(e) => {
+                    self.unpark(channels, &parked, opts.slot);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(MultiListen::Park(parked))
+    }
+
+    /// Takes back the parks of a multi-channel listen that failed part way.
+    fn unpark(&mut self, channels: &[(&[u8], MsgId)], parked: &[Parked], slot: u32) {
+        for (&(name, _), p) in channels.iter().zip(parked) {
+            self.release(name, p.serial, slot, 1, None);
+        }
+    }
+
+    /// Messages with ids in `(after, upto]` were delivered on channel `name`: a one-to-one
+    /// channel drops them (martd's consumed messages); any other keeps them.
+    pub fn consume(&mut self, name: &[u8], after: MsgId, upto: MsgId) {
+        let Some(mut p) = self.channels.find(name) else {
+            return;
+        };
+        // SAFETY: a live channel of the table; the reference ends before `rearm`.
+        let ch = unsafe { p.as_mut() };
+        if ch.one2one() && ch.queue.consume(after, upto) > 0 {
+            self.rearm(p);
+        }
+    }
+
+    /// A worker with listeners in the one-to-one election of channel incarnation `serial`
+    /// reports its longest-waiting one (`local_min`, its parking sequence number). The
+    /// smallest number reported wins: listeners of the election with a larger one are
+    /// displaced. When a report beats an earlier one, the workers are woken again so that the
+    /// earlier winner's worker displaces it.
+    pub fn elect(&mut self, name: &[u8], serial: u64, local_min: u64, wake: &mut Vec<WakeTarget>) {
+        let Some(mut p) = self.live_channel(name, serial) else {
+            return;
+        };
+        // SAFETY: a live channel of the table; the reference ends before `notify_waiters`.
+        let Some(a) = (unsafe { p.as_mut() }).attrs.as_deref_mut() else {
+            return;
+        };
+        if a.elect_cut == 0 || local_min > a.elect_cut || local_min >= a.elect_best {
+            return;
+        }
+        let beaten = a.elect_best != u64::MAX;
+        a.elect_best = local_min;
+        if beaten {
+            self.notify_waiters(p, wake);
+        }
+    }
+}

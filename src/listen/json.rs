@@ -1,0 +1,129 @@
+//! `martd_listen json`: martd's multi-channel listener.
+//!
+//! `GET /sub?cid=CLIENT&chanA=ETAG&chanB=ETAG[&callback=NAME]` gets every stored message newer
+//! than each etag, per channel, in one JSON reply; with nothing newer anywhere the request
+//! parks on all its channels at once (one listener, one entry per channel, detached like a
+//! single-channel listener) until a message is published on any of them.
+
+use martd_core::api::{self, ListenQuery};
+use martd_core::json;
+use martd_core::listeners::Verdict;
+use martd_core::msgid::MsgId;
+use martd_core::store::MultiListen;
+use nginx_sys::{ngx_http_request_t, ngx_int_t, NGX_ERROR};
+
+use super::{detach, listen_opts, main_conf, parked, prepare_handle, refused, unavailable};
+use crate::conf::LocConf;
+use crate::response;
+use crate::worker::{self, now_ms};
+use crate::zone;
+
+/// The request's query string.
+fn args(r: *mut ngx_http_request_t) -> &'static [u8] {
+    // SAFETY: `r` is a live request; its arguments live as long as it (the caller uses them
+    // only while handling it).
+    unsafe { (*r).args.as_bytes() }
+}
+
+fn query(r: *mut ngx_http_request_t, lcf: &LocConf) -> Result<ListenQuery<'static>, String> {
+    api::parse_listen_query(
+        args(r),
+        lcf.max_channels.max(0) as usize,
+        lcf.max_channel_id_length.max(0) as usize,
+    )
+}
+
+/// The request's JSONP callback, already checked when it arrived.
+fn callback(r: *mut ngx_http_request_t, lcf: &LocConf) -> Option<&'static [u8]> {
+    query(r, lcf).ok()?.callback
+}
+
+/// What a multi-channel listen gets at once.
+enum Now {
+    /// The reply body (`None`: no memory for it).
+    Reply(Option<Vec<u8>>),
+    Parked(martd_core::listeners::ListenerKey),
+}
+
+/// Handles a multi-channel listen request.
+pub fn listen(r: *mut ngx_http_request_t, lcf: &LocConf) -> ngx_int_t {
+    let q = match query(r, lcf) {
+        Ok(q) => q,
+        Err(reason) => return response::error(r, 400, &reason),
+    };
+    if !worker::accepting() {
+        return response::json(r, 200, json::EMPTY_BATCH, q.callback);
+    }
+    let Some((mut detached, handle)) = prepare_handle(r, lcf) else {
+        return NGX_ERROR as ngx_int_t;
+    };
+    let mcf = main_conf(r);
+    let now = now_ms();
+    let mut wake = Vec::new();
+    let outcome = worker::with(|st| {
+        let slot = st.slot?;
+        let opts = listen_opts(lcf, slot);
+        let mut z = zone::lock(mcf)?;
+        let mut consumed: Vec<(&[u8], MsgId, MsgId)> = Vec::new();
+        let now_result = match z.store().listen_multi(&q.channels, &opts, now, &mut wake) {
+            Ok(MultiListen::Messages(found)) => {
+                let mut fragments = Vec::with_capacity(found.len());
+                for (i, ch, since) in found {
+                    let Some(last) = ch.messages_after(since, now, false).last() else {
+                        continue;
+                    };
+                    let bodies = ch.messages_after(since, now, false).map(|m| m.body());
+                    fragments.push(json::fragment(ch.name(), last.id, bodies));
+                    if ch.one2one() {
+                        consumed.push((q.channels[i].0, since, last.id));
+                    }
+                }
+                let body = fragments
+                    .into_iter()
+                    .collect::<Option<Vec<_>>>()
+                    .and_then(|f| json::batch(f.iter().map(|v| &v[..])));
+                Ok(Now::Reply(body))
+            }
+            Ok(MultiListen::Park(parked)) => {
+                let names: Vec<&[u8]> = q.channels.iter().map(|c| c.0).collect();
+                let key = st.listeners.park_multi(&names, &parked, handle);
+                if let Some(d) = detached.take() {
+                    detach::insert(&mut st.detached, d, key);
+                }
+                Ok(Now::Parked(key))
+            }
+            Err(e) => Err(e),
+        };
+        for (name, after, upto) in consumed {
+            z.store().consume(name, after, upto);
+        }
+        Some(now_result)
+    })
+    .flatten();
+    worker::wake(&wake);
+    match outcome {
+        None => response::json(r, 200, json::EMPTY_BATCH, q.callback),
+        Some(Ok(Now::Reply(Some(body)))) => response::json(r, 200, &body, q.callback),
+        Some(Ok(Now::Reply(None))) => unavailable(r),
+        Some(Ok(Now::Parked(key))) => parked(r, handle, key, lcf),
+        Some(Err(e)) => refused(r, e, q.channels.first().map_or(&b""[..], |c| c.0)),
+    }
+}
+
+/// A multi-channel listener's answer after it waited (`None`: nothing, at its timeout or the
+/// worker's shutdown).
+pub fn respond(r: *mut ngx_http_request_t, verdict: Option<Verdict>) -> ngx_int_t {
+    let cb = callback(r, super::loc_conf(r));
+    match verdict {
+        Some(Verdict::Batch(body)) => response::json(r, 200, &body, cb),
+        None => response::json(r, 200, json::EMPTY_BATCH, cb),
+        Some(Verdict::Conflict) => {
+            response::error(r, 409, "another listener took this one-to-one channel")
+        }
+        Some(Verdict::GoneChannel(name)) => {
+            response::error_in(r, 410, "channel deleted", Some(&name))
+        }
+        Some(Verdict::Gone) => response::error(r, 410, "channel deleted"),
+        Some(Verdict::Unavailable | Verdict::Deliver(_)) => unavailable(r),
+    }
+}
