@@ -6,7 +6,7 @@ use std::rc::Rc;
 
 use allocator_api2::alloc::Allocator;
 
-use super::{ListenerKey, Listeners, Owner, Payload, Removed, Verdict};
+use super::{ListenerKey, Listeners, Owner, ParkedListener, Payload, Verdict};
 use crate::json;
 use crate::msgid::MsgId;
 use crate::store::{Channel, Store, WakeTarget};
@@ -36,14 +36,6 @@ struct Afterwards {
 }
 
 impl Afterwards {
-    fn release(&mut self, r: Removed) {
-        let e = self.releases.entry(r.serial).or_insert((r.name, 0, None));
-        e.1 += 1;
-        if r.last.is_some() {
-            e.2 = r.last;
-        }
-    }
-
     fn apply<A: Allocator + Clone>(self, store: &mut Store<A>, slot: u32) {
         for (serial, (name, n, last)) in self.releases {
             store.release(&name, serial, slot, n, last);
@@ -119,9 +111,7 @@ impl<H: Copy> Listeners<H> {
                 )
             };
             for &part in m.parts.iter().filter(|p| p.serial != serial) {
-                if let Some(r) = self.remove_entry(part, Owner::Multi(t.index)) {
-                    after.release(r);
-                }
+                self.leave_entry(part, t.index, &mut after);
             }
             out.push((m.handle, verdict));
         }
@@ -286,15 +276,30 @@ impl<H: Copy> Listeners<H> {
                 Owner::Multi(index) => {
                     let Some(m) = self.multis.try_remove(index) else { continue };
                     for &part in m.parts.iter().filter(|p| p.serial != serial) {
-                        if let Some(r) = self.remove_entry(part, Owner::Multi(index)) {
-                            after.release(r);
-                        }
+                        self.leave_entry(part, index, &mut after);
                     }
                     out.push((m.handle, Verdict::GoneChannel(name.clone())));
                 }
             }
         }
         after.apply(store, slot);
+    }
+
+    /// Takes multi-channel listener `index`'s entry `at` out of its channel, counting it in
+    /// `after` (the channel's name is copied once per pass, not once per entry).
+    fn leave_entry(&mut self, at: ListenerKey, index: usize, after: &mut Afterwards) {
+        let Some(ch) = self.channels.get_mut(&at.serial) else { return };
+        match ch.parked.get(at.index) {
+            Some(ParkedListener { owner: Owner::Multi(i), .. }) if *i == index => {}
+            _ => return,
+        }
+        ch.parked.remove(at.index);
+        let e = after.releases.entry(at.serial).or_insert_with(|| (ch.name.clone(), 0, None));
+        e.1 += 1;
+        if ch.parked.is_empty() {
+            e.2 = Some(ch.seen);
+            self.channels.remove(&at.serial);
+        }
     }
 
     /// One-to-one was switched on while listeners waited on channel `serial`: report this
