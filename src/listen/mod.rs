@@ -18,7 +18,7 @@ use std::ptr;
 
 use std::rc::Rc;
 
-use martd_core::listeners::{ListenerKey, Payload, Verdict};
+use martd_core::listeners::{ListenerKey, Payload, Verdict, MULTI};
 use martd_core::msgid::{parse_etag, Since};
 use martd_core::store::{Listen, ListenOpts, StoreError};
 use nginx_sys::{
@@ -206,12 +206,13 @@ pub(crate) fn parked(
     lcf: &LocConf,
 ) -> ngx_int_t {
     // SAFETY: `r` and its connection are live.
-    martd_debug!(
-        unsafe { (*(*r).connection).log },
-        "parked listener on channel #{} ({})",
-        key.serial,
-        if matches!(handle, Handle::Detached { .. }) { "detaching" } else { "held" }
-    );
+    let log = unsafe { (*(*r).connection).log };
+    let how = if matches!(handle, Handle::Detached { .. }) { "detaching" } else { "held" };
+    if key.serial == MULTI {
+        martd_debug!(log, "parked multi-channel listener #{} ({})", key.index, how);
+    } else {
+        martd_debug!(log, "parked listener on channel #{} ({})", key.serial, how);
+    }
     match handle {
         Handle::Detached { .. } => detach::finish(r),
         Handle::Request(ctx) => hold(r, ctx, key, lcf),

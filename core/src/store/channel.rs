@@ -241,9 +241,12 @@ impl<A: Allocator + Clone> Channel<A> {
     }
 
     /// When, with nothing else happening, the channel would go: `channel_timeout_ms` after
-    /// its last activity, or [`LISTENER_ONLY_GRACE_MS`] if it was never published to.
+    /// its last activity, or [`LISTENER_ONLY_GRACE_MS`] if it was never published to (no
+    /// message, no attribute).
     fn idle_deadline(&self) -> u64 {
-        let wait = if self.last_id == 0 { LISTENER_ONLY_GRACE_MS } else { self.channel_timeout_ms };
+        // A channel a publisher made (a message, or attributes) waits its timeout.
+        let made_by_listeners = self.last_id == 0 && self.attrs.is_none();
+        let wait = if made_by_listeners { LISTENER_ONLY_GRACE_MS } else { self.channel_timeout_ms };
         self.last_active_ms.saturating_add(wait)
     }
 
