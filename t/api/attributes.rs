@@ -276,3 +276,33 @@ async fn relay_empty_push_is_a_message_unless_attributes() {
     assert_eq!(expect_msg(&r).text(), "m0");
     ng.finish();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attributes_go_with_the_channel() {
+    let ng = Nginx::start(api_conf(
+        "        location = /jpub-gc { martd_push json; martd_channel_timeout 1s; }\n",
+    ));
+    let mut c = Conn::open_probed(ng.port).await;
+    // DELETE removes them: the channel made again has the location's size (10).
+    jpub(&mut c, "gone", "size=2", "a").await;
+    let r = c.send("DELETE", "/jpub?channel=gone", &[], "").await;
+    assert_eq!(r.status, 200);
+    for i in 0..12 {
+        jpub(&mut c, "gone", "", format!("b{i}")).await;
+    }
+    assert_eq!(jinfo(&mut c, "gone").await.map(|i| i.messages), Some(10), "size after a DELETE");
+    // So does the channel's removal when idle (its messages expired, martd_channel_timeout 1s).
+    let r = c.send("POST", "/jpub-gc?channel=idle&size=2&life=1", &[], "x").await;
+    expect_pub_reply(&r, "publish with a 1 s life");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while jinfo(&mut c, "idle").await.is_some() {
+        assert!(Instant::now() < deadline, "the idle channel was not removed within 15 s");
+        sleep_ms(200).await;
+    }
+    for i in 0..5 {
+        jpub(&mut c, "idle", "", format!("n{i}")).await;
+    }
+    let i = jinfo(&mut c, "idle").await.unwrap();
+    assert_eq!(i.messages, 5, "size after the channel was removed: {i:?}");
+    ng.finish();
+}

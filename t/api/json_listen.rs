@@ -421,3 +421,152 @@ async fn listen_limits_answer_json_errors() {
     }
     ng.finish();
 }
+
+/// `GET /pub?channel=<name>` (JSON info) on a raw connection: the waiting listeners, or None.
+async fn raw_listeners(port: u16, name: &[u8]) -> Option<u64> {
+    let mut head = b"GET /pub?channel=".to_vec();
+    head.extend_from_slice(name);
+    head.extend_from_slice(b" HTTP/1.1\r\nHost: t\r\nAccept: application/json\r\n");
+    let r = raw_request(port, &head, b"").await;
+    match r.status {
+        404 => None,
+        200 => Some(parse_info_json(&String::from_utf8_lossy(&r.body)).listeners),
+        s => panic!("info of {name:?}: {s} {:?}", String::from_utf8_lossy(&r.body)),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_names_needing_escapes_give_valid_json() {
+    let ng = Nginx::start(api_conf(""));
+    let port = ng.port;
+    // Raw bytes in the request line: nginx passes `"`, `\`, UTF-8 and non-UTF-8 bytes.
+    let names: [&[u8]; 5] =
+        [b"a\"b\\c", "\u{e9}t\u{e9}".as_bytes(), b"x\xffy", b"</script>", b"{}[]:,"];
+    for (i, name) in names.iter().enumerate() {
+        let mut head = b"POST /jpub?channel=".to_vec();
+        head.extend_from_slice(name);
+        head.extend_from_slice(b" HTTP/1.1\r\nHost: t\r\n");
+        let r = raw_to_resp(raw_request(port, &head, format!("m{i}").as_bytes()).await);
+        expect_pub_reply(&r, &format!("publish to {name:?}"));
+    }
+    let mut target = format!("/jsub?cid={}", cid()).into_bytes();
+    for name in &names {
+        target.push(b'&');
+        target.extend_from_slice(name);
+        target.extend_from_slice(b"=0");
+    }
+    let mut head = b"GET ".to_vec();
+    head.extend_from_slice(&target);
+    head.extend_from_slice(b" HTTP/1.1\r\nHost: t\r\n");
+    let r = raw_to_resp(raw_request(port, &head, b"").await);
+    let chans = expect_channels(&r, "names needing escapes");
+    assert_eq!(chans.len(), names.len(), "every channel listed: {}", r.text());
+    for (i, name) in names.iter().enumerate() {
+        let want = format!("m{i}");
+        match std::str::from_utf8(name) {
+            Ok(s) => {
+                let b = chans.get(s).unwrap_or_else(|| panic!("no channel {s:?} in {}", r.text()));
+                assert_eq!(b.texts(), [want], "channel {s:?}");
+            }
+            Err(_) => assert!(
+                chans.values().any(|b| b.texts() == [want.clone()]),
+                "the non-UTF-8 name's message: {}",
+                r.text()
+            ),
+        }
+    }
+    // 410 of a waiting listener names the deleted channel in valid JSON too.
+    for name in [&b"a\"b\\c"[..], b"x\xffy"] {
+        let mut l = RawConn::open(port).await;
+        let mut req = format!("GET /jsub?cid={}&", cid()).into_bytes();
+        req.extend_from_slice(name);
+        req.extend_from_slice(b"=99999999999999999 HTTP/1.1\r\nHost: t\r\n\r\n");
+        l.write(&req).await;
+        within(QUICK, "the raw listener waits", async {
+            while raw_listeners(port, name).await != Some(1) {
+                sleep_ms(20).await;
+            }
+        })
+        .await;
+        let mut head = b"DELETE /jpub?channel=".to_vec();
+        head.extend_from_slice(name);
+        head.extend_from_slice(b" HTTP/1.1\r\nHost: t\r\n");
+        assert_eq!(raw_request(port, &head, b"").await.status, 200, "DELETE {name:?}");
+        let r = raw_to_resp(l.response(PROMPT).await);
+        match std::str::from_utf8(name) {
+            Ok(s) => {
+                expect_json_gone(&r, s, &format!("410 for {s:?}"));
+            }
+            Err(_) => {
+                assert_eq!(r.status, 410);
+                let v = parse_json(&r.body, "410 for a non-UTF-8 name");
+                object_with_keys(&v, &["channel", "error"], "410 for a non-UTF-8 name");
+            }
+        }
+    }
+    ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_payloads_and_many_channels_in_one_reply() {
+    let ng = Nginx::start(api_conf(""));
+    let (mut c, mut d) = Conn::pair(ng.port).await;
+    // 300 KB binary and text messages (bodies spooled to a temp file), several at once.
+    let bin: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let text: String = (0..300_000u32).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let quotes = "\"\\\n".repeat(50_000);
+    for body in [bin.clone(), text.clone().into_bytes(), quotes.clone().into_bytes()] {
+        jpub(&mut c, "big", "", body).await;
+    }
+    let r = d.get(&jsub("/jsub", &[("big", "0")]), &[]).await;
+    let chans = expect_channels(&r, "large payloads");
+    assert_eq!(
+        chans["big"].payload,
+        [Item::Binary(bin.clone()), Item::Text(text.clone()), Item::Text(quotes.clone())],
+        "large payloads"
+    );
+    // A waiting listener gets a large one too.
+    let e = chans["big"].etag.to_string();
+    let l = d.spawn_get(&jsub("/jsub", &[("big", &e)]), &[], LONG);
+    c.wait_listeners("big", 1).await;
+    jpub(&mut c, "big", "", bin.clone()).await;
+    let (_, r) = promptly(l, "waiting listener of a large message").await;
+    assert_eq!(expect_channels(&r, "large, waiting")["big"].payload, [Item::Binary(bin)]);
+    // 64 channels with 10 messages each in one reply.
+    let names: Vec<String> = (0..64).map(|i| format!("many{i}")).collect();
+    for n in &names {
+        for k in 0..10 {
+            jpub(&mut c, n, "", format!("{n}/{k}")).await;
+        }
+    }
+    let args: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "0")).collect();
+    let r = c.get(&jsub("/jsub", &args), &[]).await;
+    let chans = expect_channels(&r, "64 channels");
+    assert_eq!(chans.len(), 64);
+    for n in &names {
+        let want: Vec<String> = (0..10).map(|k| format!("{n}/{k}")).collect();
+        assert_eq!(chans[n].texts(), want, "{n}");
+    }
+    ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn methods_of_json_locations() {
+    let ng = Nginx::start(api_conf(""));
+    let mut c = Conn::open_probed(ng.port).await;
+    let r = c.send("PUT", "/jpub?channel=mp", &[], "put body").await;
+    let put = expect_pub_reply(&r, "PUT to a json publisher");
+    let r = c.get(&jsub("/jsub", &[("mp", "0")]), &[]).await;
+    let chans = expect_texts(&r, &[("mp", &["put body"])], "PUT message");
+    assert_eq!(chans["mp"].etag, put.etag);
+    for m in ["PATCH", "OPTIONS"] {
+        let r = c.send(m, "/jpub?channel=mp", &[], "x").await;
+        expect_json_error(&r, 405, &format!("{m} to a json publisher"));
+    }
+    for m in ["POST", "PUT", "DELETE"] {
+        let r = c.send(m, &jsub("/jsub", &[("mp", "0")]), &[], "x").await;
+        expect_json_error(&r, 405, &format!("{m} to a json listener"));
+    }
+    assert_eq!(jinfo(&mut c, "mp").await.map(|i| (i.messages, i.listeners)), Some((1, 0)));
+    ng.finish();
+}

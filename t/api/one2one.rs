@@ -142,3 +142,30 @@ async fn one2one_by_header_and_bad_values() {
     }
     ng.finish();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one2one_relay_listeners_consume_too() {
+    let ng = Nginx::start(api_conf(""));
+    let w = ng.worker_pids();
+    let mut p = Conn::open_on(ng.port, w[0]).await;
+    jpub(&mut p, "or", "one2one=true", "").await;
+    // A waiting relay listener gets the message, which is consumed.
+    let l = Conn::open_on(ng.port, w[1]).await.listen("or", None, None);
+    p.wait_listeners("or", 1).await;
+    let m = jpub(&mut p, "or", "", "r1").await;
+    assert_eq!(m.listeners, 1);
+    let (_, r) = promptly(l, "relay listener of a one2one channel").await;
+    assert_eq!(expect_msg(&r).text(), "r1");
+    p.wait_listeners("or", 0).await;
+    nothing_stored(&mut p, "or", "after delivery to a relay listener").await;
+    // Stored messages taken by relay listeners one by one, each consumed.
+    jpub(&mut p, "or", "", "r2").await;
+    jpub(&mut p, "or", "", "r3").await;
+    let mut c = Conn::open_on(ng.port, w[1]).await;
+    let r = c.get("/sub?channel=or", &[]).await;
+    assert_eq!(expect_msg(&r).text(), "r2");
+    let r = c.get("/sub?channel=or", &[]).await;
+    assert_eq!(expect_msg(&r).text(), "r3", "r2 was consumed: the oldest is r3");
+    nothing_stored(&mut p, "or", "after both stored messages were taken").await;
+    ng.finish();
+}
