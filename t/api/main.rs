@@ -12,6 +12,7 @@ mod client_js;
 mod json_listen;
 mod jsonp;
 mod keys;
+mod lifecycle;
 mod one2one;
 mod realistic;
 
