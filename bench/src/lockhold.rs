@@ -17,7 +17,7 @@ use std::time::Instant;
 use martd_core::listeners::{ListenerKey, Listeners};
 use martd_core::msgid::Since;
 use martd_core::queue::MessageSpec;
-use martd_core::store::{Concurrency, Listen, ListenOpts, PublishOpts, Store};
+use martd_core::store::{AttrUpdate, Concurrency, Listen, ListenOpts, PublishOpts, Store};
 use martd_core::{Allocator, Global};
 use serde_json::{json, Map, Value};
 
@@ -156,13 +156,16 @@ impl<A: Allocator + Clone> Sim<A> {
             MessageSpec { content_type: b"text/plain", body: &self.body, timeout_ms: self.ttl_ms };
         let opts = PublishOpts {
             buffer_len: 10,
+            buffer_max: 1000,
             timeout_ms: self.ttl_ms,
             store: true,
             channel_timeout_ms: self.channel_timeout_ms,
         };
         let mut wake = Vec::new();
         let store = &mut self.store;
-        let r = self.publish.time(|| store.publish(name, &spec, &opts, now, &mut wake));
+        let r = self.publish.time(|| {
+            store.publish(name, Some(&spec), &AttrUpdate::default(), &opts, now, &mut wake)
+        });
         r.expect("the global allocator does not run out");
         for t in wake {
             self.process_mailbox(t.slot, now);
@@ -174,13 +177,15 @@ impl<A: Allocator + Clone> Sim<A> {
         let w = self.slots.iter().position(|&s| s == slot).expect("a known slot");
         let (store, listeners) = (&mut self.store, &mut self.workers[w]);
         let mut out = Vec::new();
+        // Workers to wake again after a one-to-one election: none here (broadcast channels).
+        let mut again = Vec::new();
         self.wake.time(|| {
             let mut serials = Vec::new();
             if store.take_mailbox(slot, &mut serials) {
                 serials = listeners.serials();
             }
             for serial in serials {
-                listeners.wake(store, serial, slot, now, &mut out);
+                listeners.wake(store, serial, slot, now, &mut out, &mut again);
             }
         });
         self.delivered += out.len() as u64;
@@ -229,10 +234,10 @@ impl<A: Allocator + Clone> Sim<A> {
             }
             self.leaving.pop();
             // `None`: answered by a wake-up meanwhile.
-            if let Some(r) = self.workers[w].remove(ListenerKey { serial, index }) {
-                let (store, slot) = (&mut self.store, self.slots[w]);
-                self.release.time(|| store.release(&r.name, r.serial, slot, 1, r.last));
-            }
+            let (store, slot, release) = (&mut self.store, self.slots[w], &mut self.release);
+            self.workers[w].remove(ListenerKey { serial, index }, |r| {
+                release.time(|| store.release(&r.name, r.serial, slot, 1, r.last));
+            });
         }
     }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use martd_core::msgid::Since;
 use martd_core::queue::{Message, MessageSpec};
-use martd_core::store::{Channel, Concurrency, Listen, ListenOpts, PublishOpts, Store};
+use martd_core::store::{AttrUpdate, Channel, Concurrency, Listen, ListenOpts, PublishOpts, Store};
 use serde_json::json;
 
 use crate::alloc::{slab_size, SlabCount};
@@ -25,10 +25,18 @@ fn store() -> (Store<SlabCount>, u32) {
 fn publish_all(s: &mut Store<SlabCount>, n: u64, size: usize, times: usize, now: u64) {
     let body = vec![b'm'; size];
     let spec = MessageSpec { content_type: b"text/plain", body: &body, timeout_ms: 0 };
-    let opts = PublishOpts { buffer_len: 10, timeout_ms: 0, store: true, channel_timeout_ms: 0 };
+    let opts = PublishOpts {
+        buffer_len: 10,
+        buffer_max: 1000,
+        timeout_ms: 0,
+        store: true,
+        channel_timeout_ms: 0,
+    };
+    let attrs = AttrUpdate::default();
     for _ in 0..times {
         for i in 0..n {
-            s.publish(&channel_name(i), &spec, &opts, now, &mut Vec::new()).expect("memory");
+            s.publish(&channel_name(i), Some(&spec), &attrs, &opts, now, &mut Vec::new())
+                .expect("memory");
         }
     }
 }
