@@ -128,3 +128,68 @@ async fn json_listen_behind_x_accel_redirect_with_cache_and_limit_req() {
     assert_eq!(r.status, 429, "a cid used twice: {}", r.text());
     ng.finish();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_listen_over_tls_and_http2() {
+    use harness::h2::*;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = make_cert(dir.path());
+    let tls_port = free_port();
+    let ng = Nginx::start(api_conf("").http(&format!(
+        "ssl_session_cache shared:SSL:1m;
+    server {{
+        listen 127.0.0.1:{tls_port} ssl reuseport;
+        http2 on;
+        server_name localhost;
+        ssl_certificate {};
+        ssl_certificate_key {};
+        add_header X-Worker $pid always;
+        location = /__worker {{ return 204; }}
+        location = /jsub {{ martd_listen json; martd_listener_timeout 30s; }}
+        location = /jsub-short {{ martd_listen json; martd_listener_timeout 1s; }}
+    }}",
+        cert.display(),
+        key.display()
+    )));
+    let w = ng.worker_pids();
+    let mut p = Conn::open_on(ng.port, w[1]).await;
+    jpub(&mut p, "hs", "", "stored").await;
+    let h2 = H2Conn::open_on(tls_port, &connector_h2(&ca), "/__worker", w[0]).await;
+    // Streams on one connection: stored (at once), waiting on various channels, JSONP, timeout.
+    let stored = h2.spawn_get(&jsub("/jsub", &[("hs", "0")]), &[], LONG);
+    let r = within(PROMPT, "h2 stored", stored).await.unwrap().expect("h2 stored");
+    expect_texts(&r, &[("hs", &["stored"])], "h2: a stored message");
+    let s1 = h2.spawn_get(&jsub("/jsub", &[("h1", "0"), ("h2", "0")]), &[], LONG);
+    let s2 = h2.spawn_get(&jsub("/jsub", &[("h2", "0"), ("h3", "0")]), &[], LONG);
+    let s3 = h2.spawn_get(&format!("{}&callback=cb", jsub("/jsub", &[("h3", "0")])), &[], LONG);
+    let short = h2.spawn_get(&jsub("/jsub-short", &[("h4", "0")]), &[], LONG);
+    p.wait_listeners("h1", 1).await;
+    p.wait_listeners("h2", 2).await;
+    p.wait_listeners("h3", 2).await;
+    let r = within(PROMPT + Duration::from_secs(1), "h2 timeout", short).await.unwrap().unwrap();
+    expect_empty(&r, "h2 listener timeout");
+    assert_eq!(jpub(&mut p, "h2", "", "to h2").await.listeners, 2);
+    for s in [s1, s2] {
+        let r = within(PROMPT, "h2 stream", s).await.unwrap().expect("h2 stream");
+        expect_texts(&r, &[("h2", &["to h2"])], "h2 stream");
+        assert_eq!(r.worker(), w[0]);
+    }
+    p.wait_listeners("h3", 1).await;
+    jpub(&mut p, "h3", "", "to h3").await;
+    let r = within(PROMPT, "h2 JSONP stream", s3).await.unwrap().expect("h2 JSONP");
+    assert_eq!(media_type(&r).as_deref(), Some("application/javascript"));
+    let text = r.text();
+    let chans = parse_channels(&parse_json(unwrap_jsonp(&text, "cb", "h2").as_bytes(), "h2"), "h2");
+    assert_eq!(chans["h3"].texts(), ["to h3"]);
+
+    // HTTP/1.1 over TLS (a detached listener) on the other worker.
+    let mut c = Conn::try_open_tls(tls_port, &connector(&ca)).await.expect("TLS connection");
+    let r = c.get(&jsub("/jsub", &[("hs", "0")]), &[]).await;
+    expect_texts(&r, &[("hs", &["stored"])], "TLS HTTP/1.1: stored");
+    let l = c.spawn_get(&jsub("/jsub", &[("h5", "0")]), &[], LONG);
+    p.wait_listeners("h5", 1).await;
+    jpub(&mut p, "h5", "", "over tls").await;
+    let (_, r) = promptly(l, "TLS HTTP/1.1 listener").await;
+    expect_texts(&r, &[("h5", &["over tls"])], "TLS HTTP/1.1 listener");
+    ng.finish();
+}
