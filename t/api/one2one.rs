@@ -169,3 +169,58 @@ async fn one2one_relay_listeners_consume_too() {
     nothing_stored(&mut p, "or", "after both stored messages were taken").await;
     ng.finish();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one2one_election_in_every_arrangement() {
+    let ng = Nginx::start(api_conf(""));
+    let w = ng.worker_pids();
+    let (a, b) = (w[0], w[1]);
+    // Arrival order of the listeners' workers; the first arrival must stay. Some are relay
+    // listeners (`true`).
+    let arrangements: [&[(u32, bool)]; 5] = [
+        &[(b, false), (a, false), (b, false)],
+        &[(a, false), (a, false), (b, false), (b, false)],
+        &[(b, false), (b, false), (b, false)],
+        &[(a, true), (b, false), (a, false)],
+        &[(b, false), (a, true), (b, true)],
+    ];
+    let mut p = Conn::open_on(ng.port, a).await;
+    for (k, arr) in arrangements.iter().enumerate() {
+        let ch = format!("el{k}");
+        let mut ls = Vec::new();
+        for (n, (pid, relay)) in arr.iter().enumerate() {
+            let c = Conn::open_on(ng.port, *pid).await;
+            let l = if *relay {
+                c.listen(&ch, None, None)
+            } else {
+                c.spawn_get(&jsub("/jsub", &[(ch.as_str(), "0")]), &[], LONG)
+            };
+            ls.push((*pid, *relay, l));
+            p.wait_listeners(&ch, n as u64 + 1).await;
+            sleep_ms(20).await;
+        }
+        jpub(&mut p, &ch, "one2one=true", "").await;
+        let mut ls = ls.into_iter();
+        let (kept_pid, kept_relay, kept) = ls.next().unwrap();
+        for (n, (pid, _, l)) in ls.enumerate() {
+            let what = format!("arrangement {k}: listener #{} displaced", n + 1);
+            let (_, r) = promptly(l, &what).await;
+            expect_json_error(&r, 409, &what);
+            assert_eq!(r.worker(), pid);
+        }
+        p.wait_listeners(&ch, 1).await;
+        still_waiting(&kept, 300, &format!("arrangement {k}: the first arrival")).await;
+        jpub(&mut p, &ch, "", format!("to {k}")).await;
+        let (_, r) = promptly(kept, &format!("arrangement {k}: kept listener")).await;
+        assert_eq!(r.worker(), kept_pid);
+        if kept_relay {
+            assert_eq!(expect_msg(&r).text(), format!("to {k}"));
+        } else {
+            let body = format!("to {k}");
+            expect_texts(&r, &[(ch.as_str(), &[body.as_str()])], &format!("arrangement {k}"));
+        }
+        p.wait_listeners(&ch, 0).await;
+        nothing_stored(&mut p, &ch, &format!("arrangement {k}: consumed")).await;
+    }
+    ng.finish();
+}
