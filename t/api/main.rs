@@ -9,6 +9,7 @@ mod harness;
 mod attributes;
 mod bad_input;
 mod client_js;
+mod config;
 mod json_listen;
 mod jsonp;
 mod keys;
