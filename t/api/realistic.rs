@@ -193,3 +193,69 @@ async fn json_listen_over_tls_and_http2() {
     expect_texts(&r, &[("h5", &["over tls"])], "TLS HTTP/1.1 listener");
     ng.finish();
 }
+
+/// Listeners that ask again with the reply's etags, on both workers, while two publishers (one
+/// per worker) publish to three channels: every listener gets every message exactly once, in
+/// order per channel.
+#[test]
+fn json_listeners_lose_nothing_under_load() {
+    heavy_test(async {
+        let ng = Nginx::start(api_conf(""));
+        let port = ng.port;
+        let w = ng.worker_pids();
+        let chans = ["ld0", "ld1", "ld2"];
+        let per_publisher = 150usize;
+        let total = 2 * per_publisher;
+        let mut p = Conn::open_probed(port).await;
+        for ch in chans {
+            jpub(&mut p, ch, "size=1000", "").await;
+        }
+        let mut listeners = Vec::new();
+        for i in 0..20 {
+            let pid = w[i % 2];
+            listeners.push(tokio::spawn(async move {
+                let mut c = Conn::open_on(port, pid).await;
+                let mut etags: BTreeMap<String, String> =
+                    chans.iter().map(|c| (c.to_string(), "0".to_string())).collect();
+                let mut got: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                while got.values().map(Vec::len).sum::<usize>() < total {
+                    let args: Vec<(&str, &str)> =
+                        etags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                    let r = c.get_long(&jsub("/jsub", &args), &[], LONG).await;
+                    for (ch, b) in expect_channels(&r, "listener under load") {
+                        etags.insert(ch.clone(), b.etag.to_string());
+                        got.entry(ch).or_default().extend(b.texts());
+                    }
+                }
+                got
+            }));
+        }
+        let mut publishers = Vec::new();
+        for (k, pid) in w.iter().copied().enumerate() {
+            publishers.push(tokio::spawn(async move {
+                let mut c = Conn::open_on(port, pid).await;
+                for n in 0..per_publisher {
+                    let ch = chans[(n * 7 + k) % 3];
+                    jpub(&mut c, ch, "", format!("{k}:{n}")).await;
+                    if n % 10 == 0 {
+                        sleep_ms(5).await;
+                    }
+                }
+            }));
+        }
+        for t in publishers {
+            within(Duration::from_secs(60), "publisher", t).await.unwrap();
+        }
+        let mut expected: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let r = p.get(&jsub("/jsub", &[("ld0", "0"), ("ld1", "0"), ("ld2", "0")]), &[]).await;
+        for (ch, b) in expect_channels(&r, "everything stored") {
+            expected.insert(ch, b.texts());
+        }
+        assert_eq!(expected.values().map(Vec::len).sum::<usize>(), total, "stored messages");
+        for t in listeners {
+            let got = within(Duration::from_secs(60), "listener", t).await.unwrap();
+            assert_eq!(got, expected, "a listener's messages, per channel in order");
+        }
+        ng.finish();
+    });
+}
