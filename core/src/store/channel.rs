@@ -172,17 +172,15 @@ impl<A: Allocator + Clone> Channel<A> {
         Ok(())
     }
 
-    /// Applies `update` (room made by [`Channel::reserve_attrs`]); `buffer_len` is the
-    /// channel's buffer length from now on. Returns whether one-to-one delivery was switched
+    /// Applies `update` (room made by [`Channel::reserve_attrs`]). Returns whether one-to-one delivery was switched
     /// on while listeners waited: an election starts (see [`super::Store::elect`]) and the
     /// workers must be woken.
-    pub(super) fn apply_attrs(&mut self, update: &AttrUpdate, buffer_len: usize) -> bool {
+    pub(super) fn apply_attrs(&mut self, update: &AttrUpdate) -> bool {
         let Some(a) = self.attrs.as_deref_mut() else {
             return false;
         };
         if update.size.is_some() {
             a.size = update.size;
-            self.queue.truncate_to(buffer_len);
         }
         if update.life_ms.is_some() {
             a.life_ms = update.life_ms;

@@ -334,6 +334,10 @@ impl<A: Allocator + Clone> Store<A> {
             None => ch.last_id,
         };
         let mut stored = ch.reserve_attrs(attrs);
+        if attrs.size.is_some() && stored.is_ok() {
+            // A lowered size drops the oldest messages now (before this push's message).
+            ch.queue.truncate_to(buffer_len);
+        }
         if let (Ok(()), Some(spec)) = (stored, spec) {
             if keep || listeners > 0 {
                 let transient = (!keep).then_some(ch.waiters.len() as u32);
@@ -355,7 +359,7 @@ impl<A: Allocator + Clone> Store<A> {
             }
             return Err(e.into());
         }
-        let elect = ch.apply_attrs(attrs, buffer_len);
+        let elect = ch.apply_attrs(attrs);
         ch.channel_timeout_ms = opts.channel_timeout_ms;
         ch.last_active_ms = now_ms;
         if spec.is_some() {
