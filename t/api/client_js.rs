@@ -243,3 +243,111 @@ setTimeout(function () {{ finish(3); }}, 20000);
     assert_eq!(c.info("n%202").await.map(|i| i.messages), Some(1), "channel n%202");
     ng.finish();
 }
+
+/// A node process running a script; its stdout lines come through a channel.
+struct NodeProc {
+    child: std::process::Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl NodeProc {
+    fn start(script: &str) -> NodeProc {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t.js");
+        std::fs::write(&file, script).unwrap();
+        let mut child = std::process::Command::new("timeout")
+            .arg("60")
+            .arg(node().expect("node"))
+            .arg(&file)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run node");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        NodeProc { child, lines, _dir: dir }
+    }
+
+    async fn line(&mut self, what: &str) -> String {
+        within(Duration::from_secs(15), what, self.lines.recv())
+            .await
+            .unwrap_or_else(|| panic!("{what}: node ended"))
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The library keeps its place across a reload (200 `{"channels":{}}`) and across its
+/// connection's worker being killed (a network error, then a retry after a backoff): every
+/// message arrives once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn library_resumes_across_a_reload_and_a_killed_worker() {
+    if node().is_none() {
+        eprintln!("no node on this machine: the served library is not run");
+        return;
+    }
+    let mut ng = Nginx::start(js_conf());
+    ng.allow_log("exited on signal 9");
+    ng.allow_log("was locked by");
+    let mut c = Conn::open_probed(ng.port).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lib_path = dir.path().join("both.js");
+    std::fs::write(&lib_path, c.get("/both.js", &[]).await.body).unwrap();
+    let mut node = NodeProc::start(&format!(
+        r#"{}
+martd.SERVER = BASE;
+martd.sub('rc', function (p, ch, etag) {{
+  console.log(JSON.stringify([p, ch, String(etag)]));
+  if (p === 'END') process.exit(0);
+}});
+"#,
+        node_prelude(&lib_path.display().to_string(), ng.port)
+    ));
+    let mut got = Vec::new();
+    let expect_line = async |node: &mut NodeProc, body: &str, got: &mut Vec<String>| {
+        let l = node.line(&format!("node gets {body:?}")).await;
+        let v = parse_json(l.as_bytes(), "node line");
+        assert_eq!(v[1], "rc", "{l}");
+        got.push(v[0].as_str().unwrap().to_string());
+    };
+    c.wait_listeners("rc", 1).await;
+    jpub(&mut c, "rc", "", "m1").await;
+    expect_line(&mut node, "m1", &mut got).await;
+    c.wait_listeners("rc", 1).await;
+    drop(c);
+    ng.reload();
+    let mut c = Conn::open_probed(ng.port).await;
+    jpub(&mut c, "rc", "", "m2").await;
+    expect_line(&mut node, "m2", &mut got).await;
+    c.wait_listeners("rc", 1).await;
+    drop(c);
+    for victim in ng.worker_pids() {
+        ng.kill_worker(victim, libc::SIGKILL);
+        ng.wait_respawn(victim);
+    }
+    let mut c = Conn::open_probed(ng.port).await;
+    for b in ["m3", "m4", "END"] {
+        jpub(&mut c, "rc", "", b).await;
+    }
+    for b in ["m3", "m4", "END"] {
+        expect_line(&mut node, b, &mut got).await;
+    }
+    assert_eq!(got, ["m1", "m2", "m3", "m4", "END"], "every message once, in order");
+    drop(node);
+    ng.finish();
+}
