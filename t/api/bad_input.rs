@@ -185,3 +185,39 @@ async fn control_characters_in_channel_ids_400() {
     assert_eq!(expect_msg(&r).text(), "fine");
     ng.finish();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zone_full_507_json_everywhere() {
+    let ng = Nginx::start(api_conf("").http("martd_shm_size 256k;"));
+    let mut c = Conn::open_probed(ng.port).await;
+    let mut n = 0;
+    let full = loop {
+        let path = format!("/jpub?channel=f{n}&size=1000");
+        let r = c.send("POST", &path, &[], vec![b'x'; 8000]).await;
+        if r.status != 200 {
+            break r;
+        }
+        n += 1;
+        assert!(n < 1000, "256k zone never full");
+    };
+    expect_json_error(&full, 507, "json publish into a full zone");
+    let before = state(&jinfo(&mut c, "f0").await);
+    let r = c.send("POST", "/pub?channel=f0", &[], vec![b'x'; 8000]).await;
+    expect_json_error(&r, 507, "relay publish into a full zone");
+    let names: Vec<String> = (0..64).map(|i| format!("new{i}")).collect();
+    let args: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "0")).collect();
+    let r = c.get_long(&jsub("/jsub-short", &args), &[], PROMPT + Duration::from_secs(1)).await;
+    expect_json_error(&r, 507, "JSON listener on 64 new channels in a full zone");
+    let r = c.send("POST", "/jpub?channel=zz&size=3", &[], "").await;
+    expect_json_error(&r, 507, "attribute-only push of a new channel in a full zone");
+    assert_eq!(state(&jinfo(&mut c, "f0").await), before, "a refused publish changed f0");
+    // Deleting channels makes room again.
+    for i in 0..n {
+        let r = c.send("DELETE", &format!("/jpub?channel=f{i}"), &[], "").await;
+        assert_eq!(r.status, 200);
+    }
+    jpub(&mut c, "f0", "", vec![b'y'; 8000]).await;
+    let r = c.get(&jsub("/jsub", &[("f0", "0"), ("new0", "0")]), &[]).await;
+    assert_eq!(expect_channels(&r, "listen after room was made")["f0"].payload.len(), 1);
+    ng.finish();
+}
