@@ -91,3 +91,33 @@ async fn lowering_the_size_drops_the_oldest() {
     expect_texts(&r, &[("low", &["m7"])], "size lowered to 1 with a message");
     ng.finish();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_made_channels_go_attribute_made_ones_stay() {
+    let ng = Nginx::start(api_conf(""));
+    let mut c = Conn::open_probed(ng.port).await;
+    // A keyed channel made by an attribute-only push, and one made by a JSON listener alone.
+    jpub(&mut c, "made-by-push", "key=k3y&size=4", "").await;
+    let r = within(
+        PROMPT + Duration::from_secs(1),
+        "1 s listener",
+        c.get(&jsub("/jsub-short", &[("made-by-push", "0"), ("made-by-listener", "0")]), &[]),
+    )
+    .await;
+    expect_empty(&r, "listener on both");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while jinfo(&mut c, "made-by-listener").await.is_some() {
+        assert!(Instant::now() < deadline, "a channel only a listener made is still there");
+        sleep_ms(100).await;
+    }
+    sleep_ms(1500).await;
+    let i = jinfo(&mut c, "made-by-push").await;
+    assert!(i.is_some(), "the attribute-only channel went with the listener's channel");
+    let r = c.send("POST", "/jpub?channel=made-by-push", &[], "x").await;
+    expect_json_error(&r, 403, "its key still holds");
+    for n in 0..6 {
+        jpub(&mut c, "made-by-push", "key=k3y", format!("m{n}")).await;
+    }
+    assert_eq!(jinfo(&mut c, "made-by-push").await.map(|i| i.messages), Some(4), "its size");
+    ng.finish();
+}
