@@ -224,3 +224,31 @@ async fn one2one_election_in_every_arrangement() {
     }
     ng.finish();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one2one_consumes_only_its_own_channel_in_a_batch() {
+    let ng = Nginx::start(api_conf(""));
+    let (mut p, mut c) = Conn::pair(ng.port).await;
+    jpub(&mut p, "oa", "one2one=true", "a1").await;
+    jpub(&mut p, "oa", "", "a2").await;
+    jpub(&mut p, "ob", "", "b1").await;
+    let r = c.get(&jsub("/jsub", &[("oa", "0"), ("ob", "0")]), &[]).await;
+    expect_texts(&r, &[("oa", &["a1", "a2"]), ("ob", &["b1"])], "a batch from both");
+    assert_eq!(jinfo(&mut p, "oa").await.map(|i| i.messages), Some(0), "one2one consumed");
+    assert_eq!(jinfo(&mut p, "ob").await.map(|i| i.messages), Some(1), "the other kept");
+    let r = c.get(&jsub("/jsub", &[("oa", "0"), ("ob", "0")]), &[]).await;
+    expect_texts(&r, &[("ob", &["b1"])], "again: only the ordinary channel");
+    // A listener whose etag skips part of the one2one queue takes only what it gets.
+    let ids: Vec<u64> = {
+        let mut v = Vec::new();
+        for b in ["a3", "a4", "a5"] {
+            v.push(jpub(&mut p, "oa", "", b).await.etag);
+        }
+        v
+    };
+    let r = c.get(&jsub("/jsub", &[("oa", &ids[0].to_string())]), &[]).await;
+    expect_texts(&r, &[("oa", &["a4", "a5"])], "newer than a3");
+    let i = jinfo(&mut p, "oa").await.unwrap();
+    assert!(i.messages <= 1, "a4 and a5 were consumed: {i:?}");
+    ng.finish();
+}
