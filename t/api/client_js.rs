@@ -128,9 +128,13 @@ XHR.prototype.open = function (m, u) {{ this._m = m; this._u = u; this.readyStat
 XHR.prototype.setRequestHeader = function (k, v) {{ this._h[k] = v; }};
 XHR.prototype.getResponseHeader = function (k) {{ return this._rh ? (this._rh[k.toLowerCase()] || null) : null; }};
 XHR.prototype.getAllResponseHeaders = function () {{ return ''; }};
+global.polls = 0; global.maxPolls = 0;
+XHR.prototype._uncount = function () {{ if (this._counted) {{ this._counted = false; global.polls--; }} }};
 XHR.prototype.send = function (body) {{
   const self = this;
+  if (this._m === 'GET') {{ this._counted = true; global.polls++; global.maxPolls = Math.max(global.maxPolls, global.polls); }}
   const done = function () {{
+    self._uncount();
     self.readyState = 4;
     if (self.onreadystatechange) self.onreadystatechange();
     if (self.status && self.onload) self.onload();
@@ -151,7 +155,7 @@ XHR.prototype.send = function (body) {{
   if (body !== undefined && body !== null) req.write(body);
   req.end();
 }};
-XHR.prototype.abort = function () {{ this._aborted = true; if (this._req) this._req.destroy(); }};
+XHR.prototype.abort = function () {{ this._aborted = true; this._uncount(); if (this._req) this._req.destroy(); }};
 global.XMLHttpRequest = XHR;
 global.window = global;
 vm.runInThisContext(fs.readFileSync({script_path:?}, 'utf8'));
@@ -193,11 +197,13 @@ async fn served_library_runs_in_node() {
         r#"{}
 martd.SERVER = BASE;
 const got = [], pubs = [];
-function finish(code) {{ console.log(JSON.stringify({{got: got, pubs: pubs}})); process.exit(code); }}
+function finish(code) {{ console.log(JSON.stringify({{got: got, pubs: pubs, maxPolls: maxPolls}})); process.exit(code); }}
 function check() {{ if (got.length >= 2 && pubs.length >= 4) finish(0); }}
 martd.sub('n1', function (p, ch, etag) {{ got.push([ch, p, String(etag)]); check(); }});
 martd.sub('n 2', function (p, ch, etag) {{ got.push([ch, p, String(etag)]); check(); }});
+martd.sub('n3', function (p, ch, etag) {{ got.push([ch, p, String(etag)]); check(); }}).cancel();
 setTimeout(function () {{
+  martd.pub('n3', 'cancelled', {{}}, function () {{}});
   martd.pub('n1', 'hello', {{}}, function (err, etag) {{
     pubs.push([err, String(etag)]);
     martd.pub('n 2', 'w\u00e9rld', {{size: 5}}, function (err, etag) {{
@@ -215,6 +221,7 @@ setTimeout(function () {{ finish(3); }}, 20000);
     ))
     .await;
     let v = parse_json(out.trim().as_bytes(), "node: sub and pub");
+    assert_eq!(v["maxPolls"], 1, "several subs share one long-poll: {v}");
     let pubs = v["pubs"].as_array().expect("pubs");
     assert_eq!(pubs.len(), 4, "{v}");
     assert!(pubs[0][0].is_null() && pubs[1][0].is_null() && pubs[2][0].is_null(), "{v}");
