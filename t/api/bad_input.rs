@@ -221,3 +221,76 @@ async fn zone_full_507_json_everywhere() {
     assert_eq!(expect_channels(&r, "listen after room was made")["f0"].payload.len(), 1);
     ng.finish();
 }
+
+/// Every martd error, relay mode included, is `{"error":...}` JSON with its status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_martd_error_is_json() {
+    let ng = Nginx::start(
+        api_conf(
+            "        location = /sub-first { martd_listen; martd_listener_concurrency first; }
+        location = /sub-max { martd_listen; martd_max_listeners 1; }
+        location = /sub-auth { martd_listen; martd_authorized_channels_only on; }
+        location = /pub-short { martd_push; martd_max_channel_id_length 4; }
+        location = /jpub-short { martd_push json; martd_max_channel_id_length 4; }
+        location = /jsub-idlen { martd_listen json; martd_max_channel_id_length 4; }
+        location = /pub-big { martd_push; client_max_body_size 0; }
+        location = /jpub-big { martd_push json; client_max_body_size 0; }
+",
+        )
+        .http("martd_shm_size 512k;"),
+    );
+    let w = ng.worker_pids();
+    let mut c = Conn::open_on(ng.port, w[0]).await;
+    let cases: Vec<(&str, &str, u16)> = vec![
+        ("GET", "/pub", 400),
+        ("POST", "/pub", 400),
+        ("DELETE", "/pub?channel=", 400),
+        ("GET", "/sub", 400),
+        ("GET", "/jpub", 400),
+        ("POST", "/jpub?other=1", 400),
+        ("DELETE", "/jpub", 400),
+        ("GET", "/pub-short?channel=toolong", 400),
+        ("POST", "/jpub-short?channel=toolong", 400),
+        ("GET", "/jsub-idlen?toolong=0", 400),
+        ("GET", "/pub?channel=missing", 404),
+        ("DELETE", "/pub?channel=missing", 404),
+        ("GET", "/jpub?channel=missing", 404),
+        ("PATCH", "/pub?channel=a", 405),
+        ("POST", "/sub?channel=a", 405),
+        ("GET", "/sub-auth?channel=missing", 403),
+    ];
+    for (m, path, status) in cases {
+        let r = c.send(m, path, &[], if m == "POST" { "x" } else { "" }).await;
+        expect_json_error(&r, status, &format!("{m} {path}"));
+        if status == 405 && path.starts_with("/pub") {
+            assert_eq!(r.header("allow"), Some("GET, POST, PUT, DELETE"), "Allow of a 405");
+        }
+    }
+    // 409 (concurrency first) and 403 (max listeners) of relay listeners.
+    for (loc, status) in [("/sub-first", 409), ("/sub-max", 403)] {
+        let first = Conn::open_on(ng.port, w[0]).await.spawn_get(
+            &format!("{loc}?channel={status}"),
+            &[],
+            LONG,
+        );
+        c.wait_listeners(&status.to_string(), 1).await;
+        let (_, r) = promptly(
+            Conn::open_on(ng.port, w[1]).await.spawn_get(
+                &format!("{loc}?channel={status}"),
+                &[],
+                LONG,
+            ),
+            loc,
+        )
+        .await;
+        expect_json_error(&r, status, &format!("second relay listener on {loc}"));
+        drop(first);
+    }
+    // 413: a message larger than the zone could ever hold.
+    for loc in ["/pub-big", "/jpub-big"] {
+        let r = c.send("POST", &format!("{loc}?channel=huge"), &[], vec![b'z'; 2 << 20]).await;
+        expect_json_error(&r, 413, &format!("{loc}: larger than the zone"));
+        c = Conn::open_on(ng.port, w[0]).await;
+    }
+    ng.finish();
+}
