@@ -203,3 +203,23 @@ async fn key_and_attributes_survive_a_reload() {
     expect_texts(&r, &[("kr", &["m5"])], "after a reload");
     ng.finish();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_push_with_a_key_sets_it_on_an_existing_channel() {
+    let ng = Nginx::start(api_conf(""));
+    let mut c = Conn::open_probed(ng.port).await;
+    jpub(&mut c, "late", "", "open").await;
+    jpub(&mut c, "late", "", "still open").await;
+    jpub(&mut c, "late", &format!("key={KEY}"), "locked").await;
+    let r = c.send("POST", "/jpub?channel=late", &[], "x").await;
+    expect_json_error(&r, 403, "push without the key once a push set it");
+    let r = c.send("POST", "/pub?channel=late", &[], "x").await;
+    expect_json_error(&r, 403, "relay push without the key once a push set it");
+    let r = c.send("DELETE", "/jpub?channel=late", &[], "").await;
+    expect_json_error(&r, 403, "DELETE without the key");
+    // Another key is no way to change it.
+    let r = c.send("POST", &format!("/jpub?channel=late&key={WRONG}"), &[], "x").await;
+    expect_json_error(&r, 403, "a push with another key");
+    assert_eq!(jinfo(&mut c, "late").await.map(|i| i.messages), Some(3));
+    ng.finish();
+}
