@@ -259,3 +259,47 @@ fn json_listeners_lose_nothing_under_load() {
         ng.finish();
     });
 }
+
+/// `auth_request` in front of a JSON listen location: asked once per long-poll (a detached
+/// listener that is woken does not ask again), and a refusal means no listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_listen_behind_auth_request() {
+    let backend = Backend::start(Duration::ZERO, |target| {
+        if target.contains("deny") {
+            "HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
+        } else {
+            "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n".to_string()
+        }
+    })
+    .await;
+    let ng = Nginx::start(api_conf(&format!(
+        "        location = /authz {{ internal; proxy_pass http://127.0.0.1:{}/authz?u=$request_uri; proxy_pass_request_body off; proxy_set_header Content-Length \"\"; }}
+        location = /jsub-authz {{ auth_request /authz; martd_listen json; }}
+",
+        backend.port
+    )));
+    let w = ng.worker_pids();
+    let mut p = Conn::open_on(ng.port, w[1]).await;
+    for round in 0..3 {
+        let path = jsub("/jsub-authz", &[("az", "0"), ("az2", "0")]);
+        let key = path.split_once("cid=").unwrap().1.split('&').next().unwrap().to_string() + "&";
+        let l = listen_on(ng.port, w[round % 2], &path).await;
+        p.wait_listeners("az2", 1).await;
+        let body = format!("round {round}");
+        jpub(&mut p, "az2", "", body.clone()).await;
+        let (_, r) = promptly(l, "listener behind auth_request").await;
+        expect_texts(&r, &[("az2", &[body.as_str()])], "behind auth_request");
+        p.send("DELETE", "/jpub?channel=az2", &[], "").await;
+        sleep_ms(100).await;
+        assert_eq!(
+            backend.count(&format!("cid={key}")),
+            1,
+            "auth asked once: {:?}",
+            backend.requests()
+        );
+    }
+    let r = p.get(&jsub("/jsub-authz", &[("deny", "0")]), &[]).await;
+    assert_eq!(r.status, 403, "refused by auth_request");
+    assert!(jinfo(&mut p, "deny").await.is_none_or(|i| i.listeners == 0));
+    ng.finish();
+}
