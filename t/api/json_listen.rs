@@ -570,3 +570,25 @@ async fn methods_of_json_locations() {
     assert_eq!(jinfo(&mut c, "mp").await.map(|i| (i.messages, i.listeners)), Some((1, 0)));
     ng.finish();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_pipelined_behind_a_waiting_json_listener() {
+    let ng = Nginx::start(api_conf(""));
+    let mut p = Conn::open_probed(ng.port).await;
+    let mut raw = RawConn::open(ng.port).await;
+    let path = jsub("/jsub", &[("pp1", "0"), ("pp2", "0")]);
+    raw.write(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).await;
+    p.wait_listeners("pp2", 1).await;
+    raw.write(b"GET /__worker HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    sleep_ms(100).await;
+    jpub(&mut p, "pp2", "", "first").await;
+    let r = raw_to_resp(raw.response(QUICK).await);
+    expect_texts(&r, &[("pp2", &["first"])], "the waiting JSON listener");
+    assert_eq!(raw.response(QUICK).await.status, 204, "the pipelined request after it");
+    // Then the connection carries another JSON long-poll.
+    let path = format!("{}&callback=cb", jsub("/jsub", &[("pp2", "0")]));
+    raw.write(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).await;
+    let r = raw_to_resp(raw.response(QUICK).await);
+    assert_eq!(media_type(&r).as_deref(), Some("application/javascript"));
+    ng.finish();
+}
