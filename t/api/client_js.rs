@@ -87,6 +87,21 @@ fn node() -> Option<&'static str> {
         .find(|p| std::path::Path::new(p).is_file())
 }
 
+/// Whether the tests that run the library in node are skipped: only when asked with
+/// `MARTD_TEST_SKIP_NODE=1`. Otherwise node must be there (`./scripts/test` installs it).
+fn skip_node() -> bool {
+    if std::env::var_os("MARTD_TEST_SKIP_NODE").is_some_and(|v| v == "1") {
+        eprintln!("MARTD_TEST_SKIP_NODE=1: the served library is not run in node");
+        return true;
+    }
+    assert!(
+        node().is_some(),
+        "node is needed to run the served library (apt-get install nodejs; ./scripts/test \
+         installs it), or set MARTD_TEST_SKIP_NODE=1"
+    );
+    false
+}
+
 /// Runs `script` with node (bounded); returns its stdout.
 async fn run_node(script: &str) -> String {
     let node = node().expect("node");
@@ -165,8 +180,7 @@ vm.runInThisContext(fs.readFileSync({script_path:?}, 'utf8'));
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn served_library_runs_in_node() {
-    if node().is_none() {
-        eprintln!("no node on this machine: the served library is not run");
+    if skip_node() {
         return;
     }
     let ng = Nginx::start(js_conf());
@@ -304,8 +318,7 @@ impl Drop for NodeProc {
 /// message arrives once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn library_resumes_across_a_reload_and_a_killed_worker() {
-    if node().is_none() {
-        eprintln!("no node on this machine: the served library is not run");
+    if skip_node() {
         return;
     }
     let mut ng = Nginx::start(js_conf());
