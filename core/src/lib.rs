@@ -20,6 +20,7 @@ pub mod listeners;
 pub mod msgid;
 pub mod queue;
 pub mod store;
+pub mod transport;
 
 pub use allocator_api2;
 pub use allocator_api2::alloc::{AllocError, Allocator, Global};
