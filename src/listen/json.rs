@@ -10,7 +10,7 @@ use martd_core::json;
 use martd_core::listeners::Verdict;
 use martd_core::msgid::MsgId;
 use martd_core::store::MultiListen;
-use nginx_sys::{ngx_http_request_t, ngx_int_t, NGX_ERROR};
+use nginx_sys::{ngx_http_arg, ngx_http_request_t, ngx_int_t, ngx_str_t, NGX_ERROR, NGX_OK};
 
 use super::{detach, listen_opts, main_conf, parked, prepare_handle, refused, unavailable};
 use crate::conf::LocConf;
@@ -33,9 +33,19 @@ fn query(r: *mut ngx_http_request_t, lcf: &LocConf) -> Result<ListenQuery<'stati
     )
 }
 
-/// The request's JSONP callback, already checked when it arrived.
-fn callback(r: *mut ngx_http_request_t, lcf: &LocConf) -> Option<&'static [u8]> {
-    query(r, lcf).ok()?.callback
+/// The request's JSONP callback (checked when the request arrived).
+fn callback(r: *mut ngx_http_request_t) -> Option<&'static [u8]> {
+    let name = b"callback";
+    let mut v = ngx_str_t { len: 0, data: std::ptr::null_mut() };
+    // SAFETY: `r` is a live request; the value points into its arguments, which live as long
+    // as it (the caller uses it only while answering it).
+    let found = unsafe { ngx_http_arg(r, name.as_ptr() as *mut u8, name.len(), &mut v) };
+    if found != NGX_OK as ngx_int_t || v.len == 0 {
+        return None;
+    }
+    // SAFETY: as above.
+    let v = unsafe { std::slice::from_raw_parts(v.data, v.len) };
+    api::check_callback(v).is_ok().then_some(v)
 }
 
 /// What a multi-channel listen gets at once.
@@ -113,7 +123,7 @@ pub fn listen(r: *mut ngx_http_request_t, lcf: &LocConf) -> ngx_int_t {
 /// A multi-channel listener's answer after it waited (`None`: nothing, at its timeout or the
 /// worker's shutdown).
 pub fn respond(r: *mut ngx_http_request_t, verdict: Option<Verdict>) -> ngx_int_t {
-    let cb = callback(r, super::loc_conf(r));
+    let cb = callback(r);
     match verdict {
         Some(Verdict::Batch(body)) => response::json(r, 200, &body, cb),
         None => response::json(r, 200, json::EMPTY_BATCH, cb),

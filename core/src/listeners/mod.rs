@@ -15,7 +15,9 @@ mod wake;
 
 pub use payload::{Payload, PayloadCache, Verdict};
 
-use std::collections::HashMap;
+// Keys are ids the zone made (channel serials, message ids), never a client's: a fast
+// non-keyed hash is safe.
+use rustc_hash::FxHashMap as HashMap;
 
 use slab::Slab;
 
@@ -81,7 +83,7 @@ pub struct Listeners<H> {
 impl<H> Default for Listeners<H> {
     fn default() -> Self {
         Listeners {
-            channels: HashMap::new(),
+            channels: HashMap::default(),
             multis: Slab::new(),
             cache: PayloadCache::default(),
             count: 0,

@@ -1,7 +1,9 @@
 //! What a worker sends its listeners: its copies of messages (one per message however many
 //! listeners get it) and the verdicts of a wake-up.
 
-use std::collections::HashMap;
+// Keys are ids the zone made (channel serials, message ids), never a client's: a fast
+// non-keyed hash is safe.
+use rustc_hash::FxHashMap as HashMap;
 use std::rc::{Rc, Weak};
 
 use allocator_api2::alloc::Allocator;

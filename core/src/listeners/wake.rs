@@ -1,7 +1,9 @@
 //! A wake-up: a worker looks at one channel after a publish, a delete, a displacement or a
 //! one-to-one election, and answers every listener it can.
 
-use std::collections::HashMap;
+// Keys are ids the zone made (channel serials, message ids), never a client's: a fast
+// non-keyed hash is safe.
+use rustc_hash::FxHashMap as HashMap;
 use std::rc::Rc;
 
 use allocator_api2::alloc::Allocator;
@@ -85,8 +87,8 @@ impl<H: Copy> Listeners<H> {
         };
         let mut after = Afterwards::default();
         let (answered, triggered) = self.answer_singles(ch, serial, now_ms, out, &mut after);
-        let mut fragments = Fragments::new();
-        let mut bodies: HashMap<*const u8, Rc<[u8]>> = HashMap::new();
+        let mut fragments = Fragments::default();
+        let mut bodies: HashMap<*const u8, Rc<[u8]>> = HashMap::default();
         for t in &triggered {
             let Some(m) = self.multis.try_remove(t.index) else {
                 continue;
