@@ -95,8 +95,8 @@ pub fn listen(r: *mut ngx_http_request_t, lcf: &LocConf) -> ngx_int_t {
                 Ok(Now::Reply(body))
             }
             Ok(MultiListen::Park(parked)) => {
-                let names: Vec<&[u8]> = q.channels.iter().map(|c| c.0).collect();
-                let key = st.listeners.park_multi(&names, &parked, handle);
+                let names = q.channels.iter().map(|c| c.0);
+                let key = st.listeners.park_multi(names, &parked, handle);
                 if let Some(d) = detached.take() {
                     detach::insert(&mut st.detached, d, key);
                 }

@@ -114,10 +114,17 @@ impl<H: Copy> Listeners<H> {
 
     /// Keeps a multi-channel listener the store parked on every channel in `names` (one
     /// [`Parked`] each, in the same order).
-    pub fn park_multi(&mut self, names: &[&[u8]], parked: &[Parked], handle: H) -> ListenerKey {
+    pub fn park_multi<'a>(
+        &mut self,
+        names: impl Iterator<Item = &'a [u8]>,
+        parked: &[Parked],
+        handle: H,
+    ) -> ListenerKey {
         let mi = self.multis.vacant_key();
-        let parts = names.iter().zip(parked).map(|(n, p)| self.insert(n, p, Owner::Multi(mi)));
-        let parts = parts.collect();
+        let mut parts = Vec::with_capacity(parked.len());
+        for (n, p) in names.zip(parked) {
+            parts.push(self.insert(n, p, Owner::Multi(mi)));
+        }
         self.multis.insert(MultiListener { handle, parts });
         self.count += 1;
         ListenerKey { serial: MULTI, index: mi }

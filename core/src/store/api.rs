@@ -6,7 +6,7 @@ use std::ptr::NonNull;
 
 use allocator_api2::alloc::Allocator;
 
-use super::{Channel, Listen, ListenOpts, Parked, Store, StoreError, WakeTarget};
+use super::{Channel, Concurrency, Listen, ListenOpts, Parked, Store, StoreError, WakeTarget};
 use crate::msgid::{MsgId, Since};
 
 /// What a listen request on several channels gets.
@@ -31,8 +31,11 @@ impl<A: Allocator + Clone> Store<A> {
     ) -> Result<MultiListen<'_, A>, StoreError> {
         let clamp = self.last_id;
         let mut found: Vec<(usize, NonNull<Channel<A>>, MsgId)> = Vec::new();
+        let mut existing: Vec<Option<NonNull<Channel<A>>>> = Vec::with_capacity(channels.len());
         for (i, &(name, etag)) in channels.iter().enumerate() {
-            let Some(mut p) = self.channels.find(name) else {
+            let p = self.channels.find(name);
+            existing.push(p);
+            let Some(mut p) = p else {
                 continue;
             };
             let since = etag.min(clamp);
@@ -49,12 +52,98 @@ impl<A: Allocator + Clone> Store<A> {
             let found = found.into_iter().map(|(i, p, s)| (i, unsafe { p.as_ref() }, s));
             return Ok(MultiListen::Messages(found.collect()));
         }
+        match self.park_all(channels, &existing, opts, now_ms, wake) {
+            Err(StoreError::NoMemory) => {
+                // A channel could not be made: the careful way, which may collect garbage
+                // (and so must look every channel up again).
+                self.park_each(channels, opts, now_ms, wake).map(MultiListen::Park)
+            }
+            r => r.map(MultiListen::Park),
+        }
+    }
+
+    /// Parks a multi-channel listener on every channel, reusing the channels found by the
+    /// caller in this hold of the lock (`existing`, in request order) and making the missing
+    /// ones. On an error nothing stays counted; on `NoMemory` no garbage was collected.
+    fn park_all(
+        &mut self,
+        channels: &[(&[u8], MsgId)],
+        existing: &[Option<NonNull<Channel<A>>>],
+        opts: &ListenOpts,
+        now_ms: u64,
+        wake: &mut Vec<WakeTarget>,
+    ) -> Result<Vec<Parked>, StoreError> {
+        self.wheel.observe(now_ms);
+        let clamp = self.last_id;
+        let counted = self.is_registered(opts.slot);
+        let mut parked: Vec<Parked> = Vec::with_capacity(channels.len());
+        for (&(name, etag), &found) in channels.iter().zip(existing) {
+            let made = match found {
+                Some(p) => {
+                    self.purge_dead(p);
+                    Ok((p, false))
+                }
+                None if opts.create => self
+                    .get_or_create(name, now_ms, opts.channel_timeout_ms)
+                    .map_err(StoreError::from),
+                None => Err(StoreError::NotFound),
+            };
+            let since = if etag == 0 { Since::Oldest } else { Since::After(etag) };
+            let r = made.and_then(|(mut p, created)| {
+                // SAFETY: a live channel of the table (channels never move, and nothing in
+                // this call removes one); the reference ends with `listen_on`.
+                let ch = unsafe { p.as_mut() };
+                match self.listen_on(ch, since, opts, now_ms, clamp, counted) {
+                    Ok(Ok((one, joined))) => {
+                        if joined {
+                            self.slot_joined(opts.slot);
+                        }
+                        self.rearm(p);
+                        if opts.concurrency == Concurrency::Last {
+                            self.notify_waiters(p, wake);
+                        }
+                        Ok(one)
+                    }
+                    // Nothing newer was stored: not possible in this hold of the lock.
+                    Ok(Err(_)) => {
+                        self.rearm(p);
+                        Err(StoreError::NotFound)
+                    }
+                    Err(e) if created => {
+                        // A refused listen leaves nothing behind.
+                        self.remove_channel(p);
+                        Err(e)
+                    }
+                    Err(e) => {
+                        self.rearm(p);
+                        Err(e)
+                    }
+                }
+            });
+            match r {
+                Ok(one) => parked.push(one),
+                Err(e) => {
+                    self.unpark(channels, &parked, opts.slot);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(parked)
+    }
+
+    /// Parks a multi-channel listener channel by channel, each a whole [`Store::listen`].
+    fn park_each(
+        &mut self,
+        channels: &[(&[u8], MsgId)],
+        opts: &ListenOpts,
+        now_ms: u64,
+        wake: &mut Vec<WakeTarget>,
+    ) -> Result<Vec<Parked>, StoreError> {
         let mut parked: Vec<Parked> = Vec::with_capacity(channels.len());
         for &(name, etag) in channels {
             let since = if etag == 0 { Since::Oldest } else { Since::After(etag) };
             match self.listen(name, since, opts, now_ms, wake) {
                 Ok(Listen::Park(p)) => parked.push(p),
-                // Not possible in the same hold of the lock: nothing newer was stored.
                 Ok(Listen::Message(_)) => {
                     self.unpark(channels, &parked, opts.slot);
                     return Err(StoreError::NotFound);
@@ -65,7 +154,7 @@ impl<A: Allocator + Clone> Store<A> {
                 }
             }
         }
-        Ok(MultiListen::Park(parked))
+        Ok(parked)
     }
 
     /// Takes back the parks of a multi-channel listen that failed part way.
