@@ -72,9 +72,16 @@ pub struct Removed {
     pub last: Option<MsgId>,
 }
 
+/// Empty listener tables kept for reuse (channels come and go with their listeners; a table
+/// that grew is not grown again from nothing): at most this many, of at most
+/// [`SPARE_CAPACITY`] entries each.
+const SPARES: usize = 256;
+const SPARE_CAPACITY: usize = 64;
+
 /// One worker's parked listeners.
 pub struct Listeners<H> {
     channels: HashMap<u64, LocalChannel<H>>,
+    spare: Vec<Slab<ParkedListener<H>>>,
     multis: Slab<MultiListener<H>>,
     pub cache: PayloadCache,
     count: usize,
@@ -84,6 +91,7 @@ impl<H> Default for Listeners<H> {
     fn default() -> Self {
         Listeners {
             channels: HashMap::default(),
+            spare: Vec::new(),
             multis: Slab::new(),
             cache: PayloadCache::default(),
             count: 0,
@@ -93,10 +101,11 @@ impl<H> Default for Listeners<H> {
 
 impl<H: Copy> Listeners<H> {
     fn insert(&mut self, name: &[u8], parked: &Parked, owner: Owner<H>) -> ListenerKey {
+        let spare = &mut self.spare;
         let ch = self.channels.entry(parked.serial).or_insert_with(|| LocalChannel {
             name: name.into(),
             seen: parked.last_id,
-            parked: Slab::new(),
+            parked: spare.pop().unwrap_or_default(),
         });
         let index = ch.parked.insert(ParkedListener {
             owner,
@@ -145,9 +154,23 @@ impl<H: Copy> Listeners<H> {
         let last = ch.parked.is_empty().then_some(ch.seen);
         let removed = Removed { name: ch.name.clone(), serial: at.serial, last };
         if last.is_some() {
-            self.channels.remove(&at.serial);
+            self.drop_channel(at.serial);
         }
         Some(removed)
+    }
+
+    /// Forgets channel `serial` (no listener left here), keeping its table for reuse.
+    fn drop_channel(&mut self, serial: u64) {
+        if let Some(ch) = self.channels.remove(&serial) {
+            self.keep_spare(ch.parked);
+        }
+    }
+
+    fn keep_spare(&mut self, mut table: Slab<ParkedListener<H>>) {
+        if self.spare.len() < SPARES && table.capacity() <= SPARE_CAPACITY {
+            table.clear();
+            self.spare.push(table);
+        }
     }
 
     /// Removes a listener (timeout, disconnect); `release` gets what to tell the store for

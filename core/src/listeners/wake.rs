@@ -198,7 +198,8 @@ impl<H: Copy> Listeners<H> {
         bodies: &mut HashMap<*const u8, Rc<[u8]>>,
         after: &mut Afterwards,
     ) -> Verdict {
-        let mut list: Vec<Rc<[u8]>> = own.into_iter().map(|(f, _)| f).collect();
+        // The channel woken is usually the only one with news: no list is made for it.
+        let mut others: Vec<Rc<[u8]>> = Vec::new();
         for part in parts.iter().filter(|p| p.serial != serial) {
             let Some(local) = self.channels.get(&part.serial) else { continue };
             let Some(entry) = local.parked.get(part.index) else { continue };
@@ -207,26 +208,30 @@ impl<H: Copy> Listeners<H> {
                 store.channel(&local.name, part.serial).and_then(|c| fragment(c, since, now_ms))
             });
             if let Some((frag, last)) = f {
-                list.push(frag.clone());
+                others.push(frag.clone());
                 if store.channel(&local.name, part.serial).is_some_and(|c| c.one2one()) {
                     after.consumed.push((local.name.clone(), since, *last));
                 }
             }
         }
-        if list.iter().any(|f| f.is_empty()) {
+        let own = own.map(|(f, _)| f);
+        if own.iter().chain(&others).any(|f| f.is_empty()) {
             return Verdict::Unavailable;
         }
-        if let [only] = list.as_slice() {
-            if let Some(b) = bodies.get(&only.as_ptr()) {
-                return Verdict::Batch(b.clone());
-            }
+        let only = match (&own, others.len()) {
+            (Some(f), 0) => Some(f.clone()),
+            (None, 1) => others.first().cloned(),
+            _ => None,
+        };
+        if let Some(b) = only.as_ref().and_then(|f| bodies.get(&f.as_ptr())) {
+            return Verdict::Batch(b.clone());
         }
-        let Some(body) = json::batch(list.iter().map(|f| &f[..])) else {
+        let Some(body) = json::batch(own.iter().chain(&others).map(|f| &f[..])) else {
             return Verdict::Unavailable;
         };
         let body: Rc<[u8]> = body.into();
-        if let [only] = list.as_slice() {
-            bodies.insert(only.as_ptr(), body.clone());
+        if let Some(f) = only {
+            bodies.insert(f.as_ptr(), body.clone());
         }
         Verdict::Batch(body)
     }
@@ -249,7 +254,7 @@ impl<H: Copy> Listeners<H> {
             }
             Some(local) => {
                 let seen = local.seen;
-                self.channels.remove(&serial);
+                self.drop_channel(serial);
                 store.release(name, serial, slot, gone, Some(seen));
             }
             None => {}
@@ -300,7 +305,7 @@ impl<H: Copy> Listeners<H> {
         e.1 += 1;
         if ch.parked.is_empty() {
             e.2 = Some(ch.seen);
-            self.channels.remove(&at.serial);
+            self.drop_channel(at.serial);
         }
     }
 
