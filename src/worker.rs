@@ -296,12 +296,14 @@ fn process_mailbox() {
         let mut again = Vec::new();
         // A few channels per hold of the zone lock: an overflowed mailbox names every channel
         // with listeners here.
+        st.listeners.begin_wake(&serials);
         for chunk in serials.chunks(WAKE_CHANNELS_PER_LOCK) {
             let Some(mut z) = zone::lock(mcf) else { break };
             for &serial in chunk {
                 st.listeners.wake(z.store(), serial, slot, now, &mut out, &mut again);
             }
         }
+        st.listeners.end_wake();
         (out, again)
     });
     let (out, again) = out.unwrap_or_default();

@@ -82,6 +82,10 @@ const SPARE_CAPACITY: usize = 64;
 pub struct Listeners<H> {
     channels: HashMap<u64, LocalChannel<H>>,
     spare: Vec<Slab<ParkedListener<H>>>,
+    /// The channels of the wake-up being worked through, when `woken_known` (see
+    /// [`Listeners::begin_wake`]).
+    woken: rustc_hash::FxHashSet<u64>,
+    woken_known: bool,
     multis: Slab<MultiListener<H>>,
     pub cache: PayloadCache,
     count: usize,
@@ -92,6 +96,8 @@ impl<H> Default for Listeners<H> {
         Listeners {
             channels: HashMap::default(),
             spare: Vec::new(),
+            woken: Default::default(),
+            woken_known: false,
             multis: Slab::new(),
             cache: PayloadCache::default(),
             count: 0,

@@ -61,6 +61,25 @@ fn fragment<A: Allocator + Clone>(
 }
 
 impl<H: Copy> Listeners<H> {
+    /// A wake-up for these channels starts: while it is worked through, a multi-channel
+    /// listener answered on one of them looks for news only on those of its channels that are
+    /// among them. That is exact: a message published to a channel after a listener parked
+    /// there is in the wake-up that follows the publish; one published before it parked was
+    /// answered when it came; one published after this wake-up was taken comes with the next
+    /// (and the listener, answered now with that channel's old id, asks for it again).
+    pub fn begin_wake(&mut self, serials: &[u64]) {
+        self.woken.clear();
+        self.woken.extend(serials.iter().copied());
+        self.woken_known = true;
+    }
+
+    /// The wake-up is worked through: multi-channel listeners look at all their channels
+    /// again (as when nothing was said, see [`Listeners::begin_wake`]).
+    pub fn end_wake(&mut self) {
+        self.woken.clear();
+        self.woken_known = false;
+    }
+
     /// Looks at channel `serial` after a wake-up: every listener that can be answered is
     /// removed here and in the store's counts, and pushed to `out` with its verdict. `wake`
     /// gets the workers to wake again (a one-to-one election was decided).
@@ -198,9 +217,11 @@ impl<H: Copy> Listeners<H> {
         bodies: &mut HashMap<*const u8, Rc<[u8]>>,
         after: &mut Afterwards,
     ) -> Verdict {
-        // The channel woken is usually the only one with news: no list is made for it.
+        // The channel woken is usually the only one with news: no list is made for it. Only
+        // channels of the wake-up being worked through can have news (see `begin_wake`).
         let mut others: Vec<Rc<[u8]>> = Vec::new();
-        for part in parts.iter().filter(|p| p.serial != serial) {
+        let woken = |s: u64| !self.woken_known || self.woken.contains(&s);
+        for part in parts.iter().filter(|p| p.serial != serial && woken(p.serial)) {
             let Some(local) = self.channels.get(&part.serial) else { continue };
             let Some(entry) = local.parked.get(part.index) else { continue };
             let since = entry.since;

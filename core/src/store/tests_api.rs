@@ -222,3 +222,34 @@ fn multi_channel_listen_is_all_or_nothing_and_deletes_name_the_channel() {
     assert_eq!(s.total_listeners(), 1);
     s.check();
 }
+
+#[test]
+fn a_wake_up_names_every_channel_with_news_for_multi_channel_listeners() {
+    let (mut s, slots) = store_with_workers(1);
+    let mut w = vec![];
+    let mut l: Listeners<u32> = Listeners::default();
+    let MultiListen::Park(parked) =
+        s.listen_multi(&[(b"a", 0), (b"b", 0), (b"c", 0)], &lopts(slots[0]), 1, &mut w).unwrap()
+    else {
+        panic!()
+    };
+    l.park_multi([&b"a"[..], b"b", b"c"].into_iter(), &parked, 7);
+    s.publish_msg(b"a", &msg(b"1"), &popts(10), 2, &mut w).unwrap();
+    s.publish_msg(b"b", &msg(b"2"), &popts(10), 2, &mut w).unwrap();
+    let mut serials = vec![];
+    s.take_mailbox(slots[0], &mut serials);
+    assert_eq!(serials.len(), 2);
+    l.begin_wake(&serials);
+    let mut out = vec![];
+    for &serial in &serials {
+        l.wake(&mut s, serial, slots[0], 2, &mut out, &mut vec![]);
+    }
+    l.end_wake();
+    let [(7, Verdict::Batch(body))] = out.as_slice() else { panic!("{out:?}") };
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(v["channels"]["a"]["payload"][0], "1");
+    assert_eq!(v["channels"]["b"]["payload"][0], "2", "b's news is in the same reply");
+    assert!(v["channels"]["c"].is_null());
+    assert_eq!(s.total_listeners(), 0);
+    s.check();
+}
