@@ -41,7 +41,7 @@ impl<A: Allocator + Clone> Store<A> {
             let since = etag.min(clamp);
             // SAFETY: a live channel of the table; the reference ends in this iteration.
             let ch = unsafe { p.as_mut() };
-            if ch.queue.next_after(since, now_ms, false).is_some() {
+            if ch.has_stored_after(since, now_ms) {
                 ch.last_requested_ms = now_ms.max(1);
                 ch.last_active_ms = now_ms;
                 found.push((i, p, since));

@@ -126,7 +126,16 @@ impl<A: Allocator + Clone> Channel<A> {
 
     /// The message a listener waiting past `since` gets now, if any.
     pub fn next_for(&self, since: MsgId, now_ms: u64) -> Option<&Message<A>> {
+        if since >= self.last_id {
+            return None;
+        }
         self.queue.next_after(since, now_ms, true)
+    }
+
+    /// Whether a stored message newer than `since` can be delivered now. Answered from the
+    /// channel's last id when nothing newer was ever published (no look at the messages).
+    pub(super) fn has_stored_after(&self, since: MsgId, now_ms: u64) -> bool {
+        since < self.last_id && self.queue.next_after(since, now_ms, false).is_some()
     }
 
     /// Every live message after `since`, oldest first; transient ones only if

@@ -445,7 +445,7 @@ impl<A: Allocator + Clone> Store<A> {
             Since::After(id) => id.min(future_clamp),
             Since::ModifiedSince(t) => ch.queue.id_at_time(t, now_ms),
         };
-        if ch.queue.next_after(since_id, now_ms, false).is_some() {
+        if ch.has_stored_after(since_id, now_ms) {
             return Ok(Err(since_id));
         }
         if (opts.concurrency == Concurrency::First || ch.one2one()) && ch.listeners > 0 {
