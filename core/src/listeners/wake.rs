@@ -298,11 +298,14 @@ impl<H: Copy> Listeners<H> {
         let name: Rc<[u8]> = local.name[..].into();
         let mut after = Afterwards::default();
         for (_, p) in local.parked {
-            self.count -= 1;
             match p.owner {
-                Owner::One(h) => out.push((h, Verdict::Gone)),
+                Owner::One(h) => {
+                    self.count -= 1;
+                    out.push((h, Verdict::Gone));
+                }
                 Owner::Multi(index) => {
                     let Some(m) = self.multis.try_remove(index) else { continue };
+                    self.count -= 1;
                     for &part in m.parts.iter().filter(|p| p.serial != serial) {
                         self.leave_entry(part, index, &mut after);
                     }
