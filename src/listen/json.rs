@@ -79,13 +79,12 @@ pub fn listen(r: *mut ngx_http_request_t, lcf: &LocConf) -> ngx_int_t {
             Ok(MultiListen::Messages(found)) => {
                 let mut fragments = Vec::with_capacity(found.len());
                 for (i, ch, since) in found {
-                    let Some(last) = ch.messages_after(since, now, false).last() else {
+                    let Some((fragment, last)) = ch.json_fragment(since, now, false) else {
                         continue;
                     };
-                    let bodies = ch.messages_after(since, now, false).map(|m| m.body());
-                    fragments.push(json::fragment(ch.name(), last.id, bodies));
+                    fragments.push(fragment);
                     if ch.one2one() {
-                        consumed.push((q.channels[i].0, since, last.id));
+                        consumed.push((q.channels[i].0, since, last));
                     }
                 }
                 let body = fragments

@@ -144,10 +144,10 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
         let mut z = zone::lock(mcf)?;
         Some(match z.store().listen(&name, since, &opts, now, &mut wake) {
             Ok(Listen::Message(m)) => {
-                let (after, upto) = (m.id, m.id);
+                let id = m.id;
                 let payload = st.listeners.cache.get(m);
                 // A one-to-one channel's message is consumed by its delivery.
-                z.store().consume(&name, after.saturating_sub(1), upto);
+                z.store().consume(&name, id - 1, id);
                 Ok(Err(payload))
             }
             Ok(Listen::Park(p)) => {

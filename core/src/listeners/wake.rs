@@ -53,11 +53,9 @@ fn fragment<A: Allocator + Clone>(
     since: MsgId,
     now_ms: u64,
 ) -> Option<(Rc<[u8]>, MsgId)> {
-    let last = ch.messages_after(since, now_ms, true).last()?.id;
-    let bodies = ch.messages_after(since, now_ms, true).map(|m| m.body());
-    // No memory for it: `Verdict::Unavailable` for the listener (see `batch_verdict`).
-    let f = json::fragment(ch.name(), last, bodies).unwrap_or_default();
-    Some((f.into(), last))
+    let (f, last) = ch.json_fragment(since, now_ms, true)?;
+    // No memory for it: an empty fragment, `Verdict::Unavailable` (see `batch_verdict`).
+    Some((f.unwrap_or_default().into(), last))
 }
 
 impl<H: Copy> Listeners<H> {

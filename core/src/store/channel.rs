@@ -132,6 +132,20 @@ impl<A: Allocator + Clone> Channel<A> {
         self.queue.next_after(since, now_ms, true)
     }
 
+    /// This channel's part of a multi-channel reply: every live message after `since` (transient
+    /// ones only if `include_transient`) as a JSON fragment, with the id of the last one.
+    /// `None`: nothing newer; `Some((None, _))`: no memory for the fragment.
+    pub fn json_fragment(
+        &self,
+        since: MsgId,
+        now_ms: u64,
+        include_transient: bool,
+    ) -> Option<(Option<std::vec::Vec<u8>>, MsgId)> {
+        let last = self.messages_after(since, now_ms, include_transient).last()?.id;
+        let bodies = self.messages_after(since, now_ms, include_transient).map(|m| m.body());
+        Some((crate::json::fragment(self.name(), last, bodies), last))
+    }
+
     /// Whether a stored message newer than `since` can be delivered now. Answered from the
     /// channel's last id when nothing newer was ever published (no look at the messages).
     pub(super) fn has_stored_after(&self, since: MsgId, now_ms: u64) -> bool {

@@ -315,13 +315,17 @@ impl<A: Allocator + Clone> Store<A> {
         now_ms: u64,
         wake: &mut std::vec::Vec<WakeTarget>,
     ) -> Result<Published, StoreError> {
-        if let Some(p) = self.channels.find(name) {
-            // SAFETY: a live channel of the table, only read here.
-            if !unsafe { p.as_ref() }.admits(attrs.key.as_ref()) {
-                return Err(StoreError::Forbidden);
+        let (mut p, created) = match self.channels.find(name) {
+            Some(p) => {
+                // SAFETY: a live channel of the table, only read here.
+                if !unsafe { p.as_ref() }.admits(attrs.key.as_ref()) {
+                    return Err(StoreError::Forbidden);
+                }
+                self.purge_dead(p);
+                (p, false)
             }
-        }
-        let (mut p, created) = self.get_or_create(name, now_ms, opts.channel_timeout_ms)?;
+            None => self.get_or_create(name, now_ms, opts.channel_timeout_ms)?,
+        };
         // SAFETY: a live channel of the table; this reference ends before the wheel or the
         // table touch it again.
         let ch = unsafe { p.as_mut() };
