@@ -374,7 +374,8 @@ unsafe extern "C" fn gc_handler(ev: *mut ngx_event_t) {
             }
         }
         st.gc_more = more;
-        (st.slot.is_some(), more)
+        let lingering_more = release_lingering(st, mcf, now);
+        (st.slot.is_some(), more || lingering_more)
     });
     let (registered, more) = state.unwrap_or((false, false));
     if registered {
@@ -386,6 +387,29 @@ unsafe extern "C" fn gc_handler(ev: *mut ngx_event_t) {
             ngx_add_timer(ev, if more { 1 } else { GC_INTERVAL_MS as _ });
         }
     }
+}
+
+/// Lingering multi-channel listeners (at most this many per tick) whose connection did not
+/// come back are released, a few per hold of the zone lock. `true`: more are due.
+fn release_lingering(st: &mut WorkerState, mcf: &MainConf, now: u64) -> bool {
+    const PER_TICK: usize = 4096;
+    let Some(slot) = st.slot else { return false };
+    let due = st.listeners.lingering_due(now, PER_TICK);
+    if due.is_empty() {
+        return false;
+    }
+    martd_debug!(
+        ngx::log::ngx_cycle_log().as_ptr(),
+        "{} lingering multi-channel listener(s) released",
+        due.len()
+    );
+    for chunk in due.chunks(WAKE_CHANNELS_PER_LOCK * 16) {
+        let Some(mut z) = zone::lock(mcf) else { break };
+        for &key in chunk {
+            st.listeners.remove(key, |r| z.store().release(&r.name, r.serial, slot, 1, r.last));
+        }
+    }
+    due.len() == PER_TICK
 }
 
 /// Whether this worker can park listeners now.

@@ -7,9 +7,9 @@
 
 use martd_core::api::{self, ListenQuery};
 use martd_core::json;
-use martd_core::listeners::Verdict;
+use martd_core::listeners::{Revive, Verdict};
 use martd_core::msgid::MsgId;
-use martd_core::store::MultiListen;
+use martd_core::store::{Concurrency, MultiListen};
 use nginx_sys::{ngx_http_arg, ngx_http_request_t, ngx_int_t, ngx_str_t, NGX_ERROR, NGX_OK};
 
 use super::{detach, listen_opts, main_conf, parked, prepare_handle, refused, unavailable};
@@ -53,6 +53,8 @@ enum Now {
     /// The reply body (`None`: no memory for it).
     Reply(Option<Vec<u8>>),
     Parked(martd_core::listeners::ListenerKey),
+    /// Took over what lingered for its connection.
+    Revived(martd_core::listeners::ListenerKey),
 }
 
 /// Handles a multi-channel listen request.
@@ -67,13 +69,34 @@ pub fn listen(r: *mut ngx_http_request_t, lcf: &LocConf) -> ngx_int_t {
     let Some((mut detached, handle)) = prepare_handle(r, lcf) else {
         return NGX_ERROR as ngx_int_t;
     };
+    // SAFETY: `r` and its connection are live.
+    let conn: u64 = unsafe { (*(*r).connection).number };
+    // Answered, it may linger for this connection's next request (see
+    // `martd_core::listeners::Listeners::revive`).
+    let linger = (detached.is_some()
+        && lcf.concurrency() == Concurrency::Broadcast
+        && lcf.max_listeners == 0)
+        .then_some(conn);
     let mcf = main_conf(r);
     let now = now_ms();
     let mut wake = Vec::new();
     let outcome = worker::with(|st| {
         let slot = st.slot?;
+        let stale = match st.listeners.revive(conn, &q.channels, handle, linger) {
+            Revive::Revived(key) => {
+                if let Some(d) = detached.take() {
+                    detach::insert(&mut st.detached, d, key);
+                }
+                return Some(Ok(Now::Revived(key)));
+            }
+            Revive::Stale(key) => Some(key),
+            Revive::Absent => None,
+        };
         let opts = listen_opts(lcf, slot);
         let mut z = zone::lock(mcf)?;
+        if let Some(key) = stale {
+            st.listeners.remove(key, |r| z.store().release(&r.name, r.serial, slot, 1, r.last));
+        }
         let mut consumed: Vec<(&[u8], MsgId, MsgId)> = Vec::new();
         let now_result = match z.store().listen_multi(&q.channels, &opts, now, &mut wake) {
             Ok(MultiListen::Messages(found)) => {
@@ -95,7 +118,7 @@ pub fn listen(r: *mut ngx_http_request_t, lcf: &LocConf) -> ngx_int_t {
             }
             Ok(MultiListen::Park(parked)) => {
                 let names = q.channels.iter().map(|c| c.0);
-                let key = st.listeners.park_multi(names, &parked, handle);
+                let key = st.listeners.park_multi(names, &parked, handle, linger);
                 if let Some(d) = detached.take() {
                     detach::insert(&mut st.detached, d, key);
                 }
@@ -115,6 +138,12 @@ pub fn listen(r: *mut ngx_http_request_t, lcf: &LocConf) -> ngx_int_t {
         Some(Ok(Now::Reply(Some(body)))) => response::json(r, 200, &body, q.callback),
         Some(Ok(Now::Reply(None))) => unavailable(r),
         Some(Ok(Now::Parked(key))) => parked(r, handle, key, lcf),
+        Some(Ok(Now::Revived(key))) => {
+            // SAFETY: `r` and its connection are live.
+            let log = unsafe { (*(*r).connection).log };
+            martd_debug!(log, "multi-channel listener #{} taken over by its connection", key.index);
+            parked(r, handle, key, lcf)
+        }
         Some(Err(e)) => refused(r, e, q.channels.first().map_or(&b""[..], |c| c.0)),
     }
 }

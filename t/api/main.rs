@@ -14,6 +14,7 @@ mod json_listen;
 mod jsonp;
 mod keys;
 mod lifecycle;
+mod linger;
 mod one2one;
 mod realistic;
 

@@ -8,10 +8,13 @@
 //! a message, a `409` or a `410`, copies each message out of the zone at most once (see
 //! [`PayloadCache`]), and returns the verdicts for the edge to answer after the lock is
 //! released. A multi-channel listener answered on one channel leaves its other channels in
-//! the same pass.
+//! the same pass, unless it may linger there for its next request (see [`linger`]).
 
+mod linger;
 mod payload;
 mod wake;
+
+pub use linger::{Revive, LINGER_MS};
 
 pub use payload::{Payload, PayloadCache, Verdict};
 
@@ -54,6 +57,14 @@ struct ParkedListener<H> {
 struct MultiListener<H> {
     handle: H,
     parts: Vec<ListenerKey>,
+    /// The connection (`c->number`) whose next request may take this listener's entries over
+    /// once it is answered (see [`linger`]); `None`: it leaves its channels when answered.
+    conn: Option<u64>,
+    /// The sum of [`Listeners::part_hash`] over its channels and the ids it waits past.
+    fingerprint: u64,
+    /// Answered and lingering (`handle` is spent): the number of that lingering in this
+    /// worker (see [`Listeners::lingering`]); 0: waiting.
+    lingered: u64,
 }
 
 struct LocalChannel<H> {
@@ -87,6 +98,13 @@ pub struct Listeners<H> {
     woken: rustc_hash::FxHashSet<u64>,
     woken_known: bool,
     multis: Slab<MultiListener<H>>,
+    /// Lingering multi-channel listeners by connection, and in the order they expire
+    /// (`(until, index, lingered)`; entries of listeners taken over or gone stay until then).
+    by_conn: HashMap<u64, usize>,
+    lingering: std::collections::VecDeque<(u64, usize, u64)>,
+    lingered: u64,
+    /// Keys of the channel-list fingerprints (a client names its channels).
+    fingerprint_keys: std::hash::RandomState,
     pub cache: PayloadCache,
     count: usize,
 }
@@ -99,6 +117,10 @@ impl<H> Default for Listeners<H> {
             woken: Default::default(),
             woken_known: false,
             multis: Slab::new(),
+            by_conn: HashMap::default(),
+            lingering: Default::default(),
+            lingered: 0,
+            fingerprint_keys: Default::default(),
             cache: PayloadCache::default(),
             count: 0,
         }
@@ -128,19 +150,25 @@ impl<H: Copy> Listeners<H> {
     }
 
     /// Keeps a multi-channel listener the store parked on every channel in `names` (one
-    /// [`Parked`] each, in the same order).
+    /// [`Parked`] each, in the same order). `conn`: the connection whose next request may take
+    /// it over after its answer (see [`linger`]).
     pub fn park_multi<'a>(
         &mut self,
         names: impl Iterator<Item = &'a [u8]>,
         parked: &[Parked],
         handle: H,
+        conn: Option<u64>,
     ) -> ListenerKey {
         let mi = self.multis.vacant_key();
         let mut parts = Vec::with_capacity(parked.len());
-        for (n, p) in names.zip(parked) {
+        let mut fingerprint = 0u64;
+        for (i, (n, p)) in names.zip(parked).enumerate() {
+            if conn.is_some() {
+                fingerprint = fingerprint.wrapping_add(self.part_hash(i, n, p.since));
+            }
             parts.push(self.insert(n, p, Owner::Multi(mi)));
         }
-        self.multis.insert(MultiListener { handle, parts });
+        self.multis.insert(MultiListener { handle, parts, conn, fingerprint, lingered: 0 });
         self.count += 1;
         ListenerKey { serial: MULTI, index: mi }
     }
@@ -186,7 +214,11 @@ impl<H: Copy> Listeners<H> {
             let Some(m) = self.multis.try_remove(key.index) else {
                 return false;
             };
-            self.count -= 1;
+            if m.lingered == 0 {
+                self.count -= 1;
+            } else {
+                self.forget_conn(&m, key.index);
+            }
             for part in m.parts {
                 if let Some(r) = self.remove_entry(part, Owner::Multi(key.index)) {
                     release(r);
@@ -205,9 +237,11 @@ impl<H: Copy> Listeners<H> {
     }
 
     /// Takes every listener out (worker shutting down): what to release in the store per
-    /// channel (with the number of entries there), and every handle once.
+    /// channel (with the number of entries there), and every waiting listener's handle once.
     pub fn drain_all(&mut self) -> (Vec<(Removed, u32)>, Vec<H>) {
         self.count = 0;
+        self.by_conn.clear();
+        self.lingering.clear();
         let mut handles = Vec::new();
         let releases = self
             .channels
@@ -221,7 +255,7 @@ impl<H: Copy> Listeners<H> {
                 (Removed { name: ch.name, serial, last: Some(ch.seen) }, n)
             })
             .collect();
-        handles.extend(self.multis.drain().map(|m| m.handle));
+        handles.extend(self.multis.drain().filter(|m| m.lingered == 0).map(|m| m.handle));
         (releases, handles)
     }
 

@@ -17,6 +17,7 @@ use crate::store::{Channel, Store, WakeTarget};
 struct Triggered {
     index: usize,
     since: MsgId,
+    park_seq: u64,
     conflict: bool,
 }
 
@@ -30,7 +31,7 @@ type Release = (Box<[u8]>, u32, Option<MsgId>);
 
 /// What the store must be told after a pass, collected while the channels are borrowed.
 #[derive(Default)]
-struct Afterwards {
+pub(super) struct Afterwards {
     /// Per channel serial.
     releases: HashMap<u64, Release>,
     /// One-to-one deliveries: `(name, after, upto)`.
@@ -106,11 +107,21 @@ impl<H: Copy> Listeners<H> {
         let (answered, triggered) = self.answer_singles(ch, serial, now_ms, out, &mut after);
         let mut fragments = Fragments::default();
         let mut bodies: HashMap<*const u8, Rc<[u8]>> = HashMap::default();
+        let one2one = ch.one2one();
+        // Entries that stay counted here: lingering listeners' (see `linger`).
+        let mut kept = 0u32;
         for t in &triggered {
-            let Some(m) = self.multis.try_remove(t.index) else {
+            if self.is_lingering(t.index) {
+                // News for a lingering listener: it will not be taken over.
+                self.release_lingering(t.index, serial, &mut after);
+                continue;
+            }
+            let Some(m) = self.multis.get(t.index) else {
                 continue;
             };
-            self.count -= 1;
+            let consumed = after.consumed.len();
+            let mut moved = Vec::new();
+            let mut own_last = None;
             let verdict = if t.conflict {
                 Verdict::Conflict
             } else {
@@ -118,24 +129,41 @@ impl<H: Copy> Listeners<H> {
                     .entry((serial, t.since))
                     .or_insert_with(|| fragment(ch, t.since, now_ms));
                 let own = own.clone();
+                own_last = own.as_ref().map(|o| o.1);
                 self.batch_verdict(
                     store,
                     &m.parts,
                     serial,
                     own,
                     now_ms,
-                    &mut fragments,
-                    &mut bodies,
+                    (&mut fragments, &mut bodies),
                     &mut after,
+                    &mut moved,
                 )
             };
-            for &part in m.parts.iter().filter(|p| p.serial != serial) {
-                self.leave_entry(part, t.index, &mut after);
+            let handle = m.handle;
+            let may_linger = m.conn.is_some()
+                && !one2one
+                && after.consumed.len() == consumed
+                && matches!(verdict, Verdict::Batch(_));
+            self.count -= 1;
+            let lingers = match own_last {
+                Some(last) if may_linger => {
+                    let (since, seq) = (t.since, t.park_seq);
+                    self.linger(t.index, serial, &name, since, last, seq, &moved, now_ms)
+                }
+                _ => false,
+            };
+            if lingers {
+                kept += 1;
+            } else if let Some(m) = self.multis.try_remove(t.index) {
+                for &part in m.parts.iter().filter(|p| p.serial != serial) {
+                    self.leave_entry(part, t.index, &mut after);
+                }
             }
-            out.push((m.handle, verdict));
+            out.push((handle, verdict));
         }
-        let one2one = ch.one2one();
-        let gone = answered + triggered.len() as u32;
+        let gone = answered + triggered.len() as u32 - kept;
         if one2one {
             for (&(s, since), f) in &fragments {
                 if let (true, Some((_, last))) = (s == serial, f) {
@@ -169,7 +197,8 @@ impl<H: Copy> Listeners<H> {
             let conflict = ch.evicts(p.park_seq);
             if let Owner::Multi(index) = p.owner {
                 if conflict || ch.next_for(p.since, now_ms).is_some() {
-                    triggered.push(Triggered { index, since: p.since, conflict });
+                    let (since, park_seq) = (p.since, p.park_seq);
+                    triggered.push(Triggered { index, since, park_seq, conflict });
                     return false;
                 }
                 return true;
@@ -202,7 +231,8 @@ impl<H: Copy> Listeners<H> {
     }
 
     /// The reply of a multi-channel listener answered on channel `serial` (its fragment
-    /// `own`): every one of its channels with something newer.
+    /// `own`): every one of its channels with something newer. `moved` gets, for each other
+    /// channel in the reply, its place in `parts` and the last id sent.
     #[allow(clippy::too_many_arguments)]
     fn batch_verdict<A: Allocator + Clone>(
         &self,
@@ -211,15 +241,16 @@ impl<H: Copy> Listeners<H> {
         serial: u64,
         own: Option<(Rc<[u8]>, MsgId)>,
         now_ms: u64,
-        fragments: &mut Fragments,
-        bodies: &mut HashMap<*const u8, Rc<[u8]>>,
+        (fragments, bodies): (&mut Fragments, &mut HashMap<*const u8, Rc<[u8]>>),
         after: &mut Afterwards,
+        moved: &mut Vec<(usize, MsgId)>,
     ) -> Verdict {
         // The channel woken is usually the only one with news: no list is made for it. Only
         // channels of the wake-up being worked through can have news (see `begin_wake`).
         let mut others: Vec<Rc<[u8]>> = Vec::new();
         let woken = |s: u64| !self.woken_known || self.woken.contains(&s);
-        for part in parts.iter().filter(|p| p.serial != serial && woken(p.serial)) {
+        let candidates = parts.iter().enumerate();
+        for (pos, part) in candidates.filter(|(_, p)| p.serial != serial && woken(p.serial)) {
             let Some(local) = self.channels.get(&part.serial) else { continue };
             let Some(entry) = local.parked.get(part.index) else { continue };
             let since = entry.since;
@@ -228,6 +259,7 @@ impl<H: Copy> Listeners<H> {
             });
             if let Some((frag, last)) = f {
                 others.push(frag.clone());
+                moved.push((pos, *last));
                 if store.channel(&local.name, part.serial).is_some_and(|c| c.one2one()) {
                     after.consumed.push((local.name.clone(), since, *last));
                 }
@@ -301,6 +333,9 @@ impl<H: Copy> Listeners<H> {
                     self.count -= 1;
                     out.push((h, Verdict::Gone));
                 }
+                Owner::Multi(index) if self.is_lingering(index) => {
+                    self.release_lingering(index, serial, &mut after);
+                }
                 Owner::Multi(index) => {
                     let Some(m) = self.multis.try_remove(index) else { continue };
                     self.count -= 1;
@@ -316,7 +351,7 @@ impl<H: Copy> Listeners<H> {
 
     /// Takes multi-channel listener `index`'s entry `at` out of its channel, counting it in
     /// `after` (the channel's name is copied once per pass, not once per entry).
-    fn leave_entry(&mut self, at: ListenerKey, index: usize, after: &mut Afterwards) {
+    pub(super) fn leave_entry(&mut self, at: ListenerKey, index: usize, after: &mut Afterwards) {
         let Some(ch) = self.channels.get_mut(&at.serial) else { return };
         match ch.parked.get(at.index) {
             Some(ParkedListener { owner: Owner::Multi(i), .. }) if *i == index => {}

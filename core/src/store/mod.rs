@@ -594,3 +594,5 @@ mod tests;
 mod tests_api;
 #[cfg(test)]
 mod tests_gc;
+#[cfg(test)]
+mod tests_linger;

@@ -164,7 +164,7 @@ fn multi_channel_listener_gets_every_channel_and_leaves_them_all() {
     else {
         panic!("nothing newer")
     };
-    l.park_multi([&b"a"[..], b"b", b"c"].into_iter(), &parked, 9);
+    l.park_multi([&b"a"[..], b"b", b"c"].into_iter(), &parked, 9, None);
     assert_eq!(l.len(), 1);
     assert_eq!(l.entries(), 3);
     assert_eq!(s.total_listeners(), 3);
@@ -198,7 +198,7 @@ fn multi_channel_listen_is_all_or_nothing_and_deletes_name_the_channel() {
     else {
         panic!()
     };
-    let key = l.park_multi([&b"x"[..], b"y"].into_iter(), &parked, 5);
+    let key = l.park_multi([&b"x"[..], b"y"].into_iter(), &parked, 5, None);
     s.delete_any(b"y", 4, &mut w).unwrap();
     let mut out = vec![];
     l.wake(&mut s, parked[1].serial, slots[0], 4, &mut out, &mut vec![]);
@@ -212,7 +212,7 @@ fn multi_channel_listen_is_all_or_nothing_and_deletes_name_the_channel() {
     else {
         panic!()
     };
-    let key = l.park_multi([&b"x"[..], b"z"].into_iter(), &parked, 6);
+    let key = l.park_multi([&b"x"[..], b"z"].into_iter(), &parked, 6, None);
     let mut released = 0;
     assert!(l.remove(key, |r| {
         released += 1;
@@ -233,7 +233,7 @@ fn a_wake_up_names_every_channel_with_news_for_multi_channel_listeners() {
     else {
         panic!()
     };
-    l.park_multi([&b"a"[..], b"b", b"c"].into_iter(), &parked, 7);
+    l.park_multi([&b"a"[..], b"b", b"c"].into_iter(), &parked, 7, None);
     s.publish_msg(b"a", &msg(b"1"), &popts(10), 2, &mut w).unwrap();
     s.publish_msg(b"b", &msg(b"2"), &popts(10), 2, &mut w).unwrap();
     let mut serials = vec![];
