@@ -14,7 +14,8 @@
 //! read event: the listener leaves the worker and the zone, and its request is replayed to end
 //! as a parked one whose client went away would (`499`).
 
-use std::collections::HashMap;
+// Keys are connection addresses, never a client's data: a fast non-keyed hash is safe.
+use rustc_hash::FxHashMap as HashMap;
 use std::ffi::c_void;
 use std::ptr;
 
@@ -110,7 +111,7 @@ pub struct DetachedListeners {
 impl DetachedListeners {
     pub fn new(takeover_ev: Box<ngx_event_t>) -> Self {
         DetachedListeners {
-            by_conn: HashMap::new(),
+            by_conn: HashMap::default(),
             pending: Vec::new(),
             orphans: Vec::new(),
             next_seq: 0,

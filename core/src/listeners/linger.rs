@@ -19,7 +19,7 @@
 //! releases it (the request then finds the message and is answered at once), one that comes
 //! after finds the taken-over listener waiting past the id it sent and answers it.
 
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hasher};
 
 use super::wake::Afterwards;
 use super::{ListenerKey, Listeners, MultiListener, Owner, ParkedListener, MULTI};
@@ -42,15 +42,14 @@ pub enum Revive {
 }
 
 impl<H: Copy> Listeners<H> {
-    /// One channel's share of a channel-list fingerprint: its place in the list, its name,
-    /// the id waited past.
-    pub(super) fn part_hash(&self, i: usize, name: &[u8], since: MsgId) -> u64 {
-        self.fingerprint_keys.hash_one((i, name, since))
-    }
-
-    fn fingerprint(&self, channels: &[(&[u8], MsgId)]) -> u64 {
-        let parts = channels.iter().enumerate();
-        parts.fold(0u64, |f, (i, &(name, id))| f.wrapping_add(self.part_hash(i, name, id)))
+    /// A keyed hash of a list of channel names, in order.
+    pub(super) fn names_hash<'a>(&self, names: impl Iterator<Item = &'a [u8]>) -> u64 {
+        let mut h = self.names_keys.build_hasher();
+        for n in names {
+            h.write_usize(n.len());
+            h.write(n);
+        }
+        h.finish()
     }
 
     /// A request on connection `conn` asks for `channels` (`(name, etag)`, in request order).
@@ -72,8 +71,10 @@ impl<H: Copy> Listeners<H> {
         if m.lingered == 0 || m.conn != Some(conn) {
             return Revive::Absent;
         }
-        let (len, fingerprint) = (m.parts.len(), m.fingerprint);
-        if len != channels.len() || self.fingerprint(channels) != fingerprint {
+        let same = m.sinces.len() == channels.len()
+            && m.sinces.iter().zip(channels).all(|(&since, c)| since == c.1)
+            && self.names_hash(channels.iter().map(|c| c.0)) == m.names;
+        if !same {
             return Revive::Stale(key);
         }
         let Some(m) = self.multis.get_mut(index) else {
@@ -124,19 +125,14 @@ impl<H: Copy> Listeners<H> {
     }
 
     /// Multi-channel listener `index`, just answered on channel `serial` (whose entry the
-    /// wake-up took out, waiting past `since` at position `pos`), lingers: that entry comes
-    /// back waiting past `own_last`, the entries of the other channels whose messages went
-    /// out (`moved`: position in its list and last id) now wait past those. `name`: channel
-    /// `serial`'s name. `false` (nothing changed) when its entry cannot be found.
-    #[allow(clippy::too_many_arguments)]
+    /// wake-up took out), lingers: that entry comes back waiting past `own_last`, the entries
+    /// of the other channels whose messages went out (`moved`: position in its list and last
+    /// id) now wait past those. `false` (nothing changed) when its entry cannot be found.
     pub(super) fn linger(
         &mut self,
         index: usize,
         serial: u64,
-        name: &[u8],
-        since: MsgId,
-        own_last: MsgId,
-        park_seq: u64,
+        (own_last, park_seq): (MsgId, u64),
         moved: &[(usize, MsgId)],
         now_ms: u64,
     ) -> bool {
@@ -151,21 +147,14 @@ impl<H: Copy> Listeners<H> {
             since: own_last,
             park_seq,
         });
-        let mut delta =
-            self.part_hash(pos, name, own_last).wrapping_sub(self.part_hash(pos, name, since));
         for &(p, last) in moved {
             let Some(part) = self.multis.get(index).and_then(|m| m.parts.get(p)).copied() else {
                 continue;
             };
             let Some(local) = self.channels.get_mut(&part.serial) else { continue };
-            let Some(entry) = local.parked.get_mut(part.index) else { continue };
-            let old = std::mem::replace(&mut entry.since, last);
-            let name = &local.name;
-            let change = self
-                .fingerprint_keys
-                .hash_one((p, &name[..], last))
-                .wrapping_sub(self.fingerprint_keys.hash_one((p, &name[..], old)));
-            delta = delta.wrapping_add(change);
+            if let Some(entry) = local.parked.get_mut(part.index) {
+                entry.since = last;
+            }
         }
         let until = now_ms.saturating_add(LINGER_MS);
         self.lingered += 1;
@@ -174,7 +163,11 @@ impl<H: Copy> Listeners<H> {
         if let Some(part) = m.parts.get_mut(pos) {
             part.index = at;
         }
-        m.fingerprint = m.fingerprint.wrapping_add(delta);
+        for (p, last) in std::iter::once((pos, own_last)).chain(moved.iter().copied()) {
+            if let Some(s) = m.sinces.get_mut(p) {
+                *s = last;
+            }
+        }
         m.lingered = lingered;
         // A connection's next request takes over or releases what lingers for it first; an
         // older listener this one replaced in the lookup would still expire in time.

@@ -60,8 +60,10 @@ struct MultiListener<H> {
     /// The connection (`c->number`) whose next request may take this listener's entries over
     /// once it is answered (see [`linger`]); `None`: it leaves its channels when answered.
     conn: Option<u64>,
-    /// The sum of [`Listeners::part_hash`] over its channels and the ids it waits past.
-    fingerprint: u64,
+    /// With `conn`: a keyed hash of its channel names in order ([`Listeners::names_hash`])
+    /// and the id it waits past on each (as its entries do).
+    names: u64,
+    sinces: Vec<MsgId>,
     /// Answered and lingering (`handle` is spent): the number of that lingering in this
     /// worker (see [`Listeners::lingering`]); 0: waiting.
     lingered: u64,
@@ -103,8 +105,8 @@ pub struct Listeners<H> {
     by_conn: HashMap<u64, usize>,
     lingering: std::collections::VecDeque<(u64, usize, u64)>,
     lingered: u64,
-    /// Keys of the channel-list fingerprints (a client names its channels).
-    fingerprint_keys: std::hash::RandomState,
+    /// Keys of [`Listeners::names_hash`] (a client names its channels).
+    names_keys: std::hash::RandomState,
     pub cache: PayloadCache,
     count: usize,
 }
@@ -120,7 +122,7 @@ impl<H> Default for Listeners<H> {
             by_conn: HashMap::default(),
             lingering: Default::default(),
             lingered: 0,
-            fingerprint_keys: Default::default(),
+            names_keys: Default::default(),
             cache: PayloadCache::default(),
             count: 0,
         }
@@ -154,21 +156,28 @@ impl<H: Copy> Listeners<H> {
     /// it over after its answer (see [`linger`]).
     pub fn park_multi<'a>(
         &mut self,
-        names: impl Iterator<Item = &'a [u8]>,
+        names: impl Iterator<Item = &'a [u8]> + Clone,
         parked: &[Parked],
         handle: H,
         conn: Option<u64>,
     ) -> ListenerKey {
         let mi = self.multis.vacant_key();
         let mut parts = Vec::with_capacity(parked.len());
-        let mut fingerprint = 0u64;
-        for (i, (n, p)) in names.zip(parked).enumerate() {
-            if conn.is_some() {
-                fingerprint = fingerprint.wrapping_add(self.part_hash(i, n, p.since));
-            }
+        let (names_hash, sinces) = match conn {
+            Some(_) => (self.names_hash(names.clone()), parked.iter().map(|p| p.since).collect()),
+            None => (0, Vec::new()),
+        };
+        for (n, p) in names.zip(parked) {
             parts.push(self.insert(n, p, Owner::Multi(mi)));
         }
-        self.multis.insert(MultiListener { handle, parts, conn, fingerprint, lingered: 0 });
+        self.multis.insert(MultiListener {
+            handle,
+            parts,
+            conn,
+            names: names_hash,
+            sinces,
+            lingered: 0,
+        });
         self.count += 1;
         ListenerKey { serial: MULTI, index: mi }
     }

@@ -149,8 +149,7 @@ impl<H: Copy> Listeners<H> {
             self.count -= 1;
             let lingers = match own_last {
                 Some(last) if may_linger => {
-                    let (since, seq) = (t.since, t.park_seq);
-                    self.linger(t.index, serial, &name, since, last, seq, &moved, now_ms)
+                    self.linger(t.index, serial, (last, t.park_seq), &moved, now_ms)
                 }
                 _ => false,
             };
