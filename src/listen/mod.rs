@@ -195,6 +195,7 @@ pub(crate) fn listen_opts(lcf: &LocConf, slot: u32) -> ListenOpts {
         create: lcf.authorized_only == 0,
         channel_timeout_ms: lcf.channel_timeout as u64,
         slot,
+        stream: false,
     }
 }
 

@@ -45,6 +45,8 @@ enum Owner<H> {
     One(H),
     /// The index of a [`MultiListener`].
     Multi(usize),
+    /// A streaming subscriber: it gets every message and stays.
+    Stream(H),
 }
 
 struct ParkedListener<H> {
@@ -151,6 +153,16 @@ impl<H: Copy> Listeners<H> {
         self.insert(name, parked, Owner::One(handle))
     }
 
+    /// Keeps a streaming subscriber the store parked (with `ListenOpts::stream`), waiting
+    /// past `parked.since` (set it to the last message the caller sent it). Wake-ups give it
+    /// every newer message, in order, each a [`Verdict::Deliver`], and leave it parked; a
+    /// [`Verdict::Conflict`], [`Verdict::Gone`] or [`Verdict::Unavailable`] ends it (it has
+    /// left).
+    pub fn park_stream(&mut self, name: &[u8], parked: &Parked, handle: H) -> ListenerKey {
+        self.count += 1;
+        self.insert(name, parked, Owner::Stream(handle))
+    }
+
     /// Keeps a multi-channel listener the store parked on every channel in `names` (one
     /// [`Parked`] each, in the same order). `conn`: the connection whose next request may take
     /// it over after its answer (see [`linger`]).
@@ -186,7 +198,7 @@ impl<H: Copy> Listeners<H> {
     fn remove_entry(&mut self, at: ListenerKey, owner: Owner<()>) -> Option<Removed> {
         let ch = self.channels.get_mut(&at.serial)?;
         let matches = match (ch.parked.get(at.index)?.owner, owner) {
-            (Owner::One(_), Owner::One(())) => true,
+            (Owner::One(_) | Owner::Stream(_), Owner::One(())) => true,
             (Owner::Multi(a), Owner::Multi(b)) => a == b,
             _ => false,
         };
@@ -258,7 +270,7 @@ impl<H: Copy> Listeners<H> {
             .map(|(serial, ch)| {
                 let n = ch.parked.len() as u32;
                 handles.extend(ch.parked.into_iter().filter_map(|(_, p)| match p.owner {
-                    Owner::One(h) => Some(h),
+                    Owner::One(h) | Owner::Stream(h) => Some(h),
                     Owner::Multi(_) => None,
                 }));
                 (Removed { name: ch.name, serial, last: Some(ch.seen) }, n)

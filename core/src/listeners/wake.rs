@@ -49,6 +49,22 @@ impl Afterwards {
     }
 }
 
+/// Every message of `ch` after `since`, as this worker's copies (`None`: one could not be
+/// copied).
+fn stream_run<A: Allocator + Clone>(
+    ch: &Channel<A>,
+    mut since: MsgId,
+    now_ms: u64,
+    cache: &mut super::PayloadCache,
+) -> Option<Vec<Rc<Payload>>> {
+    let mut run = Vec::new();
+    while let Some(m) = ch.next_for(since, now_ms) {
+        run.push(cache.get(m)?);
+        since = m.id;
+    }
+    Some(run)
+}
+
 fn fragment<A: Allocator + Clone>(
     ch: &Channel<A>,
     since: MsgId,
@@ -192,8 +208,35 @@ impl<H: Copy> Listeners<H> {
         let one2one = ch.one2one();
         // Listeners of a channel mostly wait past the same id: remember the last answer.
         let mut last: Option<(MsgId, Option<Option<Rc<Payload>>>)> = None;
+        // The same for streaming subscribers: every message after an id (`None`: one could
+        // not be copied).
+        let mut last_run: Option<(MsgId, Option<Vec<Rc<Payload>>>)> = None;
         local.parked.retain(|_, p| {
             let conflict = ch.evicts(p.park_seq);
+            if let Owner::Stream(h) = p.owner {
+                let run = match &last_run {
+                    _ if conflict => None,
+                    Some((since, run)) if *since == p.since => run.clone(),
+                    _ => {
+                        let run = stream_run(ch, p.since, now_ms, cache);
+                        last_run = Some((p.since, run.clone()));
+                        run
+                    }
+                };
+                let Some(run) = run else {
+                    out.push((h, if conflict { Verdict::Conflict } else { Verdict::Unavailable }));
+                    answered += 1;
+                    return false;
+                };
+                for msg in run {
+                    if one2one {
+                        after.consumed.push((ch.name().into(), p.since, msg.id));
+                    }
+                    p.since = msg.id;
+                    out.push((h, Verdict::Deliver(msg)));
+                }
+                return true;
+            }
             if let Owner::Multi(index) = p.owner {
                 if conflict || ch.next_for(p.since, now_ms).is_some() {
                     let (since, park_seq) = (p.since, p.park_seq);
@@ -328,7 +371,7 @@ impl<H: Copy> Listeners<H> {
         let mut after = Afterwards::default();
         for (_, p) in local.parked {
             match p.owner {
-                Owner::One(h) => {
+                Owner::One(h) | Owner::Stream(h) => {
                     self.count -= 1;
                     out.push((h, Verdict::Gone));
                 }

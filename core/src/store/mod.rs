@@ -114,6 +114,10 @@ pub struct ListenOpts {
     pub channel_timeout_ms: u64,
     /// The listening worker's slot.
     pub slot: u32,
+    /// A streaming subscriber (EventSource, chunked stream): it parks even when stored
+    /// messages are newer than its id (the caller sends them at once, from the channel, in
+    /// the same hold of the lock) and stays parked after deliveries.
+    pub stream: bool,
 }
 
 /// The result of a publish.
@@ -449,7 +453,7 @@ impl<A: Allocator + Clone> Store<A> {
             Since::After(id) => id.min(future_clamp),
             Since::ModifiedSince(t) => ch.queue.id_at_time(t, now_ms),
         };
-        if ch.has_stored_after(since_id, now_ms) {
+        if !opts.stream && ch.has_stored_after(since_id, now_ms) {
             return Ok(Err(since_id));
         }
         if (opts.concurrency == Concurrency::First || ch.one2one()) && ch.listeners > 0 {
@@ -596,3 +600,5 @@ mod tests_api;
 mod tests_gc;
 #[cfg(test)]
 mod tests_linger;
+#[cfg(test)]
+mod tests_stream;

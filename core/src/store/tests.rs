@@ -47,6 +47,7 @@ pub(super) fn lopts(slot: u32) -> ListenOpts {
         create: true,
         channel_timeout_ms: 300_000,
         slot,
+        stream: false,
     }
 }
 
