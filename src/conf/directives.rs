@@ -1,0 +1,317 @@
+//! The directive table and the handlers of directives that nginx's slot setters do not cover.
+
+use std::ffi::{c_char, c_void};
+use std::mem::offset_of;
+use std::ptr;
+
+use nginx_sys::{
+    ngx_command_t, ngx_conf_enum_t, ngx_conf_log_error, ngx_conf_set_enum_slot,
+    ngx_conf_set_flag_slot, ngx_conf_set_msec_slot, ngx_conf_set_num_slot, ngx_conf_t,
+    ngx_http_conf_ctx_t, ngx_http_core_loc_conf_t, ngx_http_core_module,
+    ngx_http_set_complex_value_slot, ngx_parse_size, ngx_str_t, ngx_uint_t, NGX_CONF_FLAG,
+    NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE2, NGX_HTTP_LOC_CONF, NGX_HTTP_MAIN_CONF,
+    NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
+};
+use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
+use ngx::ngx_string;
+
+use super::{LocConf, MainConf, Role, MIN_SHM_SIZE, UNSET_SIZE};
+use crate::error::ConfError;
+
+const fn command(
+    name: ngx_str_t,
+    type_: u32,
+    set: unsafe extern "C" fn(*mut ngx_conf_t, *mut ngx_command_t, *mut c_void) -> *mut c_char,
+    conf: usize,
+    offset: usize,
+    post: *mut c_void,
+) -> ngx_command_t {
+    ngx_command_t { name, type_: type_ as ngx_uint_t, set: Some(set), conf, offset, post }
+}
+
+const ANY: u32 = NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF;
+const LOC: usize = offset_of!(ngx_http_conf_ctx_t, loc_conf);
+const MAIN: usize = offset_of!(ngx_http_conf_ctx_t, main_conf);
+
+static mut CONCURRENCY_VALUES: [ngx_conf_enum_t; 4] = [
+    ngx_conf_enum_t { name: ngx_string!("broadcast"), value: 0 },
+    ngx_conf_enum_t { name: ngx_string!("last"), value: 1 },
+    ngx_conf_enum_t { name: ngx_string!("first"), value: 2 },
+    ngx_conf_enum_t { name: ngx_str_t { len: 0, data: ptr::null_mut() }, value: 0 },
+];
+
+/// The directive table.
+pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 18] = [
+    command(
+        ngx_string!("martd_shm_size"),
+        NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+        cmd_shm_size,
+        MAIN,
+        0,
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_push"),
+        NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1,
+        cmd_push,
+        LOC,
+        0,
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_listen"),
+        NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1,
+        cmd_listen,
+        LOC,
+        0,
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_channel_id"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_http_set_complex_value_slot,
+        LOC,
+        offset_of!(LocConf, channel_id),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_message_buffer_length"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_num_slot,
+        LOC,
+        offset_of!(LocConf, buffer_length),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_message_timeout"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_msec_slot,
+        LOC,
+        offset_of!(LocConf, message_timeout),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_store_messages"),
+        ANY | NGX_CONF_FLAG,
+        ngx_conf_set_flag_slot,
+        LOC,
+        offset_of!(LocConf, store_messages),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_listener_timeout"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_msec_slot,
+        LOC,
+        offset_of!(LocConf, listener_timeout),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_listener_concurrency"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_enum_slot,
+        LOC,
+        offset_of!(LocConf, concurrency),
+        // Only the address is taken; nginx reads the table at config time.
+        ptr::addr_of_mut!(CONCURRENCY_VALUES) as *mut c_void,
+    ),
+    command(
+        ngx_string!("martd_max_channel_id_length"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_num_slot,
+        LOC,
+        offset_of!(LocConf, max_channel_id_length),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_max_listeners"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_num_slot,
+        LOC,
+        offset_of!(LocConf, max_listeners),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_authorized_channels_only"),
+        ANY | NGX_CONF_FLAG,
+        ngx_conf_set_flag_slot,
+        LOC,
+        offset_of!(LocConf, authorized_only),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_channel_timeout"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_msec_slot,
+        LOC,
+        offset_of!(LocConf, channel_timeout),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_detach_listeners"),
+        ANY | NGX_CONF_FLAG,
+        ngx_conf_set_flag_slot,
+        LOC,
+        offset_of!(LocConf, detach_listeners),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_message_buffer_length_max"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_num_slot,
+        LOC,
+        offset_of!(LocConf, buffer_length_max),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_max_channels_per_request"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_num_slot,
+        LOC,
+        offset_of!(LocConf, max_channels),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_client_js"),
+        NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1 | NGX_CONF_TAKE2,
+        cmd_client_js,
+        LOC,
+        0,
+        ptr::null_mut(),
+    ),
+    ngx_command_t::empty(),
+];
+
+/// Logs a configuration error at `[emerg]` with the file and line nginx is reading.
+fn conf_error(cf: *mut ngx_conf_t, msg: &str) -> *mut c_char {
+    let msg = format!("martd: {msg}");
+    // SAFETY: `cf` is the live configuration nginx passed to the directive handler; the
+    // message is passed with an explicit length.
+    unsafe {
+        ngx_conf_log_error(NGX_LOG_EMERG as _, cf, 0, c"%*s".as_ptr(), msg.len(), msg.as_ptr());
+    }
+    NGX_CONF_ERROR
+}
+
+/// The arguments of the directive being read, as bytes.
+fn args(cf: *mut ngx_conf_t) -> Vec<Vec<u8>> {
+    // SAFETY: during a directive handler `cf->args` is an array of `ngx_str_t` whose data
+    // nginx keeps for the whole configuration read.
+    unsafe {
+        let a = &*(*cf).args;
+        a.as_slice::<ngx_str_t>().iter().map(|s| s.as_bytes().to_vec()).collect()
+    }
+}
+
+unsafe extern "C" fn cmd_shm_size(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: `conf` is this module's main conf, created by `create_main_conf`.
+    let mcf = unsafe { &mut *(conf as *mut MainConf) };
+    if mcf.shm_size != UNSET_SIZE {
+        return c"is duplicate".as_ptr() as *mut c_char;
+    }
+    let a = args(cf);
+    let value = String::from_utf8_lossy(&a[1]).into_owned();
+    let mut s = ngx_str_t { len: a[1].len(), data: a[1].as_ptr() as *mut u8 };
+    // SAFETY: `s` points at `a[1]`, alive for the call; ngx_parse_size only reads it.
+    let size = unsafe { ngx_parse_size(&mut s) };
+    if size < 0 {
+        return conf_error(cf, &ConfError::InvalidSize(value).to_string());
+    }
+    let size = size as usize;
+    if size < MIN_SHM_SIZE {
+        return conf_error(cf, &ConfError::ZoneTooSmall(value, MIN_SHM_SIZE / 1024).to_string());
+    }
+    mcf.shm_size = size;
+    // An explicit zone size makes martd active in this http block (zone, worker registration,
+    // the preaccess handler) even before a location uses it.
+    mcf.used = true;
+    NGX_CONF_OK
+}
+
+fn set_role(cf: *mut ngx_conf_t, conf: *mut c_void, role: Role) -> *mut c_char {
+    // SAFETY: `conf` is this module's location conf, created by `create_loc_conf`.
+    let lcf = unsafe { &mut *(conf as *mut LocConf) };
+    if lcf.role != Role::None {
+        return conf_error(cf, &ConfError::RoleTwice.to_string());
+    }
+    lcf.role = role;
+    let a = args(cf);
+    match a.get(1).map(|v| v.as_slice()) {
+        _ if role == Role::ClientJs => {}
+        None => {}
+        Some(b"json") => lcf.json = true,
+        Some(other) => {
+            let name = String::from_utf8_lossy(&a[0]).into_owned();
+            return conf_error(
+                cf,
+                &ConfError::BadArgument(name, String::from_utf8_lossy(other).into_owned())
+                    .to_string(),
+            );
+        }
+    }
+    // SAFETY: during a location directive, `cf->ctx` is the location's `ngx_http_conf_ctx_t`
+    // and the core module's location conf is at its `ctx_index`.
+    unsafe {
+        let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
+        let clcf =
+            *(*ctx).loc_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
+        (*clcf).handler = Some(match role {
+            Role::Push => crate::push::push_handler,
+            Role::ClientJs => crate::client_js::client_js_handler,
+            _ => crate::listen::listen_handler,
+        });
+        if role == Role::ClientJs {
+            return NGX_CONF_OK;
+        }
+        let mcf = *(*ctx).main_conf.add(crate::module().ctx_index) as *mut MainConf;
+        (*mcf).used = true;
+        (*mcf).listens |= role == Role::Listen;
+    }
+    NGX_CONF_OK
+}
+
+unsafe extern "C" fn cmd_push(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_role(cf, conf, Role::Push)
+}
+
+unsafe extern "C" fn cmd_listen(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_role(cf, conf, Role::Listen)
+}
+
+unsafe extern "C" fn cmd_client_js(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    let a = args(cf);
+    let script = match crate::client_js::script(&a[1..]) {
+        Ok(s) => s,
+        Err(e) => return conf_error(cf, &e),
+    };
+    // SAFETY: `conf` is this module's location conf; `cf->pool` lives as long as it.
+    unsafe {
+        let lcf = &mut *(conf as *mut LocConf);
+        if lcf.role != Role::None {
+            return conf_error(cf, &ConfError::RoleTwice.to_string());
+        }
+        let p = nginx_sys::ngx_pnalloc((*cf).pool, script.len()) as *mut u8;
+        if p.is_null() {
+            return NGX_CONF_ERROR;
+        }
+        ptr::copy_nonoverlapping(script.as_ptr(), p, script.len());
+        lcf.client_js = ngx_str_t { len: script.len(), data: p };
+    }
+    set_role(cf, conf, Role::ClientJs)
+}

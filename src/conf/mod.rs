@@ -1,0 +1,274 @@
+//! Directives and configuration.
+//!
+//! Location-level settings use nginx's own slot setters (so errors read like nginx's:
+//! `"martd_message_timeout" directive invalid value`, `is duplicate`), and merge
+//! http → server → location with the defaults documented in the README.
+
+use std::ffi::{c_char, c_void};
+use std::ptr::{self, NonNull};
+
+use nginx_sys::{
+    ngx_array_push, ngx_conf_t, ngx_flag_t, ngx_http_complex_value_t, ngx_http_conf_ctx_t,
+    ngx_http_core_main_conf_t, ngx_http_core_module, ngx_http_handler_pt,
+    ngx_http_phases_NGX_HTTP_PREACCESS_PHASE as NGX_HTTP_PREACCESS_PHASE, ngx_int_t, ngx_msec_t,
+    ngx_pcalloc, ngx_shared_memory_add, ngx_shm_zone_t, ngx_str_t, ngx_uint_t,
+};
+use ngx::core::NGX_CONF_OK;
+use ngx::ngx_string;
+
+use martd_core::store::Concurrency;
+
+use crate::zone::ZoneRoot;
+
+mod directives;
+
+pub use directives::NGX_HTTP_MARTD_COMMANDS;
+
+const UNSET: isize = -1;
+const UNSET_UINT: usize = usize::MAX;
+const UNSET_MSEC: ngx_msec_t = ngx_msec_t::MAX;
+const UNSET_SIZE: usize = usize::MAX;
+
+/// Default `martd_shm_size`.
+pub const DEFAULT_SHM_SIZE: usize = 32 * 1024 * 1024;
+/// Smallest `martd_shm_size` accepted.
+pub const MIN_SHM_SIZE: usize = 256 * 1024;
+
+/// `http`-level state: the zone.
+#[repr(C)]
+pub struct MainConf {
+    pub shm_size: usize,
+    /// `martd_shm_size` is set or some location uses `martd_push` or `martd_listen`: the zone
+    /// is needed.
+    pub used: bool,
+    /// Some location uses `martd_listen`: workers need their wake-up socket.
+    pub listens: bool,
+    pub shm_zone: *mut ngx_shm_zone_t,
+    /// The store's root in the zone, set when the zone is initialised.
+    pub root: *mut ZoneRoot,
+    /// This cycle's number in the zone (see `zone::init_zone`).
+    pub generation: u64,
+}
+
+/// What a location does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Role {
+    None = 0,
+    Push = 1,
+    Listen = 2,
+    /// `martd_client_js`: serves the browser library.
+    ClientJs = 3,
+}
+
+/// Location-level settings.
+#[repr(C)]
+pub struct LocConf {
+    pub role: Role,
+    /// `martd_push json` / `martd_listen json`: martd's JSON API.
+    pub json: bool,
+    /// `martd_client_js`: the script served, made when the directive is read.
+    pub client_js: ngx_str_t,
+    pub channel_id: *mut ngx_http_complex_value_t,
+    pub buffer_length: ngx_int_t,
+    pub message_timeout: ngx_msec_t,
+    pub store_messages: ngx_flag_t,
+    pub listener_timeout: ngx_msec_t,
+    pub concurrency: ngx_uint_t,
+    pub max_channel_id_length: ngx_int_t,
+    pub max_listeners: ngx_int_t,
+    pub authorized_only: ngx_flag_t,
+    pub channel_timeout: ngx_msec_t,
+    pub detach_listeners: ngx_flag_t,
+    pub buffer_length_max: ngx_int_t,
+    pub max_channels: ngx_int_t,
+}
+
+impl LocConf {
+    pub fn concurrency(&self) -> Concurrency {
+        match self.concurrency {
+            1 => Concurrency::Last,
+            2 => Concurrency::First,
+            _ => Concurrency::Broadcast,
+        }
+    }
+}
+
+/// Allocates a zeroed `T` in the configuration pool and writes `value` into it.
+fn conf_alloc<T>(cf: *mut ngx_conf_t, value: T) -> *mut c_void {
+    // SAFETY: `cf->pool` lives as long as the configuration; the memory is sized and (pool
+    // alignment is at least that of pointers) aligned for `T`, and written before use.
+    unsafe {
+        let p = ngx_pcalloc((*cf).pool, size_of::<T>()) as *mut T;
+        if p.is_null() {
+            return ptr::null_mut();
+        }
+        ptr::write(p, value);
+        p as *mut c_void
+    }
+}
+
+pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
+    conf_alloc(
+        cf,
+        MainConf {
+            shm_size: UNSET_SIZE,
+            used: false,
+            listens: false,
+            shm_zone: ptr::null_mut(),
+            root: ptr::null_mut(),
+            generation: 0,
+        },
+    )
+}
+
+pub unsafe extern "C" fn init_main_conf(_cf: *mut ngx_conf_t, conf: *mut c_void) -> *mut c_char {
+    // SAFETY: `conf` is this module's main conf.
+    let mcf = unsafe { &mut *(conf as *mut MainConf) };
+    if mcf.shm_size == UNSET_SIZE {
+        mcf.shm_size = DEFAULT_SHM_SIZE;
+    }
+    NGX_CONF_OK
+}
+
+pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
+    conf_alloc(
+        cf,
+        LocConf {
+            role: Role::None,
+            json: false,
+            client_js: ngx_str_t { len: 0, data: ptr::null_mut() },
+            channel_id: ptr::null_mut(),
+            buffer_length: UNSET,
+            message_timeout: UNSET_MSEC,
+            store_messages: UNSET,
+            listener_timeout: UNSET_MSEC,
+            concurrency: UNSET_UINT,
+            max_channel_id_length: UNSET,
+            max_listeners: UNSET,
+            authorized_only: UNSET,
+            channel_timeout: UNSET_MSEC,
+            detach_listeners: UNSET,
+            buffer_length_max: UNSET,
+            max_channels: UNSET,
+        },
+    )
+}
+
+fn merge<T: PartialEq + Copy>(conf: &mut T, prev: T, unset: T, default: T) {
+    if *conf == unset {
+        *conf = if prev == unset { default } else { prev };
+    }
+}
+
+pub unsafe extern "C" fn merge_loc_conf(
+    _cf: *mut ngx_conf_t,
+    parent: *mut c_void,
+    child: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: both are this module's location confs.
+    let (prev, conf) = unsafe { (&*(parent as *const LocConf), &mut *(child as *mut LocConf)) };
+    if conf.channel_id.is_null() {
+        conf.channel_id = prev.channel_id;
+    }
+    merge(&mut conf.buffer_length, prev.buffer_length, UNSET, 10);
+    merge(&mut conf.message_timeout, prev.message_timeout, UNSET_MSEC, 3_600_000);
+    merge(&mut conf.store_messages, prev.store_messages, UNSET, 1);
+    merge(&mut conf.listener_timeout, prev.listener_timeout, UNSET_MSEC, 60_000);
+    merge(&mut conf.concurrency, prev.concurrency, UNSET_UINT, 0);
+    merge(&mut conf.max_channel_id_length, prev.max_channel_id_length, UNSET, 1024);
+    merge(&mut conf.max_listeners, prev.max_listeners, UNSET, 0);
+    merge(&mut conf.authorized_only, prev.authorized_only, UNSET, 0);
+    merge(&mut conf.channel_timeout, prev.channel_timeout, UNSET_MSEC, 300_000);
+    merge(&mut conf.detach_listeners, prev.detach_listeners, UNSET, 1);
+    merge(&mut conf.buffer_length_max, prev.buffer_length_max, UNSET, 1000);
+    merge(&mut conf.max_channels, prev.max_channels, UNSET, 64);
+    NGX_CONF_OK
+}
+
+/// Whether the running configuration has a zone that nginx would reuse for `zone` (same name,
+/// tag and size) but that another build of martd laid out.
+fn old_zone_of_other_layout(zone: *const ngx_shm_zone_t) -> bool {
+    // SAFETY: during configuration `ngx_cycle` is the running cycle (or nginx's initial one,
+    // whose list is empty); its shared memory list and zones are live.
+    unsafe {
+        let old = nginx_sys::ngx_cycle;
+        if old.is_null() {
+            return false;
+        }
+        let mut part = &(*old).shared_memory.part as *const nginx_sys::ngx_list_part_t;
+        while !part.is_null() {
+            let zones = (*part).elts as *const ngx_shm_zone_t;
+            for i in 0..(*part).nelts {
+                let o = zones.add(i);
+                if (*o).shm.name.as_bytes() == (*zone).shm.name.as_bytes()
+                    && (*o).tag == (*zone).tag
+                    && (*o).shm.size == (*zone).shm.size
+                {
+                    return !crate::zone::reusable(o);
+                }
+            }
+            part = (*part).next;
+        }
+        false
+    }
+}
+
+/// Requests the shared zone once the whole `http` block is read, if any location needs it.
+pub unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> nginx_sys::ngx_int_t {
+    // SAFETY: during postconfiguration `cf->ctx` is the http block's `ngx_http_conf_ctx_t`.
+    let mcf = unsafe {
+        let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
+        &mut *(*(*ctx).main_conf.add(crate::module().ctx_index) as *mut MainConf)
+    };
+    if !mcf.used {
+        return nginx_sys::NGX_OK as ngx_int_t;
+    }
+    let mut name = ngx_string!("martd");
+    // SAFETY: `cf` is live; the tag is the module's static address, the same in every cycle,
+    // so nginx reuses the zone across reloads when its size is unchanged.
+    let zone = unsafe {
+        ngx_shared_memory_add(
+            cf,
+            &mut name,
+            mcf.shm_size,
+            ptr::addr_of_mut!(crate::ngx_http_martd_module) as *mut c_void,
+        )
+    };
+    let Some(zone) = NonNull::new(zone) else {
+        return nginx_sys::NGX_ERROR as ngx_int_t;
+    };
+    let fresh = old_zone_of_other_layout(zone.as_ptr());
+    if fresh {
+        // SAFETY: `cf` and its log are live.
+        let log = unsafe { (*cf).log };
+        martd_log!(
+            nginx_sys::NGX_LOG_NOTICE,
+            log,
+            "the \"martd\" zone was laid out by another build of martd: starting with an empty zone"
+        );
+    }
+    // SAFETY: `zone` was just returned by nginx and lives as long as the cycle.
+    unsafe {
+        let z = zone.as_ptr();
+        (*z).init = Some(crate::zone::init_zone);
+        (*z).data = mcf as *mut MainConf as *mut c_void;
+        (*z).noreuse = usize::from(fresh);
+    }
+    mcf.shm_zone = zone.as_ptr();
+    // Replayed requests of detached listeners skip the access phases (see `detach`).
+    // SAFETY: the core module's main conf of this http block; its phase arrays are
+    // initialized before postconfiguration and read when the phase engine is built after it.
+    unsafe {
+        let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
+        let cmcf =
+            *(*ctx).main_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_main_conf_t;
+        let phase = &mut (*cmcf).phases[NGX_HTTP_PREACCESS_PHASE as usize].handlers;
+        let h = ngx_array_push(phase) as *mut ngx_http_handler_pt;
+        if h.is_null() {
+            return nginx_sys::NGX_ERROR as ngx_int_t;
+        }
+        *h = Some(crate::listen::replay::preaccess_handler);
+    }
+    nginx_sys::NGX_OK as ngx_int_t
+}
