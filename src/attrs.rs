@@ -29,7 +29,7 @@ impl PushAttrs {
 }
 
 /// The raw value of query argument `name`.
-fn arg(r: *mut ngx_http_request_t, name: &str) -> Option<Vec<u8>> {
+pub fn arg(r: *mut ngx_http_request_t, name: &str) -> Option<Vec<u8>> {
     let mut v = ngx_str_t { len: 0, data: std::ptr::null_mut() };
     // SAFETY: `r` is a live request; the value points into its arguments and is copied.
     let found =

@@ -11,8 +11,12 @@ pub enum ConfError {
     ZoneTooSmall(String, usize),
     #[error("a location is one of \"martd_push\", \"martd_listen\" or \"martd_client_js\", once")]
     RoleTwice,
-    #[error("invalid parameter \"{1}\" of \"{0}\": only \"json\" is accepted")]
-    BadArgument(String, String),
+    #[error("invalid parameter \"{1}\" of \"{0}\": {2}")]
+    BadArgument(String, String, &'static str),
+    #[error("\"martd_listen\" names \"{0}\" twice")]
+    TransportTwice(String),
+    #[error("\"martd_listen json\" serves long-poll and interval-poll only for now, not \"{0}\"")]
+    JsonTransport(String),
 }
 
 /// Why a request's channel id is refused (the one-line body of a `400`).

@@ -28,6 +28,7 @@ mod listen;
 mod notify;
 mod push;
 mod response;
+mod transport;
 mod worker;
 mod zone;
 

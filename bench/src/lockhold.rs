@@ -206,6 +206,7 @@ impl<A: Allocator + Clone> Sim<A> {
             create: true,
             channel_timeout_ms: self.channel_timeout_ms,
             slot: self.slots[w],
+            stream: false,
         };
         let mut wake = Vec::new();
         let store = &mut self.store;

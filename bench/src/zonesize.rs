@@ -56,6 +56,7 @@ pub fn run(a: &Args) -> Result<u8, String> {
         create: true,
         channel_timeout_ms: 60_000,
         slot,
+        stream: false,
     };
     for i in 0..n {
         let r = s.listen(&channel_name(i), Since::Oldest, &opts, 1, &mut Vec::new());

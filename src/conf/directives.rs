@@ -6,17 +6,18 @@ use std::ptr;
 
 use nginx_sys::{
     ngx_command_t, ngx_conf_enum_t, ngx_conf_log_error, ngx_conf_set_enum_slot,
-    ngx_conf_set_flag_slot, ngx_conf_set_msec_slot, ngx_conf_set_num_slot, ngx_conf_t,
-    ngx_http_conf_ctx_t, ngx_http_core_loc_conf_t, ngx_http_core_module,
-    ngx_http_set_complex_value_slot, ngx_parse_size, ngx_str_t, ngx_uint_t, NGX_CONF_FLAG,
-    NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE2, NGX_HTTP_LOC_CONF, NGX_HTTP_MAIN_CONF,
-    NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
+    ngx_conf_set_flag_slot, ngx_conf_set_msec_slot, ngx_conf_set_num_slot, ngx_conf_set_size_slot,
+    ngx_conf_set_str_slot, ngx_conf_t, ngx_http_conf_ctx_t, ngx_http_core_loc_conf_t,
+    ngx_http_core_module, ngx_http_set_complex_value_slot, ngx_parse_size, ngx_str_t, ngx_uint_t,
+    NGX_CONF_ANY, NGX_CONF_FLAG, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE2,
+    NGX_HTTP_LOC_CONF, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
 };
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ngx_string;
 
 use super::{LocConf, MainConf, Role, MIN_SHM_SIZE, UNSET_SIZE};
 use crate::error::ConfError;
+use crate::transport;
 
 const fn command(
     name: ngx_str_t,
@@ -41,7 +42,7 @@ static mut CONCURRENCY_VALUES: [ngx_conf_enum_t; 4] = [
 ];
 
 /// The directive table.
-pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 18] = [
+pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 21] = [
     command(
         ngx_string!("martd_shm_size"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
@@ -60,7 +61,7 @@ pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 18] = [
     ),
     command(
         ngx_string!("martd_listen"),
-        NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1,
+        NGX_HTTP_LOC_CONF | NGX_CONF_ANY,
         cmd_listen,
         LOC,
         0,
@@ -172,6 +173,30 @@ pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 18] = [
         ptr::null_mut(),
     ),
     command(
+        ngx_string!("martd_eventsource_ping"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_msec_slot,
+        LOC,
+        offset_of!(LocConf, eventsource_ping),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_max_pending_bytes"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_size_slot,
+        LOC,
+        offset_of!(LocConf, max_pending_bytes),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_stream_separator"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_str_slot,
+        LOC,
+        offset_of!(LocConf, stream_separator),
+        ptr::null_mut(),
+    ),
+    command(
         ngx_string!("martd_client_js"),
         NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1 | NGX_CONF_TAKE2,
         cmd_client_js,
@@ -240,17 +265,48 @@ fn set_role(cf: *mut ngx_conf_t, conf: *mut c_void, role: Role) -> *mut c_char {
     }
     lcf.role = role;
     let a = args(cf);
-    match a.get(1).map(|v| v.as_slice()) {
-        _ if role == Role::ClientJs => {}
-        None => {}
-        Some(b"json") => lcf.json = true,
-        Some(other) => {
-            let name = String::from_utf8_lossy(&a[0]).into_owned();
-            return conf_error(
-                cf,
-                &ConfError::BadArgument(name, String::from_utf8_lossy(other).into_owned())
-                    .to_string(),
-            );
+    let name = String::from_utf8_lossy(&a[0]).into_owned();
+    let bad = |v: &[u8], accepted| {
+        let v = String::from_utf8_lossy(v).into_owned();
+        conf_error(cf, &ConfError::BadArgument(name.clone(), v, accepted).to_string())
+    };
+    match role {
+        Role::ClientJs => {}
+        Role::Push => match a.get(1).map(|v| v.as_slice()) {
+            None => {}
+            Some(b"json") if a.len() == 2 => lcf.json = true,
+            Some(other) => return bad(other, "only \"json\" is accepted"),
+        },
+        _ => {
+            let mut transports = 0u8;
+            for v in a.iter().skip(1) {
+                let t = match v.as_slice() {
+                    b"json" if !lcf.json => {
+                        lcf.json = true;
+                        continue;
+                    }
+                    b"longpoll" => transport::LONGPOLL,
+                    b"interval" => transport::INTERVAL,
+                    b"eventsource" => transport::EVENTSOURCE,
+                    b"stream" => transport::STREAM,
+                    other => return bad(other, transport::ACCEPTED),
+                };
+                if transports & t != 0 {
+                    let v = String::from_utf8_lossy(v).into_owned();
+                    return conf_error(cf, &ConfError::TransportTwice(v).to_string());
+                }
+                transports |= t;
+            }
+            if transports == 0 {
+                transports = transport::LONGPOLL;
+            }
+            let streaming = transports & (transport::EVENTSOURCE | transport::STREAM);
+            if lcf.json && streaming != 0 {
+                let t =
+                    if streaming & transport::EVENTSOURCE != 0 { "eventsource" } else { "stream" };
+                return conf_error(cf, &ConfError::JsonTransport(t.into()).to_string());
+            }
+            lcf.transports = transports;
         }
     }
     // SAFETY: during a location directive, `cf->ctx` is the location's `ngx_http_conf_ctx_t`

@@ -82,6 +82,11 @@ pub struct LocConf {
     pub detach_listeners: ngx_flag_t,
     pub buffer_length_max: ngx_int_t,
     pub max_channels: ngx_int_t,
+    /// `martd_listen` transports (`crate::transport::LONGPOLL`...).
+    pub transports: u8,
+    pub eventsource_ping: ngx_msec_t,
+    pub max_pending_bytes: usize,
+    pub stream_separator: ngx_str_t,
 }
 
 impl LocConf {
@@ -151,6 +156,10 @@ pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             detach_listeners: UNSET,
             buffer_length_max: UNSET,
             max_channels: UNSET,
+            transports: 0,
+            eventsource_ping: UNSET_MSEC,
+            max_pending_bytes: UNSET_SIZE,
+            stream_separator: ngx_str_t { len: 0, data: ptr::null_mut() },
         },
     )
 }
@@ -183,6 +192,15 @@ pub unsafe extern "C" fn merge_loc_conf(
     merge(&mut conf.detach_listeners, prev.detach_listeners, UNSET, 1);
     merge(&mut conf.buffer_length_max, prev.buffer_length_max, UNSET, 1000);
     merge(&mut conf.max_channels, prev.max_channels, UNSET, 64);
+    merge(&mut conf.eventsource_ping, prev.eventsource_ping, UNSET_MSEC, 0);
+    merge(&mut conf.max_pending_bytes, prev.max_pending_bytes, UNSET_SIZE, 1024 * 1024);
+    if conf.stream_separator.data.is_null() {
+        conf.stream_separator = if prev.stream_separator.data.is_null() {
+            ngx_str_t { len: 1, data: c"\n".as_ptr() as *mut u8 }
+        } else {
+            prev.stream_separator
+        };
+    }
     NGX_CONF_OK
 }
 

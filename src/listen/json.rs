@@ -9,12 +9,13 @@ use martd_core::api::{self, ListenQuery};
 use martd_core::json;
 use martd_core::listeners::{Revive, Verdict};
 use martd_core::msgid::MsgId;
-use martd_core::store::{Concurrency, MultiListen};
+use martd_core::store::{Concurrency, MultiListen, MultiPeek};
 use nginx_sys::{ngx_http_arg, ngx_http_request_t, ngx_int_t, ngx_str_t, NGX_ERROR, NGX_OK};
 
 use super::{detach, listen_opts, main_conf, parked, prepare_handle, refused, unavailable};
 use crate::conf::LocConf;
 use crate::response;
+use crate::transport::Transport;
 use crate::worker::{self, now_ms};
 use crate::zone;
 
@@ -57,12 +58,15 @@ enum Now {
     Revived(martd_core::listeners::ListenerKey),
 }
 
-/// Handles a multi-channel listen request.
-pub fn listen(r: *mut ngx_http_request_t, lcf: &LocConf) -> ngx_int_t {
+/// Handles a multi-channel listen request (long-poll or interval-poll).
+pub fn listen(r: *mut ngx_http_request_t, lcf: &LocConf, transport: Transport) -> ngx_int_t {
     let q = match query(r, lcf) {
         Ok(q) => q,
         Err(reason) => return response::error(r, 400, &reason),
     };
+    if transport != Transport::LongPoll {
+        return interval(r, &q);
+    }
     if !worker::accepting() {
         return response::json(r, 200, json::EMPTY_BATCH, q.callback);
     }
@@ -100,21 +104,7 @@ pub fn listen(r: *mut ngx_http_request_t, lcf: &LocConf) -> ngx_int_t {
         let mut consumed: Vec<(&[u8], MsgId, MsgId)> = Vec::new();
         let now_result = match z.store().listen_multi(&q.channels, &opts, now, &mut wake) {
             Ok(MultiListen::Messages(found)) => {
-                let mut fragments = Vec::with_capacity(found.len());
-                for (i, ch, since) in found {
-                    let Some((fragment, last)) = ch.json_fragment(since, now, false) else {
-                        continue;
-                    };
-                    fragments.push(fragment);
-                    if ch.one2one() {
-                        consumed.push((q.channels[i].0, since, last));
-                    }
-                }
-                let body = fragments
-                    .into_iter()
-                    .collect::<Option<Vec<_>>>()
-                    .and_then(|f| json::batch(f.iter().map(|v| &v[..])));
-                Ok(Now::Reply(body))
+                Ok(Now::Reply(batch(found, &q, now, &mut consumed)))
             }
             Ok(MultiListen::Park(parked)) => {
                 let names = q.channels.iter().map(|c| c.0);
@@ -145,6 +135,57 @@ pub fn listen(r: *mut ngx_http_request_t, lcf: &LocConf) -> ngx_int_t {
             parked(r, handle, key, lcf)
         }
         Some(Err(e)) => refused(r, e, q.channels.first().map_or(&b""[..], |c| c.0)),
+    }
+}
+
+/// The reply listing `found` (channels with newer messages, by index in `q`); `consumed`
+/// gets what one-to-one channels delivered, for the caller to tell the store. `None`: no
+/// memory for it.
+fn batch<'q>(
+    found: MultiPeek<'_, zone::ShmAlloc>,
+    q: &ListenQuery<'q>,
+    now: u64,
+    consumed: &mut Vec<(&'q [u8], MsgId, MsgId)>,
+) -> Option<Vec<u8>> {
+    let mut fragments = Vec::with_capacity(found.len());
+    for (i, ch, since) in found {
+        let Some((fragment, last)) = ch.json_fragment(since, now, false) else {
+            continue;
+        };
+        fragments.push(fragment);
+        if ch.one2one() {
+            consumed.push((q.channels[i].0, since, last));
+        }
+    }
+    let fragments = fragments.into_iter().collect::<Option<Vec<_>>>()?;
+    json::batch(fragments.iter().map(|v| &v[..]))
+}
+
+/// An interval-poll of several channels: every newer message at once, or `304`.
+fn interval(r: *mut ngx_http_request_t, q: &ListenQuery<'_>) -> ngx_int_t {
+    let mcf = main_conf(r);
+    let now = now_ms();
+    let body = worker::with(|_| {
+        let mut z = zone::lock(mcf)?;
+        let mut consumed: Vec<(&[u8], MsgId, MsgId)> = Vec::new();
+        let found = z.store().peek_multi(&q.channels, now);
+        if found.is_empty() {
+            return None;
+        }
+        let body = batch(found, q, now, &mut consumed);
+        for (name, after, upto) in consumed {
+            z.store().consume(name, after, upto);
+        }
+        Some(body)
+    })
+    .flatten();
+    match body {
+        Some(Some(body)) => response::json(r, 200, &body, q.callback),
+        Some(None) => unavailable(r),
+        None => {
+            response::no_store(r);
+            response::send(r, 304, b"", response::Body::Bytes(b""), None)
+        }
     }
 }
 

@@ -31,6 +31,7 @@ use nginx_sys::{
 use crate::channel_id::channel_id;
 use crate::conf::{LocConf, MainConf};
 use crate::response::{self, Body};
+use crate::transport::{self, streaming, Transport};
 use crate::worker::{self, now_ms};
 use crate::zone;
 
@@ -44,6 +45,9 @@ pub enum Handle {
     ///
     /// [`detach`]: crate::listen::detach
     Detached { conn: usize, seq: u64 },
+    /// A streaming subscriber (EventSource, chunked stream); its context lives as long as its
+    /// request.
+    Stream(*mut crate::transport::streaming::StreamCtx),
 }
 
 /// Answers a listener that has left the worker's listeners (`None`: `304`).
@@ -53,6 +57,7 @@ pub fn answer_handle(h: Handle, verdict: Option<Verdict>) {
         Handle::Detached { conn, seq } => {
             replay::replay(conn, seq, replay::Outcome::Answer(verdict))
         }
+        Handle::Stream(ctx) => crate::transport::streaming::answer(ctx, verdict),
     }
 }
 
@@ -70,7 +75,7 @@ fn header(elt: *mut ngx_table_elt_t) -> Option<&'static [u8]> {
 }
 
 /// The ids the request sent, as (`If-None-Match` id, `If-Modified-Since` seconds).
-fn request_ids(r: *mut ngx_http_request_t) -> (Option<u64>, Option<u64>) {
+pub(crate) fn request_ids(r: *mut ngx_http_request_t) -> (Option<u64>, Option<u64>) {
     // SAFETY: `r` is a live request.
     let (inm, ims) = unsafe { ((*r).headers_in.if_none_match, (*r).headers_in.if_modified_since) };
     let etag = header(inm).and_then(parse_etag);
@@ -119,13 +124,26 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
         return response::error(r, 405, "listeners only GET");
     }
     let lcf = loc_conf(r);
+    let transport = match transport::select(r, lcf) {
+        Ok(t) => t,
+        Err(reason) => return response::error(r, 406, reason),
+    };
     if lcf.json {
-        return json::listen(r, lcf);
+        return json::listen(r, lcf, transport);
     }
     let name = match channel_id(r, lcf) {
         Ok(n) => n,
         Err(reason) => return response::error(r, 400, &reason.to_string()),
     };
+    let kind = match transport {
+        Transport::LongPoll => None,
+        Transport::Interval => return interval(r, &name),
+        Transport::EventSource => Some(streaming::Kind::EventSource),
+        Transport::Stream => Some(streaming::Kind::Stream),
+    };
+    if let Some(kind) = kind {
+        return streaming::listen(r, lcf, &name, kind);
+    }
     if !worker::accepting() {
         return not_modified(r);
     }
@@ -169,6 +187,28 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
         Some(Ok(Err(None))) => unavailable(r),
         Some(Ok(Ok(key))) => parked(r, handle, key, lcf),
         Some(Err(e)) => refused(r, e, &name),
+    }
+}
+
+/// An interval-poll: the next message after the request's ids, or `304` at once.
+fn interval(r: *mut ngx_http_request_t, name: &[u8]) -> ngx_int_t {
+    let (etag, modified) = request_ids(r);
+    let since = Since::from_headers(etag, modified);
+    let mcf = main_conf(r);
+    let now = now_ms();
+    let found = worker::with(|st| {
+        let mut z = zone::lock(mcf)?;
+        let m = z.store().peek(name, since, now)?;
+        let (id, payload) = (m.id, st.listeners.cache.get(m));
+        // A one-to-one channel's message is consumed by its delivery.
+        z.store().consume(name, id - 1, id);
+        Some(payload)
+    })
+    .flatten();
+    match found {
+        Some(Some(payload)) => deliver(r, &payload),
+        Some(None) => unavailable(r),
+        None => not_modified(r),
     }
 }
 
@@ -217,6 +257,8 @@ pub(crate) fn parked(
     match handle {
         Handle::Detached { .. } => detach::finish(r),
         Handle::Request(ctx) => hold(r, ctx, key, lcf),
+        // Streams are opened by `transport::streaming`, never parked here.
+        Handle::Stream(_) => NGX_ERROR as ngx_int_t,
     }
 }
 

@@ -200,6 +200,15 @@ impl Conn {
         self.worker.expect("connection was not probed")
     }
 
+    /// Sends `req` and returns the response with its body unread (streaming responses).
+    pub async fn send_streaming(
+        &mut self,
+        req: Request<ReqBody>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+        self.sender.ready().await.map_err(|e| format!("connection not ready: {e}"))?;
+        self.sender.send_request(req).await.map_err(|e| format!("request failed: {e}"))
+    }
+
     pub async fn try_request(
         &mut self,
         req: Request<ReqBody>,

@@ -8,12 +8,15 @@ pub mod json;
 pub mod nginx;
 pub mod proto;
 pub mod raw;
+pub mod stream;
 pub mod tls;
 
 pub use self::http::*;
 pub use self::nginx::*;
 pub use self::proto::*;
 pub use self::raw::*;
+#[allow(unused_imports)]
+pub use self::stream::*;
 pub use self::tls::*;
 
 use std::sync::{Mutex, MutexGuard};

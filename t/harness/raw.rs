@@ -36,6 +36,29 @@ impl RawConn {
         RawConn { stream, buf: Vec::new() }
     }
 
+    /// A connection with a 4 KB receive buffer (a client that reads slowly, or not at all).
+    pub async fn open_on_small_buffer(port: u16) -> RawConn {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let stream = within(QUICK, "raw connect", sock.connect(addr)).await.expect("raw connect");
+        RawConn { stream, buf: Vec::new() }
+    }
+
+    /// Reads whatever comes until the peer closes (end or reset) within `t`.
+    pub async fn drained_to_close_within(&mut self, t: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + t;
+        let mut b = vec![0u8; 64 * 1024];
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, self.stream.read(&mut b)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
     pub async fn write(&mut self, bytes: &[u8]) {
         within(QUICK, "raw write", self.stream.write_all(bytes)).await.expect("raw write");
     }

@@ -10,6 +10,7 @@ use allocator_api2::alloc::Allocator;
 
 use crate::msgid::{format_etag, MsgId};
 use crate::queue::Message;
+use crate::transport::sse;
 
 /// A message copied out of the zone, shared by every listener of this worker that gets it.
 #[derive(Debug)]
@@ -20,6 +21,8 @@ pub struct Payload {
     ct_len: usize,
     /// The quoted `Etag` value, the content type and the body, formatted once.
     data: Box<[u8]>,
+    /// The message as an EventSource event, formatted when first needed (`None`: no memory).
+    sse: std::cell::OnceCell<Option<Box<[u8]>>>,
 }
 
 impl Payload {
@@ -34,6 +37,18 @@ impl Payload {
 
     pub fn body(&self) -> &[u8] {
         &self.data[self.etag_len + self.ct_len..]
+    }
+
+    /// The message as an EventSource event (`id:` and `data:` lines), formatted once per
+    /// worker however many subscribers get it; `None` if it cannot be allocated.
+    pub fn sse_event(&self) -> Option<&[u8]> {
+        let made = self.sse.get_or_init(|| {
+            let mut v = Vec::new();
+            v.try_reserve_exact(sse::event_capacity(None, self.body().len())).ok()?;
+            sse::event(&mut v, self.id, None, self.body());
+            Some(v.into_boxed_slice())
+        });
+        made.as_deref()
     }
 }
 
@@ -64,6 +79,7 @@ impl PayloadCache {
             etag_len: etag.len(),
             ct_len: ct.len(),
             data: data.into_boxed_slice(),
+            sse: Default::default(),
         });
         if self.copies.len() >= 64 && self.copies.len().is_power_of_two() {
             self.copies.retain(|_, w| w.strong_count() > 0);

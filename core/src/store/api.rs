@@ -8,6 +8,7 @@ use allocator_api2::alloc::Allocator;
 
 use super::{Channel, Concurrency, Listen, ListenOpts, Parked, Store, StoreError, WakeTarget};
 use crate::msgid::{MsgId, Since};
+use crate::queue::Message;
 
 /// What a listen request on several channels gets.
 pub enum MultiListen<'a, A: Allocator + Clone> {
@@ -17,6 +18,9 @@ pub enum MultiListen<'a, A: Allocator + Clone> {
     /// Nothing newer anywhere: the listener is counted on every channel, in request order.
     Park(Vec<Parked>),
 }
+
+/// What an interval-poll of several channels finds (see [`Store::peek_multi`]).
+pub type MultiPeek<'a, A> = Vec<(usize, &'a Channel<A>, MsgId)>;
 
 impl<A: Allocator + Clone> Store<A> {
     /// A listen request on several channels (`(name, etag)`, etag `0` = everything stored):
@@ -162,6 +166,36 @@ impl<A: Allocator + Clone> Store<A> {
         for (&(name, _), p) in channels.iter().zip(parked) {
             self.release(name, p.serial, slot, 1, None);
         }
+    }
+
+    /// An interval-poll of channel `name`: the message a listener waiting past `since` gets
+    /// now, without waiting or being counted (`None`: nothing newer, or no such channel).
+    pub fn peek(&self, name: &[u8], since: Since, now_ms: u64) -> Option<&Message<A>> {
+        // SAFETY: a live channel of the table, borrowed for as long as the store is.
+        let ch = unsafe { self.channels.find(name)?.as_ref() };
+        let since_id = match since {
+            Since::Oldest => 0,
+            Since::After(id) => id.min(self.last_id),
+            Since::ModifiedSince(t) => ch.queue.id_at_time(t, now_ms),
+        };
+        ch.queue.next_after(since_id, now_ms, false)
+    }
+
+    /// An interval-poll of several channels (`(name, etag)`): each channel with messages
+    /// newer than its etag, with its index in the request and the id to send messages after.
+    pub fn peek_multi(&self, channels: &[(&[u8], MsgId)], now_ms: u64) -> MultiPeek<'_, A> {
+        let mut found = Vec::new();
+        for (i, &(name, etag)) in channels.iter().enumerate() {
+            // SAFETY: a live channel of the table, borrowed for as long as the store is.
+            let Some(ch) = self.channels.find(name).map(|p| unsafe { p.as_ref() }) else {
+                continue;
+            };
+            let since = etag.min(self.last_id);
+            if ch.has_stored_after(since, now_ms) {
+                found.push((i, ch, since));
+            }
+        }
+        found
     }
 
     /// Messages with ids in `(after, upto]` were delivered on channel `name`: a one-to-one

@@ -30,7 +30,7 @@ mod paged;
 mod table;
 mod workers;
 
-pub use api::MultiListen;
+pub use api::{MultiListen, MultiPeek};
 pub use attrs::AttrUpdate;
 use channel::Waiter;
 pub use channel::{Channel, LISTENER_ONLY_GRACE_MS};

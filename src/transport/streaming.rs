@@ -1,0 +1,536 @@
+//! Streaming subscribers: EventSource (`text/event-stream`) and the chunked stream. The
+//! response stays open; the subscriber stays in the worker's listeners after each delivery
+//! (`Listeners::park_stream`) and every message is written as it comes.
+//!
+//! Memory: a message's bytes are the worker's one copy of it (an EventSource event is
+//! formatted once per worker, see `Payload::sse_event`), shared by every subscriber; a
+//! subscriber holds a reference to each message nginx has not sent yet, and recycles its
+//! buffer headers, so a long-lived stream does not grow its request pool. What is not sent yet
+//! is bounded by `martd_max_pending_bytes`: over it, the connection is closed with a log line
+//! (the client resumes from its last id). A client that reads nothing for `send_timeout` is
+//! closed as nginx closes any.
+//!
+//! The stream ends (cleanly: the last chunk) when the worker shuts down or reloads, when the
+//! channel is deleted, when a newer subscriber displaces it, or when the worker cannot copy a
+//! message; a client closing it is noticed by `ngx_http_test_reading`.
+
+use std::collections::VecDeque;
+use std::ffi::c_void;
+use std::ptr;
+use std::rc::Rc;
+
+use martd_core::listeners::{ListenerKey, Payload, Verdict};
+use martd_core::msgid::{parse_etag, Since};
+use martd_core::store::{Listen, ListenOpts, StoreError};
+use martd_core::transport::sse;
+use nginx_sys::{
+    ngx_add_timer, ngx_buf_t, ngx_chain_t, ngx_del_timer, ngx_delete_posted_event, ngx_event_t,
+    ngx_http_core_loc_conf_t, ngx_http_core_module, ngx_http_finalize_request,
+    ngx_http_output_filter, ngx_http_request_t, ngx_http_run_posted_requests, ngx_http_send_header,
+    ngx_http_send_special, ngx_http_test_reading, ngx_int_t, ngx_msec_t, ngx_pcalloc,
+    ngx_pool_cleanup_add, ngx_post_event, ngx_posted_events, ngx_str_t, NGX_DONE, NGX_ERROR,
+    NGX_HTTP_FLUSH, NGX_HTTP_LAST, NGX_LOG_ERR, NGX_OK,
+};
+
+use super::request_header;
+use crate::conf::LocConf;
+use crate::listen::{self, listen_opts, main_conf, refused, Handle};
+use crate::response::{self, Body};
+use crate::worker::{self, now_ms};
+use crate::zone;
+
+/// Which stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    EventSource,
+    /// Each message's body then `martd_stream_separator`.
+    Stream,
+}
+
+impl Kind {
+    fn content_type(self) -> &'static [u8] {
+        match self {
+            Kind::EventSource => b"text/event-stream",
+            Kind::Stream => b"text/plain",
+        }
+    }
+}
+
+/// What keeps the bytes of a buffer in nginx's hands alive.
+enum Keep {
+    Payload(Rc<Payload>),
+    /// Static bytes, or the location's configuration (lives as long as the worker's cycle).
+    Lasting,
+}
+
+/// A streaming subscriber, owned by its request (freed by the request pool's cleanup).
+pub struct StreamCtx {
+    request: *mut ngx_http_request_t,
+    /// Where it sits in the worker's listeners; `None` once it left.
+    key: Option<ListenerKey>,
+    kind: Kind,
+    separator: &'static [u8],
+    /// Buffers given to nginx and not sent yet, oldest first, with their length.
+    in_flight: VecDeque<(*mut ngx_buf_t, usize, Keep)>,
+    /// Buffer headers sent, for reuse.
+    free: Vec<*mut ngx_buf_t>,
+    pending: usize,
+    max_pending: usize,
+    ping_ms: ngx_msec_t,
+    ping: ngx_event_t,
+    /// Posted to close the connection after a write failed or the pending cap was passed.
+    close: ngx_event_t,
+    /// Ended or failing: nothing more is written.
+    done: bool,
+}
+
+/// EventSource keep-alive: a comment line.
+const PING: &[u8] = b":\n\n";
+
+/// The id a subscriber resumes after: `Last-Event-ID` (EventSource), the `last_event_id`
+/// argument, else `If-None-Match` / `If-Modified-Since`. `Err`: the reason of a `400`.
+fn resume_since(r: *mut ngx_http_request_t, kind: Kind) -> Result<Since, &'static str> {
+    if kind == Kind::EventSource {
+        if let Some(v) = request_header(r, "Last-Event-ID") {
+            return sse::parse_last_event_id(v).map(Since::After).ok_or("invalid Last-Event-ID");
+        }
+    }
+    if let Some(v) = crate::attrs::arg(r, "last_event_id") {
+        return sse::parse_last_event_id(&v).map(Since::After).ok_or("invalid last_event_id");
+    }
+    let (etag, modified) = listen::request_ids(r);
+    if etag.is_none() {
+        if let Some(v) = request_header(r, "If-None-Match") {
+            if parse_etag(v).is_none() {
+                return Err("invalid If-None-Match");
+            }
+        }
+    }
+    Ok(Since::from_headers(etag, modified))
+}
+
+/// Handles a streaming listen request on channel `name`.
+pub fn listen(r: *mut ngx_http_request_t, lcf: &LocConf, name: &[u8], kind: Kind) -> ngx_int_t {
+    let since = match resume_since(r, kind) {
+        Ok(s) => s,
+        Err(reason) => return response::error(r, 400, reason),
+    };
+    if !worker::accepting() {
+        // An empty stream: the client connects again, to a worker that is not leaving.
+        return response::send(r, 200, kind.content_type(), Body::Bytes(b""), None);
+    }
+    let Some(ctx) = prepare(r, lcf, kind) else {
+        return NGX_ERROR as ngx_int_t;
+    };
+    let mcf = main_conf(r);
+    let now = now_ms();
+    let mut wake = Vec::new();
+    let outcome = worker::with(|st| {
+        let slot = st.slot?;
+        let opts = ListenOpts { stream: true, ..listen_opts(lcf, slot) };
+        let mut z = zone::lock(mcf)?;
+        let store = z.store();
+        let mut p = match store.listen(name, since, &opts, now, &mut wake) {
+            Ok(Listen::Park(p)) => p,
+            // Not with `stream`.
+            Ok(Listen::Message(_)) => return Some(Err(StoreError::NotFound)),
+            Err(e) => return Some(Err(e)),
+        };
+        let mut backlog = Vec::new();
+        let mut complete = true;
+        if let Some(ch) = store.channel(name, p.serial) {
+            for m in ch.messages_after(p.since, now, false) {
+                match st.listeners.cache.get(m) {
+                    Some(payload) => backlog.push(payload),
+                    None => {
+                        complete = false;
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(last) = backlog.last() {
+            // A one-to-one channel's messages are consumed by their delivery.
+            store.consume(name, p.since, last.id);
+            p.since = last.id;
+        }
+        let key = st.listeners.park_stream(name, &p, Handle::Stream(ctx));
+        Some(Ok((key, backlog, complete)))
+    })
+    .flatten();
+    worker::wake(&wake);
+    match outcome {
+        None => response::send(r, 200, kind.content_type(), Body::Bytes(b""), None),
+        Some(Err(e)) => refused(r, e, name),
+        Some(Ok((key, backlog, complete))) => open(ctx, key, &backlog, complete),
+    }
+}
+
+/// The subscriber's context, made before it parks so that nothing can fail once the zone
+/// counts it. `None`: no memory.
+fn prepare(r: *mut ngx_http_request_t, lcf: &LocConf, kind: Kind) -> Option<*mut StreamCtx> {
+    let separator = match kind {
+        Kind::Stream => str_bytes(&lcf.stream_separator),
+        Kind::EventSource => &[][..],
+    };
+    let ctx = Box::new(StreamCtx {
+        request: r,
+        key: None,
+        kind,
+        separator,
+        in_flight: VecDeque::new(),
+        free: Vec::new(),
+        pending: 0,
+        max_pending: lcf.max_pending_bytes,
+        ping_ms: if kind == Kind::EventSource { lcf.eventsource_ping } else { 0 },
+        // SAFETY: an all-zero `ngx_event_t` is nginx's own initial state for events.
+        ping: unsafe { std::mem::zeroed() },
+        // SAFETY: as above.
+        close: unsafe { std::mem::zeroed() },
+        done: false,
+    });
+    let ctx = Box::into_raw(ctx);
+    // SAFETY: `r` is a live request; the cleanup takes the box back when the pool goes, and
+    // is registered before anything else can hold the pointer.
+    unsafe {
+        let cln = ngx_pool_cleanup_add((*r).pool, 0);
+        if cln.is_null() {
+            drop(Box::from_raw(ctx));
+            return None;
+        }
+        (*cln).data = ctx as *mut c_void;
+        (*cln).handler = Some(stream_cleanup);
+        *(*r).ctx.add(crate::module().ctx_index) = ctx as *mut c_void;
+        let c = (*r).connection;
+        for (ev, handler) in [
+            (&mut (*ctx).ping, ping_handler as unsafe extern "C" fn(*mut ngx_event_t)),
+            (&mut (*ctx).close, close_handler),
+        ] {
+            ev.handler = Some(handler);
+            // The connection, as for nginx's own request timers (its debug log reads the fd).
+            ev.data = c as *mut c_void;
+            ev.log = (*c).log;
+        }
+    }
+    Some(ctx)
+}
+
+fn str_bytes(s: &ngx_str_t) -> &'static [u8] {
+    if s.data.is_null() || s.len == 0 {
+        return &[];
+    }
+    // SAFETY: configuration strings live as long as the worker's cycle, longer than any
+    // request of it.
+    unsafe { std::slice::from_raw_parts(s.data, s.len) }
+}
+
+/// The subscriber parked under `key`: sends the response header and the backlog, and holds
+/// the request open. `complete`: the backlog is whole (else the stream ends after it, and
+/// the client resumes).
+fn open(
+    ctx: *mut StreamCtx,
+    key: ListenerKey,
+    backlog: &[Rc<Payload>],
+    complete: bool,
+) -> ngx_int_t {
+    // SAFETY: `ctx` was made for the live request being handled; it is freed only with the
+    // request pool.
+    let ctx = unsafe { &mut *ctx };
+    ctx.key = Some(key);
+    let r = ctx.request;
+    // SAFETY: `r` is the live request being handled.
+    let log = unsafe { (*(*r).connection).log };
+    martd_debug!(log, "streaming subscriber on channel #{} ({:?})", key.serial, ctx.kind);
+    let headers = response::add_header(r, "Cache-Control", b"no-cache")
+        .and_then(|()| response::add_header(r, "X-Accel-Buffering", b"no"));
+    if headers.is_none() {
+        return NGX_ERROR as ngx_int_t;
+    }
+    // SAFETY: `r` is the live request; the content type is static.
+    let rc = unsafe {
+        let ct = ctx.kind.content_type();
+        (*r).headers_out.status = 200;
+        (*r).headers_out.content_type = ngx_str_t { len: ct.len(), data: ct.as_ptr() as *mut u8 };
+        (*r).headers_out.content_type_len = ct.len();
+        (*r).headers_out.content_type_lowcase = ptr::null_mut();
+        (*r).headers_out.content_length_n = -1;
+        ngx_http_send_header(r)
+    };
+    if rc == NGX_ERROR as ngx_int_t || rc > NGX_OK as ngx_int_t {
+        return rc;
+    }
+    // SAFETY: `r` is live; the request is held open: one more reference, answered by its
+    // finalization when the stream ends; the client closing is noticed on reads.
+    unsafe {
+        if let Some(m) = (*r).main.as_mut() {
+            m.set_count(m.count() + 1);
+        }
+        (*r).read_event_handler = Some(ngx_http_test_reading);
+        (*r).write_event_handler = Some(stream_writer);
+    }
+    if backlog.is_empty() {
+        // The header on its way at once (nginx holds small writes back otherwise).
+        // SAFETY: `r` is live.
+        let rc = unsafe { ngx_http_send_special(r, NGX_HTTP_FLUSH as usize) };
+        settle(ctx, rc);
+    }
+    for p in backlog {
+        deliver(ctx, p);
+    }
+    if !complete {
+        end(ctx);
+    } else if ctx.ping_ms > 0 && !ctx.done {
+        // SAFETY: the event lives in the context, which outlives its timer (see cleanup).
+        unsafe { ngx_add_timer(&mut ctx.ping, ctx.ping_ms) };
+    }
+    NGX_DONE as ngx_int_t
+}
+
+/// A woken streaming subscriber: a message to write, or the end of its stream (`None`:
+/// shutdown; a verdict other than a message: it has left the worker's listeners).
+pub fn answer(ctx: *mut StreamCtx, verdict: Option<Verdict>) {
+    // SAFETY: `ctx` is a parked subscriber's context: its request is alive (it is removed
+    // from the worker's listeners before its request pool goes, see `stream_cleanup`).
+    let ctx = unsafe { &mut *ctx };
+    match verdict {
+        Some(Verdict::Deliver(p)) => deliver(ctx, &p),
+        _ => {
+            ctx.key = None;
+            end(ctx);
+        }
+    }
+}
+
+fn deliver(ctx: &mut StreamCtx, p: &Rc<Payload>) {
+    match ctx.kind {
+        Kind::EventSource => match p.sse_event() {
+            Some(ev) => {
+                let ev = ev as *const [u8];
+                // SAFETY: the event's bytes live in the payload, kept with the buffer.
+                write(ctx, &[(unsafe { &*ev }, Keep::Payload(p.clone()))]);
+            }
+            None => end(ctx),
+        },
+        Kind::Stream => {
+            let body = p.body() as *const [u8];
+            let sep = ctx.separator;
+            // SAFETY: as above, for the body.
+            write(ctx, &[(unsafe { &*body }, Keep::Payload(p.clone())), (sep, Keep::Lasting)]);
+        }
+    }
+}
+
+/// Gives `pieces` to nginx's output filters, flushed.
+fn write(ctx: &mut StreamCtx, pieces: &[(&[u8], Keep)]) {
+    if ctx.done {
+        return;
+    }
+    let r = ctx.request;
+    let mut links: Vec<ngx_chain_t> = Vec::with_capacity(pieces.len());
+    for (bytes, keep) in pieces.iter().filter(|(b, _)| !b.is_empty()) {
+        let Some(b) = ctx.free.pop().or_else(|| new_buf(r)) else {
+            fail(ctx, "no memory for a buffer");
+            return;
+        };
+        // SAFETY: `b` is a buffer header of this request's pool, not in nginx's hands (new,
+        // or sent); the bytes outlive it (`keep` goes with it into `in_flight`).
+        unsafe {
+            ptr::write_bytes(b, 0, 1);
+            let start = bytes.as_ptr() as *mut u8;
+            (*b).start = start;
+            (*b).pos = start;
+            (*b).last = start.add(bytes.len());
+            (*b).end = (*b).last;
+            (*b).set_memory(1);
+        }
+        let keep = match keep {
+            Keep::Payload(p) => Keep::Payload(p.clone()),
+            Keep::Lasting => Keep::Lasting,
+        };
+        ctx.in_flight.push_back((b, bytes.len(), keep));
+        ctx.pending += bytes.len();
+        links.push(ngx_chain_t { buf: b, next: ptr::null_mut() });
+    }
+    let n = links.len();
+    if n == 0 {
+        return;
+    }
+    let base = links.as_mut_ptr();
+    // SAFETY: `links` is not resized from here on; nginx's filters copy the links they keep,
+    // so the chain lives only for this call.
+    let rc = unsafe {
+        for i in 0..n - 1 {
+            (*base.add(i)).next = base.add(i + 1);
+        }
+        (*(*base.add(n - 1)).buf).set_flush(1);
+        ngx_http_output_filter(r, base)
+    };
+    settle(ctx, rc);
+}
+
+fn new_buf(r: *mut ngx_http_request_t) -> Option<*mut ngx_buf_t> {
+    // SAFETY: `r` is live; the header lives in its pool and is reused for its lifetime.
+    let b = unsafe { ngx_pcalloc((*r).pool, size_of::<ngx_buf_t>()) } as *mut ngx_buf_t;
+    (!b.is_null()).then_some(b)
+}
+
+/// After nginx took or sent bytes (`rc` of the output filter): buffers sent are recycled, a
+/// failed write or too much pending closes the connection, and the write timer follows
+/// what is left to send.
+fn settle(ctx: &mut StreamCtx, rc: ngx_int_t) {
+    while let Some(&(b, len, _)) = ctx.in_flight.front() {
+        // SAFETY: `b` is a buffer header of this request's pool.
+        if unsafe { (*b).pos != (*b).last } {
+            break;
+        }
+        ctx.in_flight.pop_front();
+        ctx.pending -= len;
+        ctx.free.push(b);
+    }
+    if rc == NGX_ERROR as ngx_int_t {
+        fail(ctx, "");
+        return;
+    }
+    if ctx.pending > ctx.max_pending {
+        let why = format!(
+            "{} bytes not sent yet (martd_max_pending_bytes {})",
+            ctx.pending, ctx.max_pending
+        );
+        fail(ctx, &why);
+        return;
+    }
+    let r = ctx.request;
+    // SAFETY: `r` and its connection are live; the core module's location conf is at its
+    // `ctx_index`.
+    unsafe {
+        let c = (*r).connection;
+        let wev = (*c).write;
+        if (*c).buffered() != 0 || (*r).buffered() != 0 {
+            let clcf = *(*r).loc_conf.add(ngx_http_core_module.ctx_index)
+                as *const ngx_http_core_loc_conf_t;
+            if (*wev).delayed() == 0 {
+                ngx_add_timer(wev, (*clcf).send_timeout);
+            }
+            if nginx_sys::ngx_handle_write_event(wev, (*clcf).send_lowat) != NGX_OK as ngx_int_t {
+                fail(ctx, "");
+            }
+        } else if (*wev).timer_set() != 0 {
+            ngx_del_timer(wev);
+        }
+    }
+}
+
+/// Closes the connection soon (a failed write, a slow reader): nothing more is written.
+fn fail(ctx: &mut StreamCtx, why: &str) {
+    if ctx.done {
+        return;
+    }
+    ctx.done = true;
+    // SAFETY: the request and its connection are live; the events live in the context.
+    unsafe {
+        if !why.is_empty() {
+            let msg = format!("martd: closing a streaming subscriber: {why}");
+            let log = (*(*ctx.request).connection).log;
+            ngx::ngx_log_error!(NGX_LOG_ERR, log, "{}", msg);
+        }
+        if ctx.ping.timer_set() != 0 {
+            ngx_del_timer(&mut ctx.ping);
+        }
+        ngx_post_event(&mut ctx.close, ptr::addr_of_mut!(ngx_posted_events));
+    }
+}
+
+/// Ends the stream cleanly: the last chunk, then nginx finishes sending and finalizes.
+fn end(ctx: &mut StreamCtx) {
+    if ctx.done {
+        return;
+    }
+    ctx.done = true;
+    let r = ctx.request;
+    // SAFETY: `r` is live and held open by this stream (the reference taken in `open`).
+    unsafe {
+        if ctx.ping.timer_set() != 0 {
+            ngx_del_timer(&mut ctx.ping);
+        }
+        let c = (*r).connection;
+        let rc = ngx_http_send_special(r, NGX_HTTP_LAST as usize);
+        ngx_http_finalize_request(r, rc);
+        ngx_http_run_posted_requests(c);
+    }
+}
+
+/// The write event of a stream's request: nginx can send more.
+unsafe extern "C" fn stream_writer(r: *mut ngx_http_request_t) {
+    let Some(ctx) = ctx_of(r) else { return };
+    // SAFETY: `r` and its connection are live (nginx calls the handler for them).
+    unsafe {
+        let c = (*r).connection;
+        let wev = (*c).write;
+        if (*wev).timedout() != 0 {
+            (*c).set_timedout(1);
+            fail(ctx, "client timed out (send_timeout)");
+            return;
+        }
+        if (*wev).delayed() != 0 || ctx.done {
+            return;
+        }
+        let rc = ngx_http_output_filter(r, ptr::null_mut());
+        settle(ctx, rc);
+    }
+}
+
+/// The stream context of request `r` (set by [`prepare`] in the module's slot of `r->ctx`).
+fn ctx_of(r: *mut ngx_http_request_t) -> Option<&'static mut StreamCtx> {
+    // SAFETY: `r->ctx` has one slot per HTTP module; ours holds a stream context of this
+    // request, or null; the context lives as long as the request.
+    unsafe {
+        let p = *(*r).ctx.add(crate::module().ctx_index) as *mut StreamCtx;
+        p.as_mut()
+    }
+}
+
+unsafe extern "C" fn ping_handler(ev: *mut ngx_event_t) {
+    // SAFETY: the event is the `ping` field of a live stream context.
+    let ctx = unsafe {
+        &mut *((ev as *mut u8).sub(std::mem::offset_of!(StreamCtx, ping)) as *mut StreamCtx)
+    };
+    if ctx.done {
+        return;
+    }
+    write(ctx, &[(PING, Keep::Lasting)]);
+    if !ctx.done {
+        // SAFETY: as above.
+        unsafe { ngx_add_timer(&mut ctx.ping, ctx.ping_ms) };
+    }
+}
+
+unsafe extern "C" fn close_handler(ev: *mut ngx_event_t) {
+    // SAFETY: the event is the `close` field of a live stream context.
+    let ctx =
+        unsafe { (ev as *mut u8).sub(std::mem::offset_of!(StreamCtx, close)) as *mut StreamCtx };
+    // SAFETY: its request is live (the cleanup takes the event off the queue).
+    unsafe {
+        let r = (*ctx).request;
+        let c = (*r).connection;
+        ngx_http_finalize_request(r, NGX_ERROR as ngx_int_t);
+        ngx_http_run_posted_requests(c);
+    }
+}
+
+extern "C" fn stream_cleanup(data: *mut c_void) {
+    let ctx = data as *mut StreamCtx;
+    // SAFETY: the request pool is being destroyed: the context's events must not fire
+    // afterwards; the box is taken back exactly once, here.
+    unsafe {
+        if (*ctx).ping.timer_set() != 0 {
+            ngx_del_timer(&mut (*ctx).ping);
+        }
+        if (*ctx).close.posted() != 0 {
+            ngx_delete_posted_event(&mut (*ctx).close);
+        }
+        if let Some(key) = (*ctx).key.take() {
+            listen::leave_key(key);
+        }
+        drop(Box::from_raw(ctx));
+    }
+}

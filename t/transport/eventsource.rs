@@ -1,0 +1,181 @@
+//! EventSource: `text/event-stream`, one event per message with its id, multi-line bodies as
+//! several `data:` lines, resume by `Last-Event-ID` or `last_event_id`, keep-alive comments,
+//! the stream ending cleanly at reload and on a deleted channel, and slow readers closed.
+
+use super::*;
+
+fn es_conf(extra: &str) -> Conf {
+    conf(&format!(
+        "        location = /es {{ martd_listen eventsource; martd_channel_id $arg_channel; }}
+{extra}"
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_in_order_across_workers_and_resume_without_loss() {
+    let ng = Nginx::start(es_conf(""));
+    let w = ng.worker_pids();
+    let mut p = Conn::open_on(ng.port, w[0]).await;
+    // Stored before the subscriber comes: sent first (no id given: everything stored).
+    let early = publish(&mut p, "e1", "early").await;
+    let s = open_on(ng.port, w[1], "/es?channel=e1", &[SSE]).await;
+    assert_eq!(s.status, 200);
+    assert_eq!(s.header("content-type"), Some("text/event-stream"));
+    assert_eq!(s.header("cache-control"), Some("no-cache"));
+    let mut ev = s.events();
+    let first = ev.next(PROMPT).await.expect("the stored message");
+    assert_eq!((first.id.as_str(), first.data.as_str()), (early.to_string().as_str(), "early"));
+    p.wait_listeners("e1", 1).await;
+    // Bodies with every kind of line break arrive as one event each, lines joined by \n.
+    // (An empty body is sent too, but EventSource clients dispatch no event for it.)
+    let bodies = ["one", "two\nlines", "cr\rlf\r\nmixed", "\n", "last"];
+    let mut ids = Vec::new();
+    for b in bodies {
+        ids.push(publish(&mut p, "e1", b).await);
+    }
+    let got = ev.take(bodies.len(), PROMPT).await;
+    for ((e, b), id) in got.iter().zip(bodies).zip(&ids) {
+        assert_eq!(e.id, id.to_string());
+        assert_eq!(e.data, b.replace("\r\n", "\n").replace('\r', "\n"));
+    }
+    // 300 messages in a row, none lost or repeated, in order.
+    for i in 0..300 {
+        ids.push(publish(&mut p, "e1", format!("m{i}")).await);
+    }
+    let got = ev.take(300, PROMPT).await;
+    let want: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
+    assert_eq!(got.iter().map(|e| e.data.clone()).collect::<Vec<_>>(), want);
+    // Disconnect; what is published meanwhile comes on resume, from the header or argument.
+    let last = ids.last().copied().unwrap_or_default();
+    drop(ev);
+    p.wait_listeners("e1", 0).await;
+    let mut missed = Vec::new();
+    for i in 0..5 {
+        missed.push(publish(&mut p, "e1", format!("x{i}")).await);
+    }
+    let last_s = last.to_string();
+    for (path, headers) in [
+        ("/es?channel=e1".to_string(), vec![SSE, ("Last-Event-ID", last_s.as_str())]),
+        (format!("/es?channel=e1&last_event_id={last}"), vec![SSE]),
+    ] {
+        let mut ev = open_on(ng.port, w[0], &path, &headers).await.events();
+        let got = ev.take(5, PROMPT).await;
+        let ids: Vec<String> = got.iter().map(|e| e.id.clone()).collect();
+        assert_eq!(ids, missed.iter().map(|i| i.to_string()).collect::<Vec<_>>(), "{path}");
+    }
+    ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_resume_ids_and_requests_that_are_not_event_streams() {
+    let ng = Nginx::start(es_conf(""));
+    let mut c = Conn::open(ng.port).await;
+    for (path, h) in [
+        ("/es?channel=b1", ("Last-Event-ID", "x12")),
+        ("/es?channel=b1&last_event_id=-1", ("X-Other", "1")),
+        ("/es?channel=b1&last_event_id=99999999999999999999999", ("X-Other", "1")),
+    ] {
+        let r = c.get(path, &[SSE, h]).await;
+        assert_eq!(r.status, 400, "{path} {h:?}: {}", r.text());
+        assert!(r.text().contains("error"), "{}", r.text());
+    }
+    let r = c.get("/es?channel=b1", &[]).await;
+    assert_eq!(r.status, 406, "{}", r.text());
+    assert!(r.text().contains("EventSource only"), "{}", r.text());
+    let r = c.get("/es", &[SSE]).await;
+    assert_eq!(r.status, 400, "no channel: {}", r.text());
+    ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_keep_idle_streams_alive() {
+    let ng = Nginx::start(es_conf(
+        "        location = /es-ping { martd_listen eventsource; martd_channel_id $arg_channel;
+                               martd_eventsource_ping 200ms; }",
+    ));
+    let mut s =
+        Streaming::open(Conn::open(ng.port).await, "/es-ping?channel=p1", &[SSE], QUICK).await;
+    let pings = s.pieces(b":\n\n", 3, Duration::from_secs(5)).await;
+    assert!(pings.iter().all(|p| p.is_empty()), "only comments: {pings:?}");
+    // Without the directive: no comment while idle.
+    let mut quiet =
+        Streaming::open(Conn::open(ng.port).await, "/es?channel=p1", &[SSE], QUICK).await;
+    assert!(!quiet.ends_within(Duration::from_millis(600)).await);
+    assert!(quiet.buf.is_empty(), "{:?}", quiet.buf);
+    ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_and_delete_end_streams_cleanly_and_nothing_is_lost() {
+    let mut ng = Nginx::start(es_conf("        location = /pub-del { martd_push; }"));
+    let w = ng.worker_pids();
+    let mut p = Conn::open_on(ng.port, w[0]).await;
+    let a = publish(&mut p, "r1", "before").await;
+    let mut ev = open_on(ng.port, w[1], &format!("/es?channel=r1&last_event_id={}", a - 1), &[SSE])
+        .await
+        .events();
+    assert_eq!(ev.next(PROMPT).await.map(|e| e.data), Some("before".into()));
+    drop(p);
+    let took = ng.reload();
+    assert!(took < Duration::from_secs(5), "reload took {took:?}");
+    assert!(ev.ends_within(Duration::from_secs(3)).await, "the stream ends at reload");
+    let mut p = Conn::open_probed(ng.port).await;
+    let b = publish(&mut p, "r1", "after").await;
+    let mut ev = Streaming::open(
+        Conn::open_probed(ng.port).await,
+        "/es?channel=r1",
+        &[SSE, ("Last-Event-ID", &a.to_string())],
+        QUICK,
+    )
+    .await
+    .events();
+    let e = ev.next(PROMPT).await.expect("the message published across the reload");
+    assert_eq!((e.id, e.data), (b.to_string(), "after".to_string()));
+    // A deleted channel ends its streams.
+    p.wait_listeners("r1", 1).await;
+    let r = p.send("DELETE", "/pub?channel=r1", &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(ev.ends_within(PROMPT).await, "the stream ends when its channel is deleted");
+    ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_is_closed_at_the_pending_cap_and_others_are_not_held_up() {
+    let mut ng = Nginx::start(es_conf(
+        "        location = /es-small { martd_listen eventsource; martd_channel_id $arg_channel;
+                                martd_max_pending_bytes 64k; }",
+    ));
+    ng.allow_log("closing a streaming subscriber");
+    let w = ng.worker_pids();
+    // A client that never reads: a raw connection with a small receive buffer.
+    let mut slow = RawConn::open_on_small_buffer(ng.port).await;
+    slow.write(
+        b"GET /es-small?channel=s1 HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n",
+    )
+    .await;
+    let mut fast =
+        Streaming::open(Conn::open_on(ng.port, w[0]).await, "/es-small?channel=s1", &[SSE], QUICK)
+            .await
+            .events();
+    let mut p = Conn::open_on(ng.port, w[1]).await;
+    p.wait_listeners("s1", 2).await;
+    // More than the kernel's socket buffers take on loopback.
+    let body = "y".repeat(64 * 1024);
+    for i in 0..150 {
+        publish(&mut p, "s1", body.clone()).await;
+        let e = fast.next(PROMPT).await.unwrap_or_else(|| panic!("fast reader: message {i}"));
+        assert_eq!(e.data.len(), body.len());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ng.log().contains("martd: closing a streaming subscriber") {
+        assert!(std::time::Instant::now() < deadline, "no close logged: {}", ng.log_tail(20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ng.log().contains("(martd_max_pending_bytes 65536)"), "{}", ng.log_tail(20));
+    assert!(
+        slow.drained_to_close_within(Duration::from_secs(5)).await,
+        "the slow reader is closed"
+    );
+    p.wait_listeners("s1", 1).await;
+    ng.finish();
+}

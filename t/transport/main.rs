@@ -1,0 +1,39 @@
+//! martd's transports (issue 10): EventSource, chunked streams, interval-poll, and how a
+//! location picks one per request. Real nginx with 2 workers, real sockets; every wait is
+//! bounded, and the harness fails a test whose error log has alerts or crashes.
+
+#[allow(unused_imports)]
+#[path = "../harness/mod.rs"]
+mod harness;
+
+mod eventsource;
+mod interval;
+mod stream;
+
+use std::time::Duration;
+
+use harness::*;
+
+/// How soon a published message must reach a streaming subscriber.
+const PROMPT: Duration = Duration::from_secs(3);
+
+/// A publisher (`/pub`), a long-poll listener (`/sub`), then `extra` locations.
+fn conf(extra: &str) -> Conf {
+    Conf::new(&format!(
+        "        location = /pub {{ martd_push; }}
+        location = /sub {{ martd_listen; }}
+{extra}"
+    ))
+}
+
+/// Publishes `body` on `ch`; its message id.
+async fn publish(c: &mut Conn, ch: &str, body: impl Into<bytes::Bytes>) -> u64 {
+    c.publish_id(&format!("/pub?channel={ch}"), body).await
+}
+
+/// Opens `path` as a stream on a new connection served by worker `pid`.
+async fn open_on(port: u16, pid: u32, path: &str, headers: &[(&str, &str)]) -> Streaming {
+    Streaming::open(Conn::open_on(port, pid).await, path, headers, QUICK).await
+}
+
+const SSE: (&str, &str) = ("Accept", "text/event-stream");
