@@ -138,6 +138,33 @@ impl H2Conn {
         })
     }
 
+    /// Starts a GET as a new stream and returns its response with the body unread (the
+    /// connection stays open while it is read).
+    pub async fn open_stream(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> super::stream::Streaming {
+        let mut req =
+            request("GET", &format!("https://localhost:{}{path}", self.port), &[], full(""));
+        req.headers_mut().remove("host");
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let mut sender = self.sender.clone();
+        let resp = within(QUICK, "h2 stream head", async {
+            sender.ready().await.map_err(|e| format!("h2 not ready: {e}"))?;
+            sender.send_request(req).await.map_err(|e| format!("h2 request: {e}"))
+        })
+        .await
+        .unwrap_or_else(|e: String| panic!("GET {path} over h2: {e}"));
+        assert_eq!(resp.version(), hyper::Version::HTTP_2);
+        super::stream::Streaming::from_response(resp, Box::new(self.sender.clone()))
+    }
+
     pub async fn get(
         &mut self,
         path: &str,

@@ -22,7 +22,8 @@ pub struct Streaming {
     chunks: Chunks,
     /// Bytes read and not yet taken by `read_until`.
     pub buf: Vec<u8>,
-    _conn: Conn,
+    /// What keeps the connection open.
+    _conn: Box<dyn Send>,
 }
 
 impl Streaming {
@@ -38,6 +39,14 @@ impl Streaming {
             .await
             .unwrap_or_else(|_| panic!("GET {path}: no response head within {t:?}"))
             .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        Streaming::from_response(resp, Box::new(conn))
+    }
+
+    /// A response whose body is still to be read; `conn` is kept as long as the stream.
+    pub fn from_response(
+        resp: hyper::Response<hyper::body::Incoming>,
+        conn: Box<dyn Send>,
+    ) -> Streaming {
         let (parts, body) = resp.into_parts();
         let chunks = body.into_data_stream().map(|r| r.map_err(|e| e.to_string()));
         Streaming {
@@ -116,7 +125,7 @@ pub struct Events {
     pub status: u16,
     pub headers: HeaderMap,
     events: Pin<Box<dyn Stream<Item = Result<Event, String>> + Send>>,
-    _conn: Conn,
+    _conn: Box<dyn Send>,
 }
 
 impl Events {

@@ -179,3 +179,61 @@ async fn a_slow_reader_is_closed_at_the_pending_cap_and_others_are_not_held_up()
     p.wait_listeners("s1", 1).await;
     ng.finish();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_long_polls_and_interval_polls_over_http2_and_tls() {
+    use harness::h2::{connector_h2, H2Conn};
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = make_cert(dir.path());
+    let tls_port = free_port();
+    let ng = Nginx::start(conf("").http(&format!(
+        "server {{
+        listen 127.0.0.1:{tls_port} ssl reuseport;
+        http2 on;
+        server_name localhost;
+        ssl_certificate {};
+        ssl_certificate_key {};
+        add_header X-Worker $pid always;
+        location = /__worker {{ return 204; }}
+        location = /es {{ martd_listen eventsource; martd_eventsource_ping 300ms; }}
+        location = /sub {{ martd_listen longpoll interval; }}
+        location = /poll {{ martd_listen interval; }}
+    }}",
+        cert.display(),
+        key.display()
+    )));
+    let w = ng.worker_pids();
+    let h2 = connector_h2(&ca);
+    let c = H2Conn::open_on(tls_port, &h2, "/__worker", w[1]).await;
+    let mut p = Conn::open_on(ng.port, w[0]).await;
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let s = c.open_stream("/es?channel=h1", &[SSE]).await;
+        assert_eq!((s.status, s.header("content-type")), (200, Some("text/event-stream")));
+        streams.push(s.events());
+    }
+    let lp = c.spawn_get("/sub?channel=h1", &[], LONG);
+    p.wait_listeners("h1", 4).await;
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        ids.push(publish(&mut p, "h1", format!("h2 {i}")).await);
+    }
+    for ev in &mut streams {
+        let got = ev.take(50, PROMPT).await;
+        assert_eq!(
+            got.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
+            ids.iter().map(|i| i.to_string()).collect::<Vec<_>>()
+        );
+    }
+    let r = lp.await.expect("task").expect("long-poll over h2");
+    assert_eq!((r.status, r.text().as_str()), (200, "h2 0"));
+    let mut c2 = H2Conn::open_on(tls_port, &h2, "/__worker", w[0]).await;
+    let last = format!("\"{}\"", ids[49]);
+    let r = c2.get("/poll?channel=h1", &[("if-none-match", &last)], QUICK).await.expect("poll");
+    assert_eq!(r.status, 304);
+    // The client goes: its streams leave.
+    drop(streams);
+    c.shutdown();
+    p.wait_listeners("h1", 0).await;
+    ng.finish();
+}
