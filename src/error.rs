@@ -15,7 +15,7 @@ pub enum ConfError {
     BadArgument(String, String, &'static str),
     #[error("\"martd_listen\" names \"{0}\" twice")]
     TransportTwice(String),
-    #[error("\"martd_listen json\" serves long-poll and interval-poll only for now, not \"{0}\"")]
+    #[error("\"martd_listen json\" serves long-poll and interval-poll only, not \"{0}\"")]
     JsonTransport(String),
 }
 

@@ -42,7 +42,7 @@ static mut CONCURRENCY_VALUES: [ngx_conf_enum_t; 4] = [
 ];
 
 /// The directive table.
-pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 21] = [
+pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 22] = [
     command(
         ngx_string!("martd_shm_size"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
@@ -181,6 +181,14 @@ pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 21] = [
         ptr::null_mut(),
     ),
     command(
+        ngx_string!("martd_websocket_ping"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_msec_slot,
+        LOC,
+        offset_of!(LocConf, websocket_ping),
+        ptr::null_mut(),
+    ),
+    command(
         ngx_string!("martd_max_pending_bytes"),
         ANY | NGX_CONF_TAKE1,
         ngx_conf_set_size_slot,
@@ -289,6 +297,7 @@ fn set_role(cf: *mut ngx_conf_t, conf: *mut c_void, role: Role) -> *mut c_char {
                     b"interval" => transport::INTERVAL,
                     b"eventsource" => transport::EVENTSOURCE,
                     b"stream" => transport::STREAM,
+                    b"websocket" => transport::WEBSOCKET,
                     other => return bad(other, transport::ACCEPTED),
                 };
                 if transports & t != 0 {

@@ -85,6 +85,7 @@ pub struct LocConf {
     /// `martd_listen` transports (`crate::transport::LONGPOLL`...).
     pub transports: u8,
     pub eventsource_ping: ngx_msec_t,
+    pub websocket_ping: ngx_msec_t,
     pub max_pending_bytes: usize,
     pub stream_separator: ngx_str_t,
 }
@@ -158,6 +159,7 @@ pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             max_channels: UNSET,
             transports: 0,
             eventsource_ping: UNSET_MSEC,
+            websocket_ping: UNSET_MSEC,
             max_pending_bytes: UNSET_SIZE,
             stream_separator: ngx_str_t { len: 0, data: ptr::null_mut() },
         },
@@ -193,6 +195,7 @@ pub unsafe extern "C" fn merge_loc_conf(
     merge(&mut conf.buffer_length_max, prev.buffer_length_max, UNSET, 1000);
     merge(&mut conf.max_channels, prev.max_channels, UNSET, 64);
     merge(&mut conf.eventsource_ping, prev.eventsource_ping, UNSET_MSEC, 0);
+    merge(&mut conf.websocket_ping, prev.websocket_ping, UNSET_MSEC, 0);
     merge(&mut conf.max_pending_bytes, prev.max_pending_bytes, UNSET_SIZE, 1024 * 1024);
     if conf.stream_separator.data.is_null() {
         conf.stream_separator = if prev.stream_separator.data.is_null() {

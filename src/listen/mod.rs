@@ -140,6 +140,7 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
         Transport::Interval => return interval(r, &name),
         Transport::EventSource => Some(streaming::Kind::EventSource),
         Transport::Stream => Some(streaming::Kind::Stream),
+        Transport::WebSocket => Some(streaming::Kind::WebSocket),
     };
     if let Some(kind) = kind {
         return streaming::listen(r, lcf, &name, kind);

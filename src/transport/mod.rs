@@ -1,5 +1,6 @@
 //! How a listener gets its messages. A `martd_listen` location offers one or more transports;
 //! each request gets one of them:
+//! - `Upgrade: websocket` → WebSocket, when offered;
 //! - `Accept: text/event-stream` → EventSource, when offered;
 //! - otherwise long-poll, interval-poll, then a chunked stream: the first offered.
 //!
@@ -8,6 +9,7 @@
 //! comes ([`streaming`]).
 
 pub mod streaming;
+pub mod websocket;
 
 use nginx_sys::ngx_http_request_t;
 
@@ -17,10 +19,11 @@ pub const LONGPOLL: u8 = 1;
 pub const INTERVAL: u8 = 2;
 pub const EVENTSOURCE: u8 = 4;
 pub const STREAM: u8 = 8;
+pub const WEBSOCKET: u8 = 16;
 
 /// The words `martd_listen` accepts (for its error message).
 pub const ACCEPTED: &str =
-    "\"longpoll\", \"interval\", \"eventsource\", \"stream\" and \"json\" are accepted";
+    "\"longpoll\", \"interval\", \"eventsource\", \"websocket\", \"stream\" and \"json\" are accepted";
 
 /// The transport of one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +31,7 @@ pub enum Transport {
     LongPoll,
     Interval,
     EventSource,
+    WebSocket,
     Stream,
 }
 
@@ -54,6 +58,9 @@ fn wants_event_stream(r: *mut ngx_http_request_t) -> bool {
 /// The transport request `r` gets at location `lcf`; `Err`: the reason of a `406`.
 pub fn select(r: *mut ngx_http_request_t, lcf: &LocConf) -> Result<Transport, &'static str> {
     let offered = lcf.transports;
+    if offered & WEBSOCKET != 0 && websocket::requested(r) {
+        return Ok(Transport::WebSocket);
+    }
     if offered & EVENTSOURCE != 0 && wants_event_stream(r) {
         return Ok(Transport::EventSource);
     }
@@ -61,5 +68,9 @@ pub fn select(r: *mut ngx_http_request_t, lcf: &LocConf) -> Result<Transport, &'
         .into_iter()
         .find(|&(bit, _)| offered & bit != 0)
         .map(|(_, t)| t)
-        .ok_or("this location serves EventSource only: send Accept: text/event-stream")
+        .ok_or(match offered & (EVENTSOURCE | WEBSOCKET) {
+            EVENTSOURCE => "this location serves EventSource only: send Accept: text/event-stream",
+            WEBSOCKET => "this location serves WebSocket only: send Upgrade: websocket",
+            _ => "this location serves EventSource (Accept: text/event-stream) and WebSocket only",
+        })
 }

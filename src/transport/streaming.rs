@@ -45,30 +45,55 @@ pub enum Kind {
     EventSource,
     /// Each message's body then `martd_stream_separator`.
     Stream,
+    /// Each message a WebSocket frame (see `super::websocket`).
+    WebSocket,
 }
 
 impl Kind {
     fn content_type(self) -> &'static [u8] {
         match self {
             Kind::EventSource => b"text/event-stream",
-            Kind::Stream => b"text/plain",
+            Kind::Stream | Kind::WebSocket => b"text/plain",
         }
     }
 }
 
-/// What keeps the bytes of a buffer in nginx's hands alive.
-enum Keep {
+/// What keeps the bytes of a buffer in nginx's hands alive (held, never read).
+#[allow(dead_code)]
+pub(super) enum Keep {
     Payload(Rc<Payload>),
+    /// Bytes of this stream's own (a WebSocket control frame).
+    Owned(Box<[u8]>),
     /// Static bytes, or the location's configuration (lives as long as the worker's cycle).
     Lasting,
 }
 
+/// Bytes to write and what keeps them alive: `bytes` points into `keep` (or is static).
+pub(super) struct Piece {
+    bytes: *const [u8],
+    keep: Keep,
+}
+
+impl Piece {
+    pub(super) fn payload(bytes: &[u8], p: &Rc<Payload>) -> Piece {
+        Piece { bytes, keep: Keep::Payload(p.clone()) }
+    }
+
+    pub(super) fn owned(bytes: Box<[u8]>) -> Piece {
+        Piece { bytes: &*bytes as *const [u8], keep: Keep::Owned(bytes) }
+    }
+
+    pub(super) fn lasting(bytes: &'static [u8]) -> Piece {
+        Piece { bytes, keep: Keep::Lasting }
+    }
+}
+
 /// A streaming subscriber, owned by its request (freed by the request pool's cleanup).
 pub struct StreamCtx {
-    request: *mut ngx_http_request_t,
+    pub(super) request: *mut ngx_http_request_t,
     /// Where it sits in the worker's listeners; `None` once it left.
-    key: Option<ListenerKey>,
-    kind: Kind,
+    pub(super) key: Option<ListenerKey>,
+    pub(super) kind: Kind,
     separator: &'static [u8],
     /// Buffers given to nginx and not sent yet, oldest first, with their length.
     in_flight: VecDeque<(*mut ngx_buf_t, usize, Keep)>,
@@ -81,7 +106,9 @@ pub struct StreamCtx {
     /// Posted to close the connection after a write failed or the pending cap was passed.
     close: ngx_event_t,
     /// Ended or failing: nothing more is written.
-    done: bool,
+    pub(super) done: bool,
+    /// A WebSocket's reading side.
+    pub(super) ws: Option<Box<super::websocket::WsState>>,
 }
 
 /// EventSource keep-alive: a comment line.
@@ -115,6 +142,11 @@ pub fn listen(r: *mut ngx_http_request_t, lcf: &LocConf, name: &[u8], kind: Kind
         Ok(s) => s,
         Err(reason) => return response::error(r, 400, reason),
     };
+    if kind == Kind::WebSocket {
+        if let Err(reason) = super::websocket::check_handshake(r) {
+            return response::error(r, 400, reason);
+        }
+    }
     if !worker::accepting() {
         // An empty stream: the client connects again, to a worker that is not leaving.
         return response::send(r, 200, kind.content_type(), Body::Bytes(b""), None);
@@ -171,7 +203,7 @@ pub fn listen(r: *mut ngx_http_request_t, lcf: &LocConf, name: &[u8], kind: Kind
 fn prepare(r: *mut ngx_http_request_t, lcf: &LocConf, kind: Kind) -> Option<*mut StreamCtx> {
     let separator = match kind {
         Kind::Stream => str_bytes(&lcf.stream_separator),
-        Kind::EventSource => &[][..],
+        Kind::EventSource | Kind::WebSocket => &[][..],
     };
     let ctx = Box::new(StreamCtx {
         request: r,
@@ -182,12 +214,17 @@ fn prepare(r: *mut ngx_http_request_t, lcf: &LocConf, kind: Kind) -> Option<*mut
         free: Vec::new(),
         pending: 0,
         max_pending: lcf.max_pending_bytes,
-        ping_ms: if kind == Kind::EventSource { lcf.eventsource_ping } else { 0 },
+        ping_ms: match kind {
+            Kind::EventSource => lcf.eventsource_ping,
+            Kind::WebSocket => lcf.websocket_ping,
+            Kind::Stream => 0,
+        },
         // SAFETY: an all-zero `ngx_event_t` is nginx's own initial state for events.
         ping: unsafe { std::mem::zeroed() },
         // SAFETY: as above.
         close: unsafe { std::mem::zeroed() },
         done: false,
+        ws: (kind == Kind::WebSocket).then(|| Box::new(super::websocket::WsState::new())),
     });
     let ctx = Box::into_raw(ctx);
     // SAFETY: `r` is a live request; the cleanup takes the box back when the pool goes, and
@@ -241,18 +278,28 @@ fn open(
     // SAFETY: `r` is the live request being handled.
     let log = unsafe { (*(*r).connection).log };
     martd_debug!(log, "streaming subscriber on channel #{} ({:?})", key.serial, ctx.kind);
-    let headers = response::add_header(r, "Cache-Control", b"no-cache")
-        .and_then(|()| response::add_header(r, "X-Accel-Buffering", b"no"));
+    let headers = if ctx.kind == Kind::WebSocket {
+        super::websocket::handshake_headers(r)
+    } else {
+        response::add_header(r, "Cache-Control", b"no-cache")
+            .and_then(|()| response::add_header(r, "X-Accel-Buffering", b"no"))
+    };
     if headers.is_none() {
         return NGX_ERROR as ngx_int_t;
     }
     // SAFETY: `r` is the live request; the content type is static.
     let rc = unsafe {
-        let ct = ctx.kind.content_type();
-        (*r).headers_out.status = 200;
-        (*r).headers_out.content_type = ngx_str_t { len: ct.len(), data: ct.as_ptr() as *mut u8 };
-        (*r).headers_out.content_type_len = ct.len();
-        (*r).headers_out.content_type_lowcase = ptr::null_mut();
+        if ctx.kind == Kind::WebSocket {
+            (*r).headers_out.status = 101;
+            (*r).set_keepalive(0);
+        } else {
+            let ct = ctx.kind.content_type();
+            (*r).headers_out.status = 200;
+            (*r).headers_out.content_type =
+                ngx_str_t { len: ct.len(), data: ct.as_ptr() as *mut u8 };
+            (*r).headers_out.content_type_len = ct.len();
+            (*r).headers_out.content_type_lowcase = ptr::null_mut();
+        }
         (*r).headers_out.content_length_n = -1;
         ngx_http_send_header(r)
     };
@@ -274,8 +321,19 @@ fn open(
         let rc = unsafe { ngx_http_send_special(r, NGX_HTTP_FLUSH as usize) };
         settle(ctx, rc);
     }
+    if ctx.kind == Kind::WebSocket {
+        // SAFETY: `r` is live; the WebSocket reads the connection from now on.
+        unsafe { (*r).read_event_handler = Some(super::websocket::reader) };
+    }
     for p in backlog {
         deliver(ctx, p);
+    }
+    if ctx.kind == Kind::WebSocket && !ctx.done {
+        // Frames the client sent with (or right after) its handshake.
+        super::websocket::start(ctx);
+        if ctx.done {
+            return NGX_DONE as ngx_int_t;
+        }
     }
     if !complete {
         end(ctx);
@@ -292,42 +350,43 @@ pub fn answer(ctx: *mut StreamCtx, verdict: Option<Verdict>) {
     // SAFETY: `ctx` is a parked subscriber's context: its request is alive (it is removed
     // from the worker's listeners before its request pool goes, see `stream_cleanup`).
     let ctx = unsafe { &mut *ctx };
-    match verdict {
-        Some(Verdict::Deliver(p)) => deliver(ctx, &p),
-        _ => {
-            ctx.key = None;
-            end(ctx);
-        }
-    }
+    use martd_core::transport::websocket::code;
+    let (close, why) = match verdict {
+        Some(Verdict::Deliver(p)) => return deliver(ctx, &p),
+        None => (code::GOING_AWAY, "going away"),
+        Some(Verdict::Gone | Verdict::GoneChannel(_)) => (code::NORMAL, "channel deleted"),
+        Some(Verdict::Conflict) => (code::POLICY, "displaced by a newer subscriber"),
+        Some(Verdict::Unavailable | Verdict::Batch(_)) => (code::INTERNAL, "no memory here"),
+    };
+    ctx.key = None;
+    end_with(ctx, close, why);
 }
 
 fn deliver(ctx: &mut StreamCtx, p: &Rc<Payload>) {
-    match ctx.kind {
-        Kind::EventSource => match p.sse_event() {
-            Some(ev) => {
-                let ev = ev as *const [u8];
-                // SAFETY: the event's bytes live in the payload, kept with the buffer.
-                write(ctx, &[(unsafe { &*ev }, Keep::Payload(p.clone()))]);
-            }
-            None => end(ctx),
-        },
-        Kind::Stream => {
-            let body = p.body() as *const [u8];
-            let sep = ctx.separator;
-            // SAFETY: as above, for the body.
-            write(ctx, &[(unsafe { &*body }, Keep::Payload(p.clone())), (sep, Keep::Lasting)]);
-        }
+    let pieces = match ctx.kind {
+        Kind::EventSource => p.sse_event().map(|ev| vec![Piece::payload(ev, p)]),
+        Kind::WebSocket => p.ws_frame().map(|f| vec![Piece::payload(f, p)]),
+        Kind::Stream => Some(vec![Piece::payload(p.body(), p), Piece::lasting(ctx.separator)]),
+    };
+    match pieces {
+        Some(pieces) => write(ctx, pieces),
+        None => end(ctx),
     }
 }
 
 /// Gives `pieces` to nginx's output filters, flushed.
-fn write(ctx: &mut StreamCtx, pieces: &[(&[u8], Keep)]) {
+pub(super) fn write(ctx: &mut StreamCtx, pieces: Vec<Piece>) {
     if ctx.done {
         return;
     }
     let r = ctx.request;
     let mut links: Vec<ngx_chain_t> = Vec::with_capacity(pieces.len());
-    for (bytes, keep) in pieces.iter().filter(|(b, _)| !b.is_empty()) {
+    for Piece { bytes, keep } in pieces {
+        // SAFETY: `bytes` points into `keep` or at static bytes (see `Piece`).
+        let bytes = unsafe { &*bytes };
+        if bytes.is_empty() {
+            continue;
+        }
         let Some(b) = ctx.free.pop().or_else(|| new_buf(r)) else {
             fail(ctx, "no memory for a buffer");
             return;
@@ -343,10 +402,6 @@ fn write(ctx: &mut StreamCtx, pieces: &[(&[u8], Keep)]) {
             (*b).end = (*b).last;
             (*b).set_memory(1);
         }
-        let keep = match keep {
-            Keep::Payload(p) => Keep::Payload(p.clone()),
-            Keep::Lasting => Keep::Lasting,
-        };
         ctx.in_flight.push_back((b, bytes.len(), keep));
         ctx.pending += bytes.len();
         links.push(ngx_chain_t { buf: b, next: ptr::null_mut() });
@@ -421,7 +476,7 @@ fn settle(ctx: &mut StreamCtx, rc: ngx_int_t) {
 }
 
 /// Closes the connection soon (a failed write, a slow reader): nothing more is written.
-fn fail(ctx: &mut StreamCtx, why: &str) {
+pub(super) fn fail(ctx: &mut StreamCtx, why: &str) {
     if ctx.done {
         return;
     }
@@ -442,8 +497,21 @@ fn fail(ctx: &mut StreamCtx, why: &str) {
 
 /// Ends the stream cleanly: the last chunk, then nginx finishes sending and finalizes.
 fn end(ctx: &mut StreamCtx) {
+    end_with(ctx, martd_core::transport::websocket::code::GOING_AWAY, "going away");
+}
+
+/// Ends the stream cleanly; a WebSocket gets a close frame with `code` and `why` first.
+pub(super) fn end_with(ctx: &mut StreamCtx, code: u16, why: &str) {
     if ctx.done {
         return;
+    }
+    if ctx.kind == Kind::WebSocket {
+        let mut frame = Vec::new();
+        martd_core::transport::websocket::encode_close(&mut frame, code, why);
+        write(ctx, vec![Piece::owned(frame.into_boxed_slice())]);
+        if ctx.done {
+            return;
+        }
     }
     ctx.done = true;
     let r = ctx.request;
@@ -480,7 +548,7 @@ unsafe extern "C" fn stream_writer(r: *mut ngx_http_request_t) {
 }
 
 /// The stream context of request `r` (set by [`prepare`] in the module's slot of `r->ctx`).
-fn ctx_of(r: *mut ngx_http_request_t) -> Option<&'static mut StreamCtx> {
+pub(super) fn ctx_of(r: *mut ngx_http_request_t) -> Option<&'static mut StreamCtx> {
     // SAFETY: `r->ctx` has one slot per HTTP module; ours holds a stream context of this
     // request, or null; the context lives as long as the request.
     unsafe {
@@ -497,7 +565,14 @@ unsafe extern "C" fn ping_handler(ev: *mut ngx_event_t) {
     if ctx.done {
         return;
     }
-    write(ctx, &[(PING, Keep::Lasting)]);
+    match ctx.kind {
+        Kind::WebSocket => {
+            if !super::websocket::ping(ctx) {
+                return;
+            }
+        }
+        _ => write(ctx, vec![Piece::lasting(PING)]),
+    }
     if !ctx.done {
         // SAFETY: as above.
         unsafe { ngx_add_timer(&mut ctx.ping, ctx.ping_ms) };

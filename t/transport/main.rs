@@ -9,6 +9,7 @@ mod harness;
 mod eventsource;
 mod interval;
 mod stream;
+mod websocket;
 
 use std::time::Duration;
 

@@ -10,7 +10,7 @@ use allocator_api2::alloc::Allocator;
 
 use crate::msgid::{format_etag, MsgId};
 use crate::queue::Message;
-use crate::transport::sse;
+use crate::transport::{sse, websocket};
 
 /// A message copied out of the zone, shared by every listener of this worker that gets it.
 #[derive(Debug)]
@@ -23,6 +23,8 @@ pub struct Payload {
     data: Box<[u8]>,
     /// The message as an EventSource event, formatted when first needed (`None`: no memory).
     sse: std::cell::OnceCell<Option<Box<[u8]>>>,
+    /// The message as a WebSocket frame, the same way.
+    ws: std::cell::OnceCell<Option<Box<[u8]>>>,
 }
 
 impl Payload {
@@ -46,6 +48,23 @@ impl Payload {
             let mut v = Vec::new();
             v.try_reserve_exact(sse::event_capacity(None, self.body().len())).ok()?;
             sse::event(&mut v, self.id, None, self.body());
+            Some(v.into_boxed_slice())
+        });
+        made.as_deref()
+    }
+
+    /// The message as one WebSocket frame: text when the body is UTF-8 and its content type
+    /// is not `application/octet-stream`, else binary. Formatted once per worker; `None` if it
+    /// cannot be allocated.
+    pub fn ws_frame(&self) -> Option<&[u8]> {
+        let made = self.ws.get_or_init(|| {
+            let body = self.body();
+            let binary = self.content_type().eq_ignore_ascii_case(b"application/octet-stream")
+                || std::str::from_utf8(body).is_err();
+            let op = if binary { websocket::opcode::BINARY } else { websocket::opcode::TEXT };
+            let mut v = Vec::new();
+            v.try_reserve_exact(websocket::frame_len(body.len())).ok()?;
+            websocket::encode(&mut v, op, body);
             Some(v.into_boxed_slice())
         });
         made.as_deref()
@@ -80,6 +99,7 @@ impl PayloadCache {
             ct_len: ct.len(),
             data: data.into_boxed_slice(),
             sse: Default::default(),
+            ws: Default::default(),
         });
         if self.copies.len() >= 64 && self.copies.len().is_power_of_two() {
             self.copies.retain(|_, w| w.strong_count() > 0);

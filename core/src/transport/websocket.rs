@@ -32,6 +32,7 @@ pub mod code {
     pub const INVALID_DATA: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL: u16 = 1011;
 }
 
 /// Frame opcodes.

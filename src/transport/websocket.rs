@@ -1,0 +1,207 @@
+//! WebSocket subscribers (RFC 6455) on the nginx connection: the handshake (`101`, the accept
+//! key), the client's frames read and checked by `martd_core::transport::websocket::Decoder`
+//! (pings answered, pongs noted, a close echoed, a protocol error closed with its code), and
+//! pings of our own (`martd_websocket_ping`) that drop a peer which stops answering. Messages
+//! go out as the worker's one frame per message (`Payload::ws_frame`), written like any
+//! stream's (see [`super::streaming`]). What clients send besides control frames is read and
+//! ignored.
+
+use martd_core::transport::websocket::{self as ws, code, Decoder, Event};
+use nginx_sys::{
+    ngx_handle_read_event, ngx_http_finalize_request, ngx_http_request_t,
+    ngx_http_run_posted_requests, ngx_int_t, NGX_AGAIN, NGX_HTTP_CLIENT_CLOSED_REQUEST,
+    NGX_HTTP_VERSION_11, NGX_OK,
+};
+
+use super::request_header;
+use super::streaming::{ctx_of, end_with, fail, write, Piece, StreamCtx};
+use crate::response;
+
+/// The largest message a client may send (its frames are control frames, or ignored).
+const MAX_MESSAGE: usize = 64 * 1024;
+/// Bytes read from the connection at a time.
+const READ_CHUNK: usize = 16 * 1024;
+/// A ping with no payload.
+const PING: &[u8] = &[0x80 | ws::opcode::PING, 0];
+
+/// A WebSocket's reading side.
+pub struct WsState {
+    decoder: Decoder,
+    /// Bytes read and not yet decoded (an incomplete frame).
+    rbuf: Vec<u8>,
+    /// A ping of ours has had no pong yet.
+    awaiting_pong: bool,
+}
+
+impl WsState {
+    pub fn new() -> Self {
+        WsState { decoder: Decoder::new(MAX_MESSAGE), rbuf: Vec::new(), awaiting_pong: false }
+    }
+}
+
+fn has_token(v: &[u8], token: &[u8]) -> bool {
+    v.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// Whether the request asks for a WebSocket (`Upgrade: websocket`).
+pub fn requested(r: *mut ngx_http_request_t) -> bool {
+    request_header(r, "Upgrade").is_some_and(|v| has_token(v, b"websocket"))
+}
+
+/// Checks the opening handshake (RFC 6455 4.2.1); `Err`: the reason of a `400`.
+pub fn check_handshake(r: *mut ngx_http_request_t) -> Result<(), &'static str> {
+    // SAFETY: `r` is a live request.
+    if unsafe { (*r).http_version } != NGX_HTTP_VERSION_11 as usize {
+        return Err("WebSocket needs HTTP/1.1");
+    }
+    if !request_header(r, "Connection").is_some_and(|v| has_token(v, b"upgrade")) {
+        return Err("WebSocket handshake without Connection: upgrade");
+    }
+    if request_header(r, "Sec-WebSocket-Version").map(<[u8]>::trim_ascii) != Some(b"13") {
+        return Err("WebSocket version must be 13");
+    }
+    let key = request_header(r, "Sec-WebSocket-Key").map(<[u8]>::trim_ascii).unwrap_or_default();
+    if key.len() != 24 || !key.iter().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(b)) {
+        return Err("invalid Sec-WebSocket-Key");
+    }
+    Ok(())
+}
+
+/// The `101` response's own headers (nginx adds `Connection: upgrade`).
+pub fn handshake_headers(r: *mut ngx_http_request_t) -> Option<()> {
+    let key = request_header(r, "Sec-WebSocket-Key")?;
+    let accept = ws::accept_key(key);
+    response::add_header(r, "Upgrade", b"websocket")?;
+    response::add_header(r, "Sec-WebSocket-Accept", accept.as_bytes())
+}
+
+/// The handshake is sent: takes what the client sent after its request (already read by
+/// nginx) and reads on.
+pub fn start(ctx: &mut StreamCtx) {
+    let r = ctx.request;
+    // SAFETY: `r` is live; its header buffer's unread part follows the request.
+    let early = unsafe {
+        let b = (*r).header_in;
+        if b.is_null() || (*b).pos >= (*b).last {
+            Vec::new()
+        } else {
+            let n = (*b).last.offset_from((*b).pos) as usize;
+            let v = std::slice::from_raw_parts((*b).pos, n).to_vec();
+            (*b).pos = (*b).last;
+            v
+        }
+    };
+    if let Some(st) = ctx.ws.as_mut() {
+        st.rbuf.extend_from_slice(&early);
+    }
+    if !early.is_empty() && !decode(ctx) {
+        return;
+    }
+    // SAFETY: `r` is live (the handler is ours).
+    unsafe { reader(r) };
+}
+
+/// The read handler of a WebSocket's request.
+pub unsafe extern "C" fn reader(r: *mut ngx_http_request_t) {
+    let Some(ctx) = ctx_of(r) else { return };
+    // SAFETY: `r` and its connection are live (nginx calls the handler for them).
+    let c = unsafe { (*r).connection };
+    loop {
+        if ctx.done {
+            return;
+        }
+        let Some(st) = ctx.ws.as_mut() else { return };
+        if st.rbuf.try_reserve(READ_CHUNK).is_err() {
+            fail(ctx, "no memory to read a WebSocket frame");
+            return;
+        }
+        let len = st.rbuf.len();
+        // SAFETY: the spare capacity is at least `READ_CHUNK` bytes; `recv` writes at most
+        // that many and returns how many.
+        let n = unsafe {
+            let recv = (*c).recv.expect("connection recv");
+            recv(c, st.rbuf.as_mut_ptr().add(len), READ_CHUNK)
+        };
+        if n == NGX_AGAIN as isize {
+            break;
+        }
+        if n <= 0 {
+            // The client closed (or reset) the connection.
+            // SAFETY: as for nginx's own test of a closed client; `ctx` is not used after.
+            unsafe {
+                (*c).set_error(1);
+                ngx_http_finalize_request(r, NGX_HTTP_CLIENT_CLOSED_REQUEST as ngx_int_t);
+                ngx_http_run_posted_requests(c);
+            }
+            return;
+        }
+        // SAFETY: `recv` initialized `n` more bytes.
+        unsafe { st.rbuf.set_len(len + n as usize) };
+        if !decode(ctx) {
+            return;
+        }
+    }
+    // SAFETY: the connection's read event, re-armed as nginx's handlers do.
+    if unsafe { ngx_handle_read_event((*c).read, 0) } != NGX_OK as ngx_int_t {
+        fail(ctx, "");
+    }
+}
+
+/// Handles the whole frames read so far; `false` once the stream is ending.
+fn decode(ctx: &mut StreamCtx) -> bool {
+    let mut events = Vec::new();
+    let Some(st) = ctx.ws.as_mut() else { return false };
+    let decoded = st.decoder.decode(&st.rbuf, &mut events);
+    match decoded {
+        Ok(used) => {
+            st.rbuf.drain(..used);
+        }
+        Err(f) => {
+            // SAFETY: the request and its connection are live.
+            let log = unsafe { (*(*ctx.request).connection).log };
+            martd_debug!(log, "closing a WebSocket: {} ({})", f.reason, f.code);
+            end_with(ctx, f.code, f.reason);
+            return false;
+        }
+    }
+    for e in events {
+        match e {
+            Event::Ping(data) => {
+                let mut frame = Vec::new();
+                ws::encode(&mut frame, ws::opcode::PONG, &data);
+                write(ctx, vec![Piece::owned(frame.into_boxed_slice())]);
+            }
+            Event::Pong(_) => {
+                if let Some(st) = ctx.ws.as_mut() {
+                    st.awaiting_pong = false;
+                }
+            }
+            Event::Close { code: c, .. } => {
+                // The close is echoed (RFC 6455 5.5.1): with a normal code either way.
+                let _ = c;
+                end_with(ctx, code::NORMAL, "");
+                return false;
+            }
+            Event::Message { .. } => {}
+        }
+        if ctx.done {
+            return false;
+        }
+    }
+    true
+}
+
+/// The ping timer: `false` if the peer did not answer the last ping (it is being closed).
+pub fn ping(ctx: &mut StreamCtx) -> bool {
+    let Some(st) = ctx.ws.as_mut() else { return false };
+    if st.awaiting_pong {
+        fail(ctx, "");
+        // SAFETY: the request and its connection are live.
+        let log = unsafe { (*(*ctx.request).connection).log };
+        martd_debug!(log, "closing a WebSocket: no pong to the last ping");
+        return false;
+    }
+    st.awaiting_pong = true;
+    write(ctx, vec![Piece::lasting(PING)]);
+    !ctx.done
+}
