@@ -31,3 +31,49 @@ pub fn channel_id(r: *mut ngx_http_request_t, lcf: &LocConf) -> Result<Vec<u8>, 
     }
     Ok(id)
 }
+
+/// The channels of a request: `martd_channel_id`, split at `martd_channel_id_delimiter` when
+/// one is set (each part checked as a channel id; at most `martd_max_channels_per_request`,
+/// none empty, none twice). The error is the one-line reason for a `400`.
+pub fn channel_ids(r: *mut ngx_http_request_t, lcf: &LocConf) -> Result<Vec<Vec<u8>>, String> {
+    let delim = &lcf.channel_id_delimiter;
+    if delim.len == 0 || delim.data.is_null() {
+        return channel_id(r, lcf).map(|id| vec![id]).map_err(|e| e.to_string());
+    }
+    // SAFETY: configuration strings live as long as the cycle.
+    let delim = unsafe { std::slice::from_raw_parts(delim.data, delim.len) };
+    let whole = {
+        // The whole list may be longer than one id; each part is checked below.
+        let l = LocConf { max_channel_id_length: isize::MAX, ..*lcf };
+        channel_id(r, &l).map_err(|e| e.to_string())?
+    };
+    let max = lcf.max_channel_id_length.max(0) as usize;
+    let mut ids: Vec<Vec<u8>> = Vec::new();
+    let mut rest = &whole[..];
+    loop {
+        let (part, next) = match rest.windows(delim.len()).position(|w| w == delim) {
+            Some(i) => (&rest[..i], Some(&rest[i + delim.len()..])),
+            None => (rest, None),
+        };
+        if part.is_empty() {
+            return Err("empty channel id in the list".into());
+        }
+        if part.len() > max {
+            return Err(ChannelIdError::TooLong(max).to_string());
+        }
+        if ids.iter().any(|i| i == part) {
+            return Err("a channel twice in the list".into());
+        }
+        ids.push(part.to_vec());
+        if ids.len() > lcf.max_channels.max(0) as usize {
+            return Err(format!(
+                "more than {} channels (martd_max_channels_per_request)",
+                lcf.max_channels.max(0)
+            ));
+        }
+        match next {
+            Some(n) => rest = n,
+            None => return Ok(ids),
+        }
+    }
+}

@@ -15,7 +15,7 @@ use nginx_sys::{
     NGX_LOG_ALERT, NGX_OK, NGX_PROCESS_SINGLE, NGX_PROCESS_WORKER,
 };
 
-use martd_core::listeners::Listeners;
+use martd_core::listeners::{Listeners, Verdict};
 use martd_core::store::{WakeTarget, GC_STEP_BUDGET};
 
 use crate::conf::MainConf;
@@ -287,8 +287,11 @@ fn process_mailbox() {
         // SAFETY: `mcf` is this worker's cycle's main conf.
         let mcf = unsafe { &*st.mcf };
         let mut serials = Vec::new();
-        let overflow =
-            zone::lock(mcf).is_some_and(|mut z| z.store().take_mailbox(slot, &mut serials));
+        let mut horizon = u64::MAX;
+        let overflow = zone::lock(mcf).is_some_and(|mut z| {
+            horizon = z.store().last_id();
+            z.store().take_mailbox(slot, &mut serials)
+        });
         if overflow {
             serials = st.listeners.serials();
         }
@@ -296,7 +299,7 @@ fn process_mailbox() {
         let mut again = Vec::new();
         // A few channels per hold of the zone lock: an overflowed mailbox names every channel
         // with listeners here.
-        st.listeners.begin_wake(&serials);
+        st.listeners.begin_wake(&serials, horizon);
         for chunk in serials.chunks(WAKE_CHANNELS_PER_LOCK) {
             let Some(mut z) = zone::lock(mcf) else { break };
             for &serial in chunk {
@@ -304,6 +307,15 @@ fn process_mailbox() {
             }
         }
         st.listeners.end_wake();
+        if serials.len() > 1 {
+            // A streaming subscriber of several channels gets the pass's messages in id order,
+            // then its end if it ends (see `Listeners::begin_wake`).
+            out.sort_by_key(|(h, v)| match (h, v) {
+                (Handle::Stream(_), Verdict::DeliverOn(p, _)) => (1, p.id),
+                (Handle::Stream(_), _) => (1, u64::MAX),
+                _ => (0, 0),
+            });
+        }
         (out, again)
     });
     let (out, again) = out.unwrap_or_default();

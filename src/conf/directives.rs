@@ -42,7 +42,7 @@ static mut CONCURRENCY_VALUES: [ngx_conf_enum_t; 4] = [
 ];
 
 /// The directive table.
-pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 22] = [
+pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 23] = [
     command(
         ngx_string!("martd_shm_size"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
@@ -194,6 +194,14 @@ pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 22] = [
         ngx_conf_set_size_slot,
         LOC,
         offset_of!(LocConf, max_pending_bytes),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_channel_id_delimiter"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_str_slot,
+        LOC,
+        offset_of!(LocConf, channel_id_delimiter),
         ptr::null_mut(),
     ),
     command(

@@ -88,6 +88,8 @@ pub struct LocConf {
     pub websocket_ping: ngx_msec_t,
     pub max_pending_bytes: usize,
     pub stream_separator: ngx_str_t,
+    /// `martd_channel_id_delimiter`: empty = none.
+    pub channel_id_delimiter: ngx_str_t,
 }
 
 impl LocConf {
@@ -162,6 +164,7 @@ pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             websocket_ping: UNSET_MSEC,
             max_pending_bytes: UNSET_SIZE,
             stream_separator: ngx_str_t { len: 0, data: ptr::null_mut() },
+            channel_id_delimiter: ngx_str_t { len: 0, data: ptr::null_mut() },
         },
     )
 }
@@ -197,6 +200,9 @@ pub unsafe extern "C" fn merge_loc_conf(
     merge(&mut conf.eventsource_ping, prev.eventsource_ping, UNSET_MSEC, 0);
     merge(&mut conf.websocket_ping, prev.websocket_ping, UNSET_MSEC, 0);
     merge(&mut conf.max_pending_bytes, prev.max_pending_bytes, UNSET_SIZE, 1024 * 1024);
+    if conf.channel_id_delimiter.data.is_null() {
+        conf.channel_id_delimiter = prev.channel_id_delimiter;
+    }
     if conf.stream_separator.data.is_null() {
         conf.stream_separator = if prev.stream_separator.data.is_null() {
             ngx_str_t { len: 1, data: c"\n".as_ptr() as *mut u8 }

@@ -203,6 +203,6 @@ pub fn respond(r: *mut ngx_http_request_t, verdict: Option<Verdict>) -> ngx_int_
             response::error_in(r, 410, "channel deleted", Some(&name))
         }
         Some(Verdict::Gone) => response::error(r, 410, "channel deleted"),
-        Some(Verdict::Unavailable | Verdict::Deliver(_)) => unavailable(r),
+        Some(Verdict::Unavailable | Verdict::Deliver(_) | Verdict::DeliverOn(..)) => unavailable(r),
     }
 }

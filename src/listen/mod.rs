@@ -28,7 +28,7 @@ use nginx_sys::{
     NGX_DONE, NGX_ERROR, NGX_HTTP_CLIENT_CLOSED_REQUEST, NGX_HTTP_GET, NGX_OK,
 };
 
-use crate::channel_id::channel_id;
+use crate::channel_id::channel_ids;
 use crate::conf::{LocConf, MainConf};
 use crate::response::{self, Body};
 use crate::transport::{self, streaming, Transport};
@@ -131,20 +131,24 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
     if lcf.json {
         return json::listen(r, lcf, transport);
     }
-    let name = match channel_id(r, lcf) {
+    let names = match channel_ids(r, lcf) {
         Ok(n) => n,
-        Err(reason) => return response::error(r, 400, &reason.to_string()),
+        Err(reason) => return response::error(r, 400, &reason),
     };
     let kind = match transport {
         Transport::LongPoll => None,
-        Transport::Interval => return interval(r, &name),
+        Transport::Interval if names.len() == 1 => return interval(r, &names[0]),
+        Transport::Interval => None,
         Transport::EventSource => Some(streaming::Kind::EventSource),
         Transport::Stream => Some(streaming::Kind::Stream),
         Transport::WebSocket => Some(streaming::Kind::WebSocket),
     };
     if let Some(kind) = kind {
-        return streaming::listen(r, lcf, &name, kind);
+        return streaming::listen(r, lcf, &names, kind);
     }
+    let [name] = &names[..] else {
+        return response::error(r, 400, "several channels need a streaming transport here");
+    };
     if !worker::accepting() {
         return not_modified(r);
     }
@@ -161,16 +165,16 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
         let slot = st.slot?;
         let opts = listen_opts(lcf, slot);
         let mut z = zone::lock(mcf)?;
-        Some(match z.store().listen(&name, since, &opts, now, &mut wake) {
+        Some(match z.store().listen(name, since, &opts, now, &mut wake) {
             Ok(Listen::Message(m)) => {
                 let id = m.id;
                 let payload = st.listeners.cache.get(m);
                 // A one-to-one channel's message is consumed by its delivery.
-                z.store().consume(&name, id - 1, id);
+                z.store().consume(name, id - 1, id);
                 Ok(Err(payload))
             }
             Ok(Listen::Park(p)) => {
-                let key = st.listeners.park(&name, &p, handle);
+                let key = st.listeners.park(name, &p, handle);
                 if let Some(d) = detached.take() {
                     detach::insert(&mut st.detached, d, key);
                 }
@@ -187,7 +191,7 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
         Some(Ok(Err(Some(payload)))) => deliver(r, &payload),
         Some(Ok(Err(None))) => unavailable(r),
         Some(Ok(Ok(key))) => parked(r, handle, key, lcf),
-        Some(Err(e)) => refused(r, e, &name),
+        Some(Err(e)) => refused(r, e, name),
     }
 }
 
@@ -341,7 +345,9 @@ fn respond(r: *mut ngx_http_request_t, verdict: Option<Verdict>) -> ngx_int_t {
         Some(Verdict::Conflict) => response::error(r, 409, "a newer listener took this channel"),
         Some(Verdict::Gone) => response::error(r, 410, "channel deleted"),
         Some(Verdict::Unavailable) => unavailable(r),
-        Some(Verdict::Batch(_) | Verdict::GoneChannel(_)) => unavailable(r),
+        Some(Verdict::Batch(_) | Verdict::GoneChannel(_) | Verdict::DeliverOn(..)) => {
+            unavailable(r)
+        }
         None => not_modified(r),
     }
 }
@@ -403,6 +409,22 @@ pub fn leave_key(key: ListenerKey) {
             return;
         };
         st.listeners.remove(key, |r| z.store().release(&r.name, r.serial, slot, 1, r.last));
+    });
+}
+
+/// Takes streaming subscriber `handle`'s entry at `key` out of the worker's listeners and the
+/// zone's counts, if it is still there.
+pub fn leave_stream_key(key: ListenerKey, handle: Handle) {
+    worker::with(|st| {
+        let Some(slot) = st.slot else {
+            return;
+        };
+        // SAFETY: `mcf` is this worker's cycle's main conf.
+        let Some(mut z) = zone::lock(unsafe { &*st.mcf }) else {
+            return;
+        };
+        st.listeners
+            .remove_stream(key, handle, |r| z.store().release(&r.name, r.serial, slot, 1, r.last));
     });
 }
 

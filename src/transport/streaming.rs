@@ -92,7 +92,10 @@ impl Piece {
 pub struct StreamCtx {
     pub(super) request: *mut ngx_http_request_t,
     /// Where it sits in the worker's listeners; `None` once it left.
-    pub(super) key: Option<ListenerKey>,
+    /// Where it sits in the worker's listeners, one entry per channel; empty once it left.
+    pub(super) keys: Vec<ListenerKey>,
+    /// It listens on several channels (EventSource events then name theirs).
+    multi: bool,
     pub(super) kind: Kind,
     separator: &'static [u8],
     /// Buffers given to nginx and not sent yet, oldest first, with their length.
@@ -103,13 +106,19 @@ pub struct StreamCtx {
     max_pending: usize,
     ping_ms: ngx_msec_t,
     ping: ngx_event_t,
-    /// Posted to close the connection after a write failed or the pending cap was passed.
+    /// Posted to finalize the request: after a clean end (`finish`: the rc of the last
+    /// buffer), or to close the connection after a write failed or the pending cap was
+    /// passed.
     close: ngx_event_t,
+    finish: Option<ngx_int_t>,
     /// Ended or failing: nothing more is written.
     pub(super) done: bool,
     /// A WebSocket's reading side.
     pub(super) ws: Option<Box<super::websocket::WsState>>,
 }
+
+/// A stored message sent when a stream opens, and its channel.
+type Backlogged = (Rc<Payload>, Option<Rc<[u8]>>);
 
 /// EventSource keep-alive: a comment line.
 const PING: &[u8] = b":\n\n";
@@ -136,8 +145,14 @@ fn resume_since(r: *mut ngx_http_request_t, kind: Kind) -> Result<Since, &'stati
     Ok(Since::from_headers(etag, modified))
 }
 
-/// Handles a streaming listen request on channel `name`.
-pub fn listen(r: *mut ngx_http_request_t, lcf: &LocConf, name: &[u8], kind: Kind) -> ngx_int_t {
+/// Handles a streaming listen request on channels `names` (one, or several from
+/// `martd_channel_id_delimiter`).
+pub fn listen(
+    r: *mut ngx_http_request_t,
+    lcf: &LocConf,
+    names: &[Vec<u8>],
+    kind: Kind,
+) -> ngx_int_t {
     let since = match resume_since(r, kind) {
         Ok(s) => s,
         Err(reason) => return response::error(r, 400, reason),
@@ -151,7 +166,7 @@ pub fn listen(r: *mut ngx_http_request_t, lcf: &LocConf, name: &[u8], kind: Kind
         // An empty stream: the client connects again, to a worker that is not leaving.
         return response::send(r, 200, kind.content_type(), Body::Bytes(b""), None);
     }
-    let Some(ctx) = prepare(r, lcf, kind) else {
+    let Some(ctx) = prepare(r, lcf, kind, names.len() > 1) else {
         return NGX_ERROR as ngx_int_t;
     };
     let mcf = main_conf(r);
@@ -162,52 +177,86 @@ pub fn listen(r: *mut ngx_http_request_t, lcf: &LocConf, name: &[u8], kind: Kind
         let opts = ListenOpts { stream: true, ..listen_opts(lcf, slot) };
         let mut z = zone::lock(mcf)?;
         let store = z.store();
-        let mut p = match store.listen(name, since, &opts, now, &mut wake) {
-            Ok(Listen::Park(p)) => p,
-            // Not with `stream`.
-            Ok(Listen::Message(_)) => return Some(Err(StoreError::NotFound)),
-            Err(e) => return Some(Err(e)),
-        };
-        let mut backlog = Vec::new();
-        let mut complete = true;
-        if let Some(ch) = store.channel(name, p.serial) {
+        let mut parked = Vec::with_capacity(names.len());
+        for (i, name) in names.iter().enumerate() {
+            let res = match store.listen(name, since, &opts, now, &mut wake) {
+                Ok(Listen::Park(p)) => Ok(p),
+                // Not with `stream`.
+                Ok(Listen::Message(_)) => Err(StoreError::NotFound),
+                Err(e) => Err(e),
+            };
+            match res {
+                Ok(p) => parked.push(p),
+                Err(e) => {
+                    // All channels or none: the ones counted already leave.
+                    for (n, p) in names.iter().zip(&parked) {
+                        store.release(n, p.serial, slot, 1, None);
+                    }
+                    return Some(Err((i, e)));
+                }
+            }
+        }
+        // Every stored message newer than the resume id, of every channel, in id order.
+        let mut backlog: Vec<(Rc<Payload>, usize)> = Vec::new();
+        // The first message that could not be copied: the backlog stops before it.
+        let mut missing = u64::MAX;
+        for (i, (name, p)) in names.iter().zip(&parked).enumerate() {
+            let Some(ch) = store.channel(name, p.serial) else { continue };
             for m in ch.messages_after(p.since, now, false) {
                 match st.listeners.cache.get(m) {
-                    Some(payload) => backlog.push(payload),
+                    Some(payload) => backlog.push((payload, i)),
                     None => {
-                        complete = false;
+                        missing = missing.min(m.id);
                         break;
                     }
                 }
             }
         }
-        if let Some(last) = backlog.last() {
-            // A one-to-one channel's messages are consumed by their delivery.
-            store.consume(name, p.since, last.id);
-            p.since = last.id;
+        backlog.sort_by_key(|(p, _)| p.id);
+        backlog.retain(|(p, _)| p.id < missing);
+        let complete = missing == u64::MAX;
+        let mut keys = Vec::with_capacity(names.len());
+        for (i, (name, mut p)) in names.iter().zip(parked).enumerate() {
+            if let Some((last, _)) = backlog.iter().rev().find(|(_, c)| *c == i) {
+                // A one-to-one channel's messages are consumed by their delivery.
+                store.consume(name, p.since, last.id);
+                p.since = last.id;
+            }
+            keys.push(st.listeners.park_stream(name, &p, Handle::Stream(ctx)));
         }
-        let key = st.listeners.park_stream(name, &p, Handle::Stream(ctx));
-        Some(Ok((key, backlog, complete)))
+        Some(Ok((keys, backlog, complete)))
     })
     .flatten();
     worker::wake(&wake);
     match outcome {
         None => response::send(r, 200, kind.content_type(), Body::Bytes(b""), None),
-        Some(Err(e)) => refused(r, e, name),
-        Some(Ok((key, backlog, complete))) => open(ctx, key, &backlog, complete),
+        Some(Err((i, e))) => refused(r, e, names.get(i).map_or(&b""[..], |n| &n[..])),
+        Some(Ok((keys, backlog, complete))) => {
+            let backlog: Vec<_> = backlog
+                .into_iter()
+                .map(|(p, i)| (p, names.get(i).map(|n| Rc::<[u8]>::from(&n[..]))))
+                .collect();
+            open(ctx, keys, &backlog, complete)
+        }
     }
 }
 
 /// The subscriber's context, made before it parks so that nothing can fail once the zone
 /// counts it. `None`: no memory.
-fn prepare(r: *mut ngx_http_request_t, lcf: &LocConf, kind: Kind) -> Option<*mut StreamCtx> {
+fn prepare(
+    r: *mut ngx_http_request_t,
+    lcf: &LocConf,
+    kind: Kind,
+    multi: bool,
+) -> Option<*mut StreamCtx> {
     let separator = match kind {
         Kind::Stream => str_bytes(&lcf.stream_separator),
         Kind::EventSource | Kind::WebSocket => &[][..],
     };
     let ctx = Box::new(StreamCtx {
         request: r,
-        key: None,
+        keys: Vec::new(),
+        multi,
         kind,
         separator,
         in_flight: VecDeque::new(),
@@ -223,6 +272,7 @@ fn prepare(r: *mut ngx_http_request_t, lcf: &LocConf, kind: Kind) -> Option<*mut
         ping: unsafe { std::mem::zeroed() },
         // SAFETY: as above.
         close: unsafe { std::mem::zeroed() },
+        finish: None,
         done: false,
         ws: (kind == Kind::WebSocket).then(|| Box::new(super::websocket::WsState::new())),
     });
@@ -266,18 +316,20 @@ fn str_bytes(s: &ngx_str_t) -> &'static [u8] {
 /// the client resumes).
 fn open(
     ctx: *mut StreamCtx,
-    key: ListenerKey,
-    backlog: &[Rc<Payload>],
+    keys: Vec<ListenerKey>,
+    backlog: &[Backlogged],
     complete: bool,
 ) -> ngx_int_t {
     // SAFETY: `ctx` was made for the live request being handled; it is freed only with the
     // request pool.
     let ctx = unsafe { &mut *ctx };
-    ctx.key = Some(key);
+    let first = keys.first().map_or(0, |k| k.serial);
+    let n = keys.len();
+    ctx.keys = keys;
     let r = ctx.request;
     // SAFETY: `r` is the live request being handled.
     let log = unsafe { (*(*r).connection).log };
-    martd_debug!(log, "streaming subscriber on channel #{} ({:?})", key.serial, ctx.kind);
+    martd_debug!(log, "streaming subscriber on {} channel(s), #{}... ({:?})", n, first, ctx.kind);
     let headers = if ctx.kind == Kind::WebSocket {
         super::websocket::handshake_headers(r)
     } else {
@@ -325,8 +377,8 @@ fn open(
         // SAFETY: `r` is live; the WebSocket reads the connection from now on.
         unsafe { (*r).read_event_handler = Some(super::websocket::reader) };
     }
-    for p in backlog {
-        deliver(ctx, p);
+    for (p, channel) in backlog {
+        deliver(ctx, p, channel.as_ref());
     }
     if ctx.kind == Kind::WebSocket && !ctx.done {
         // Frames the client sent with (or right after) its handshake.
@@ -352,18 +404,37 @@ pub fn answer(ctx: *mut StreamCtx, verdict: Option<Verdict>) {
     let ctx = unsafe { &mut *ctx };
     use martd_core::transport::websocket::code;
     let (close, why) = match verdict {
-        Some(Verdict::Deliver(p)) => return deliver(ctx, &p),
+        Some(Verdict::DeliverOn(p, channel)) => return deliver(ctx, &p, Some(&channel)),
+        Some(Verdict::Deliver(p)) => return deliver(ctx, &p, None),
         None => (code::GOING_AWAY, "going away"),
         Some(Verdict::Gone | Verdict::GoneChannel(_)) => (code::NORMAL, "channel deleted"),
         Some(Verdict::Conflict) => (code::POLICY, "displaced by a newer subscriber"),
         Some(Verdict::Unavailable | Verdict::Batch(_)) => (code::INTERNAL, "no memory here"),
     };
-    ctx.key = None;
+    // It left the channel it was answered on; its other channels' entries leave too.
+    leave_all(ctx);
     end_with(ctx, close, why);
 }
 
-fn deliver(ctx: &mut StreamCtx, p: &Rc<Payload>) {
+/// Takes the subscriber's remaining entries out of the worker's listeners and the zone.
+fn leave_all(ctx: &mut StreamCtx) {
+    let handle = Handle::Stream(ctx as *mut StreamCtx);
+    for key in std::mem::take(&mut ctx.keys) {
+        listen::leave_stream_key(key, handle);
+    }
+}
+
+fn deliver(ctx: &mut StreamCtx, p: &Rc<Payload>, channel: Option<&Rc<[u8]>>) {
     let pieces = match ctx.kind {
+        Kind::EventSource if ctx.multi => p.sse_event().map(|ev| {
+            // Each event names its channel (`event:`), before the event's own lines.
+            let name = channel.map_or(&[][..], |c| &c[..]);
+            let mut line = Vec::with_capacity(name.len() + 8);
+            line.extend_from_slice(b"event: ");
+            line.extend(name.iter().copied().filter(|&b| b != b'\r' && b != b'\n'));
+            line.push(b'\n');
+            vec![Piece::owned(line.into_boxed_slice()), Piece::payload(ev, p)]
+        }),
         Kind::EventSource => p.sse_event().map(|ev| vec![Piece::payload(ev, p)]),
         Kind::WebSocket => p.ws_frame().map(|f| vec![Piece::payload(f, p)]),
         Kind::Stream => Some(vec![Piece::payload(p.body(), p), Piece::lasting(ctx.separator)]),
@@ -520,10 +591,10 @@ pub(super) fn end_with(ctx: &mut StreamCtx, code: u16, why: &str) {
         if ctx.ping.timer_set() != 0 {
             ngx_del_timer(&mut ctx.ping);
         }
-        let c = (*r).connection;
-        let rc = ngx_http_send_special(r, NGX_HTTP_LAST as usize);
-        ngx_http_finalize_request(r, rc);
-        ngx_http_run_posted_requests(c);
+        // Finalized from a posted event, not here: a wake-up's answers may name this stream
+        // again after its end (several channels, a shutdown), and must find it alive.
+        ctx.finish = Some(ngx_http_send_special(r, NGX_HTTP_LAST as usize));
+        ngx_post_event(&mut ctx.close, ptr::addr_of_mut!(ngx_posted_events));
     }
 }
 
@@ -587,7 +658,8 @@ unsafe extern "C" fn close_handler(ev: *mut ngx_event_t) {
     unsafe {
         let r = (*ctx).request;
         let c = (*r).connection;
-        ngx_http_finalize_request(r, NGX_ERROR as ngx_int_t);
+        let rc = (*ctx).finish.unwrap_or(NGX_ERROR as ngx_int_t);
+        ngx_http_finalize_request(r, rc);
         ngx_http_run_posted_requests(c);
     }
 }
@@ -603,9 +675,7 @@ extern "C" fn stream_cleanup(data: *mut c_void) {
         if (*ctx).close.posted() != 0 {
             ngx_delete_posted_event(&mut (*ctx).close);
         }
-        if let Some(key) = (*ctx).key.take() {
-            listen::leave_key(key);
-        }
+        leave_all(&mut *ctx);
         drop(Box::from_raw(ctx));
     }
 }

@@ -8,9 +8,7 @@
 
 use martd_core::transport::websocket::{self as ws, code, Decoder, Event};
 use nginx_sys::{
-    ngx_handle_read_event, ngx_http_finalize_request, ngx_http_request_t,
-    ngx_http_run_posted_requests, ngx_int_t, NGX_AGAIN, NGX_HTTP_CLIENT_CLOSED_REQUEST,
-    NGX_HTTP_VERSION_11, NGX_OK,
+    ngx_handle_read_event, ngx_http_request_t, ngx_int_t, NGX_AGAIN, NGX_HTTP_VERSION_11, NGX_OK,
 };
 
 use super::request_header;
@@ -126,13 +124,11 @@ pub unsafe extern "C" fn reader(r: *mut ngx_http_request_t) {
             break;
         }
         if n <= 0 {
-            // The client closed (or reset) the connection.
-            // SAFETY: as for nginx's own test of a closed client; `ctx` is not used after.
-            unsafe {
-                (*c).set_error(1);
-                ngx_http_finalize_request(r, NGX_HTTP_CLIENT_CLOSED_REQUEST as ngx_int_t);
-                ngx_http_run_posted_requests(c);
-            }
+            // The client closed (or reset) the connection: closed from a posted event (this
+            // may run inside the listen handler).
+            // SAFETY: the connection is live.
+            unsafe { (*c).set_error(1) };
+            fail(ctx, "");
             return;
         }
         // SAFETY: `recv` initialized `n` more bytes.

@@ -8,6 +8,7 @@ mod harness;
 
 mod eventsource;
 mod interval;
+mod multi;
 mod stream;
 mod websocket;
 

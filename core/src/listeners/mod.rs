@@ -101,6 +101,8 @@ pub struct Listeners<H> {
     /// [`Listeners::begin_wake`]).
     woken: rustc_hash::FxHashSet<u64>,
     woken_known: bool,
+    /// See [`Listeners::begin_wake`].
+    horizon: MsgId,
     multis: Slab<MultiListener<H>>,
     /// Lingering multi-channel listeners by connection, and in the order they expire
     /// (`(until, index, lingered)`; entries of listeners taken over or gone stay until then).
@@ -120,6 +122,7 @@ impl<H> Default for Listeners<H> {
             spare: Vec::new(),
             woken: Default::default(),
             woken_known: false,
+            horizon: MsgId::MAX,
             multis: Slab::new(),
             by_conn: HashMap::default(),
             lingering: Default::default(),
@@ -155,7 +158,7 @@ impl<H: Copy> Listeners<H> {
 
     /// Keeps a streaming subscriber the store parked (with `ListenOpts::stream`), waiting
     /// past `parked.since` (set it to the last message the caller sent it). Wake-ups give it
-    /// every newer message, in order, each a [`Verdict::Deliver`], and leave it parked; a
+    /// every newer message, in order, each a [`Verdict::DeliverOn`], and leave it parked; a
     /// [`Verdict::Conflict`], [`Verdict::Gone`] or [`Verdict::Unavailable`] ends it (it has
     /// left).
     pub fn park_stream(&mut self, name: &[u8], parked: &Parked, handle: H) -> ListenerKey {
@@ -247,6 +250,11 @@ impl<H: Copy> Listeners<H> {
             }
             return true;
         }
+        self.remove_single(key, release)
+    }
+
+    /// Removes the single-channel listener or stream entry at `key`.
+    fn remove_single(&mut self, key: ListenerKey, release: impl FnOnce(Removed)) -> bool {
         match self.remove_entry(key, Owner::One(())) {
             Some(r) => {
                 self.count -= 1;
@@ -255,6 +263,26 @@ impl<H: Copy> Listeners<H> {
             }
             None => false,
         }
+    }
+
+    /// Removes streaming subscriber `handle`'s entry at `key` (a subscriber of several
+    /// channels has one per channel), if it is still there; `release` as for
+    /// [`Listeners::remove`].
+    pub fn remove_stream(
+        &mut self,
+        key: ListenerKey,
+        handle: H,
+        release: impl FnOnce(Removed),
+    ) -> bool
+    where
+        H: PartialEq,
+    {
+        let ours = self
+            .channels
+            .get(&key.serial)
+            .and_then(|c| c.parked.get(key.index))
+            .is_some_and(|p| p.owner == Owner::Stream(handle));
+        ours && self.remove_single(key, release)
     }
 
     /// Takes every listener out (worker shutting down): what to release in the store per

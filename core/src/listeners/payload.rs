@@ -120,6 +120,8 @@ impl PayloadCache {
 pub enum Verdict {
     /// `200` with this message.
     Deliver(Rc<Payload>),
+    /// A streaming subscriber's next message, and the channel it was published on.
+    DeliverOn(Rc<Payload>, Rc<[u8]>),
     /// `200` with this JSON body (a multi-channel listener: every channel with something
     /// newer, see [`crate::json`]).
     Batch(Rc<[u8]>),

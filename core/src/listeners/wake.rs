@@ -49,16 +49,17 @@ impl Afterwards {
     }
 }
 
-/// Every message of `ch` after `since`, as this worker's copies (`None`: one could not be
-/// copied).
+/// Every message of `ch` after `since` up to `horizon`, as this worker's copies (`None`: one
+/// could not be copied).
 fn stream_run<A: Allocator + Clone>(
     ch: &Channel<A>,
     mut since: MsgId,
+    horizon: MsgId,
     now_ms: u64,
     cache: &mut super::PayloadCache,
 ) -> Option<Vec<Rc<Payload>>> {
     let mut run = Vec::new();
-    while let Some(m) = ch.next_for(since, now_ms) {
+    while let Some(m) = ch.next_for(since, now_ms).filter(|m| m.id <= horizon) {
         run.push(cache.get(m)?);
         since = m.id;
     }
@@ -82,10 +83,17 @@ impl<H: Copy> Listeners<H> {
     /// there is in the wake-up that follows the publish; one published before it parked was
     /// answered when it came; one published after this wake-up was taken comes with the next
     /// (and the listener, answered now with that channel's old id, asks for it again).
-    pub fn begin_wake(&mut self, serials: &[u64]) {
+    ///
+    /// `horizon`: the zone's last message id when the mailbox was taken. Streaming
+    /// subscribers get messages up to it only: a later one comes with the wake-up its publish
+    /// asks for, so that a subscriber of several channels gets every message of this pass
+    /// before any later one (the caller writes each subscriber's messages in id order), and
+    /// its last id is one to resume all its channels from.
+    pub fn begin_wake(&mut self, serials: &[u64], horizon: MsgId) {
         self.woken.clear();
         self.woken.extend(serials.iter().copied());
         self.woken_known = true;
+        self.horizon = horizon;
     }
 
     /// The wake-up is worked through: multi-channel listeners look at all their channels
@@ -93,6 +101,7 @@ impl<H: Copy> Listeners<H> {
     pub fn end_wake(&mut self) {
         self.woken.clear();
         self.woken_known = false;
+        self.horizon = MsgId::MAX;
     }
 
     /// Looks at channel `serial` after a wake-up: every listener that can be answered is
@@ -211,6 +220,8 @@ impl<H: Copy> Listeners<H> {
         // The same for streaming subscribers: every message after an id (`None`: one could
         // not be copied).
         let mut last_run: Option<(MsgId, Option<Vec<Rc<Payload>>>)> = None;
+        let horizon = self.horizon;
+        let mut channel: Option<Rc<[u8]>> = None;
         local.parked.retain(|_, p| {
             let conflict = ch.evicts(p.park_seq);
             if let Owner::Stream(h) = p.owner {
@@ -218,7 +229,7 @@ impl<H: Copy> Listeners<H> {
                     _ if conflict => None,
                     Some((since, run)) if *since == p.since => run.clone(),
                     _ => {
-                        let run = stream_run(ch, p.since, now_ms, cache);
+                        let run = stream_run(ch, p.since, horizon, now_ms, cache);
                         last_run = Some((p.since, run.clone()));
                         run
                     }
@@ -233,7 +244,8 @@ impl<H: Copy> Listeners<H> {
                         after.consumed.push((ch.name().into(), p.since, msg.id));
                     }
                     p.since = msg.id;
-                    out.push((h, Verdict::Deliver(msg)));
+                    let name = channel.get_or_insert_with(|| ch.name().into()).clone();
+                    out.push((h, Verdict::DeliverOn(msg, name)));
                 }
                 return true;
             }

@@ -461,7 +461,7 @@ proptest! {
                             Verdict::Gone => {}
                             Verdict::Conflict => prop_assert!(false, "broadcast never conflicts"),
                             Verdict::Unavailable => prop_assert!(false, "the global allocator does not fail"),
-                            Verdict::Batch(_) | Verdict::GoneChannel(_) => prop_assert!(false, "no multi-channel listener here"),
+                            Verdict::Batch(_) | Verdict::GoneChannel(_) | Verdict::DeliverOn(..) => prop_assert!(false, "no multi-channel listener or stream here"),
                         }
                     }
                 }

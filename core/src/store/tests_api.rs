@@ -239,7 +239,7 @@ fn a_wake_up_names_every_channel_with_news_for_multi_channel_listeners() {
     let mut serials = vec![];
     s.take_mailbox(slots[0], &mut serials);
     assert_eq!(serials.len(), 2);
-    l.begin_wake(&serials);
+    l.begin_wake(&serials, MsgId::MAX);
     let mut out = vec![];
     for &serial in &serials {
         l.wake(&mut s, serial, slots[0], 2, &mut out, &mut vec![]);

@@ -38,7 +38,7 @@ fn publish_and_wake(
     let mut serials = vec![];
     s.take_mailbox(slot, &mut serials);
     let mut out = vec![];
-    l.begin_wake(&serials);
+    l.begin_wake(&serials, MsgId::MAX);
     for &serial in &serials {
         l.wake(s, serial, slot, 2, &mut out, &mut vec![]);
     }

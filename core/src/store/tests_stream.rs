@@ -25,7 +25,7 @@ fn wake_all(s: &mut Store<Global>, l: &mut Listeners<u32>, slot: u32) -> Vec<(u3
 fn delivered(out: &[(u32, Verdict)]) -> Vec<(u32, Vec<u8>)> {
     out.iter()
         .map(|(h, v)| match v {
-            Verdict::Deliver(p) => (*h, p.body().to_vec()),
+            Verdict::DeliverOn(p, _) | Verdict::Deliver(p) => (*h, p.body().to_vec()),
             other => panic!("{h}: {other:?}"),
         })
         .collect()
@@ -110,5 +110,50 @@ fn a_stream_ends_when_displaced_deleted_or_removed() {
         s.release(&r.name, r.serial, slot, n, r.last);
     }
     assert_eq!(s.total_listeners(), 0);
+    s.check();
+}
+
+#[test]
+fn a_wake_up_gives_streams_nothing_past_its_horizon() {
+    let (mut s, slots) = store_with_workers(1);
+    let slot = slots[0];
+    let mut w = vec![];
+    let mut l: Listeners<u32> = Listeners::default();
+    for name in [&b"a"[..], b"b"] {
+        let Listen::Park(p) = s.listen(name, Since::Oldest, &sopts(slot), 1, &mut w).unwrap()
+        else {
+            panic!()
+        };
+        l.park_stream(name, &p, 1);
+    }
+    s.publish_msg(b"a", &msg(b"a1"), &popts(10), 2, &mut w).unwrap();
+    let mut serials = vec![];
+    s.take_mailbox(slot, &mut serials);
+    let horizon = s.last_id();
+    // Published after the mailbox was taken: b's first, then a's second.
+    s.publish_msg(b"b", &msg(b"b2"), &popts(10), 3, &mut w).unwrap();
+    s.publish_msg(b"a", &msg(b"a3"), &popts(10), 3, &mut w).unwrap();
+    let mut out = vec![];
+    l.begin_wake(&serials, horizon);
+    for &serial in &serials {
+        l.wake(&mut s, serial, slot, 3, &mut out, &mut vec![]);
+    }
+    l.end_wake();
+    assert_eq!(delivered(&out), vec![(1, b"a1".to_vec())], "a3 waits for its own wake-up");
+    // The next pass has both channels: b2 then a3 once sorted by id, as the edge does.
+    let mut serials = vec![];
+    s.take_mailbox(slot, &mut serials);
+    let horizon = s.last_id();
+    let mut out = vec![];
+    l.begin_wake(&serials, horizon);
+    for &serial in &serials {
+        l.wake(&mut s, serial, slot, 3, &mut out, &mut vec![]);
+    }
+    l.end_wake();
+    out.sort_by_key(|(_, v)| match v {
+        Verdict::DeliverOn(p, _) => p.id,
+        _ => u64::MAX,
+    });
+    assert_eq!(delivered(&out), vec![(1, b"b2".to_vec()), (1, b"a3".to_vec())]);
     s.check();
 }
