@@ -3,7 +3,7 @@
 
 use martd_core::info::{ChannelInfo, InfoFormat};
 use martd_core::key::hash_key;
-use martd_core::queue::MessageSpec;
+use martd_core::queue::{MessageSpec, MAX_CONTENT_TYPE, MAX_EVENT};
 use martd_core::store::{PublishOpts, StoreError};
 use nginx_sys::{
     ngx_chain_t, ngx_http_discard_request_body, ngx_http_finalize_request,
@@ -76,8 +76,10 @@ pub unsafe extern "C" fn push_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     let lcf = loc_conf(r);
     if m == NGX_HTTP_POST as usize || m == NGX_HTTP_PUT as usize {
         // Bad input is refused before the body is read.
-        let checked =
-            channel_id(r, lcf).map_err(|e| e.to_string()).and_then(|_| attrs::from_request(r, lcf));
+        let checked = channel_id(r, lcf)
+            .map_err(|e| e.to_string())
+            .and_then(|_| attrs::from_request(r, lcf))
+            .and_then(|_| check_message_headers(r));
         if let Err(reason) = checked {
             // SAFETY: live request.
             let rc = unsafe { ngx_http_discard_request_body(r) };
@@ -222,6 +224,30 @@ extern "C" fn publish_body(r: *mut ngx_http_request_t) {
     unsafe { ngx_http_finalize_request(r, rc) };
 }
 
+/// The message's `X-Martd-Event` (its EventSource event name), if any.
+fn event_name(r: *mut ngx_http_request_t) -> Option<Vec<u8>> {
+    crate::transport::request_header(r, "X-Martd-Event").map(<[u8]>::to_vec)
+}
+
+/// A message's own headers: a `Content-Type` and an `X-Martd-Event` it can keep. The error is
+/// the reason of a `400`.
+fn check_message_headers(r: *mut ngx_http_request_t) -> Result<(), String> {
+    // SAFETY: `r` is live; the Content-Type header (if any) lives as long as it.
+    let ct_len = unsafe { (*r).headers_in.content_type.as_ref().map_or(0, |h| h.value.len) };
+    if ct_len > MAX_CONTENT_TYPE {
+        return Err(format!("Content-Type longer than {MAX_CONTENT_TYPE} bytes"));
+    }
+    match event_name(r) {
+        Some(e) if e.len() > MAX_EVENT => {
+            Err(format!("X-Martd-Event longer than {MAX_EVENT} bytes"))
+        }
+        Some(e) if e.iter().any(|&b| b < 0x20 || b == 0x7f) => {
+            Err("X-Martd-Event with a control character".into())
+        }
+        _ => Ok(()),
+    }
+}
+
 fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
     let lcf = loc_conf(r);
     let (Ok(name), Ok(attrs)) = (channel_id(r, lcf), attrs::from_request(r, lcf)) else {
@@ -260,7 +286,9 @@ fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
         store: lcf.store_messages != 0,
         channel_timeout_ms: lcf.channel_timeout as u64,
     };
-    let spec = MessageSpec { content_type, body: &body, timeout_ms: opts.timeout_ms };
+    let event = event_name(r).unwrap_or_default();
+    let spec =
+        MessageSpec { content_type, event: &event, body: &body, timeout_ms: opts.timeout_ms };
     // An empty push only sets attributes: always in martd's API, and in the relay protocol
     // when it names any (else it is an empty message, as that protocol has it).
     let attributes_only = body.is_empty() && (lcf.json || attrs.any());

@@ -41,6 +41,12 @@ pub fn now_us() -> u64 {
 
 /// A TCP connection from `src` (any port) to `dst`, with TCP_NODELAY, and its hyper handshake.
 pub async fn connect(dst: SocketAddr, src: Ipv4Addr) -> Result<(Sender, Conn), String> {
+    let stream = tcp_connect(dst, src).await?;
+    http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("handshake: {e}"))
+}
+
+/// A TCP connection from `src` (any port) to `dst`, with TCP_NODELAY (WebSocket subscribers).
+pub async fn tcp_connect(dst: SocketAddr, src: Ipv4Addr) -> Result<TcpStream, String> {
     assert!(dst.ip().is_loopback() && src.is_loopback(), "loopback only");
     let sock = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
     // Pick the source port at connect() time (per destination), not at bind().
@@ -61,7 +67,7 @@ pub async fn connect(dst: SocketAddr, src: Ipv4Addr) -> Result<(Sender, Conn), S
         .map_err(|_| format!("connect {dst} from {src}: timeout"))?
         .map_err(|e| format!("connect {dst} from {src}: {e}"))?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("handshake: {e}"))
+    Ok(stream)
 }
 
 /// A connection whose driver runs in its own task (publishers, control requests).

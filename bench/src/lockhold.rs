@@ -152,8 +152,12 @@ struct Sim<A: Allocator + Clone> {
 
 impl<A: Allocator + Clone> Sim<A> {
     fn publish_one(&mut self, name: &[u8], now: u64) {
-        let spec =
-            MessageSpec { content_type: b"text/plain", body: &self.body, timeout_ms: self.ttl_ms };
+        let spec = MessageSpec {
+            content_type: b"text/plain",
+            event: b"",
+            body: &self.body,
+            timeout_ms: self.ttl_ms,
+        };
         let opts = PublishOpts {
             buffer_len: 10,
             buffer_max: 1000,

@@ -1,8 +1,9 @@
 //! martd-bench: martd vs nchan, side by side, on the same nginx binary.
 //!
 //! Every scenario subcommand starts its own fresh nginx (Debian's `/usr/sbin/nginx` by default)
-//! with either martd or nchan loaded, 2 workers, on a free 127.0.0.1 port, runs long-poll
-//! clients against it (HTTP/1.1, hyper, connections spread over 127.0.N.x source addresses),
+//! with either martd or nchan loaded, 2 workers, on a free 127.0.0.1 port, runs long-poll,
+//! EventSource (HTTP/1.1, hyper) or WebSocket (tokio-tungstenite) clients against it
+//! (connections spread over 127.0.N.x source addresses),
 //! stops it, prints a human table and ends with one JSON line. `report` turns the JSON lines of
 //! many runs into medians, martd/nchan ratios and BENCHMARKS.md. Only loopback addresses are
 //! ever used, and every run is bounded in time.
@@ -30,13 +31,17 @@ scenarios (each starts a fresh nginx, prints a table and a final JSON line):
             of long-polling: nginx's own floor for a round] [--multi 10 --pool 1000: each
             listener waits on `hot` and 9 channels of a pool of 1000 (one message each) in one
             request (martd: martd_listen json; nchan: nchan_channel_id split at commas); the
-            rounds publish to `hot`]
+            rounds publish to `hot`] [--transport eventsource|websocket: each listener
+            opens one stream on /subs?channel=.. (martd: martd_listen eventsource websocket
+            stream; nchan: nchan_subscriber eventsource websocket) and keeps it for every round]
   publish   --publishers 16 --channels 100 --seconds 5 [--warmup 1] [--size 64]
   idle      --listeners 15000 [--channels 100] [--keepalive: idle keep-alive
             connections after one GET /ret instead of long-polls: nginx's own floor]
             [--multi 10 --pool 1000: multi-channel listeners, as for fanout]
+            [--transport eventsource|websocket: open streams, as for fanout]
   capacity  --listeners 30000 --procs 2 [--channels 1]
-  latency   --rate 1000 --seconds 10
+  latency   --rate 1000 --seconds 10 [--transport eventsource: the listener is one
+            EventSource stream]
   big       --listeners 1000 --size 65536 --rounds 10
 
 in-process on martd-core (no nginx; no --server):

@@ -14,6 +14,8 @@ enum Target {
     RatioMax(f64),
     /// martd/nchan ≥ x
     RatioMin(f64),
+    /// martd/nchan < x
+    RatioBelow(f64),
     /// martd's median ≤ x
     MartdMax(f64),
     /// martd's median ≥ x
@@ -28,6 +30,15 @@ fn target(case: &str, metric: &str) -> Option<Target> {
     }
     if case.ends_with("-multi") {
         return None; // compared with the single-channel case instead (VERSUS)
+    }
+    // Streaming subscribers (EventSource, WebSocket); latency-stream has latency's target.
+    match (case, metric) {
+        ("idle-sse" | "idle-ws", "rss_per_listener_b") => return Some(RatioMax(0.5)),
+        ("idle-sse" | "idle-ws", _) => return None,
+        ("fanout-sse" | "fanout-ws", "round_ms") => return Some(RatioMax(1.0)),
+        ("fanout-sse" | "fanout-ws", "server_us_per_delivery") => return Some(RatioBelow(1.0)),
+        ("fanout-sse" | "fanout-ws", _) => return None,
+        _ => {}
     }
     Some(match (scenario, metric) {
         ("fanout", "round_ms" | "p50_us" | "p99_us") => RatioMax(0.5),
@@ -146,6 +157,7 @@ pub fn run(a: &Args) -> Result<u8, String> {
                 None => (String::new(), String::new()),
                 Some(Target::RatioMax(x)) => (format!("ratio ≤ {x}"), yes(ratio <= x)),
                 Some(Target::RatioMin(x)) => (format!("ratio ≥ {x}"), yes(ratio >= x)),
+                Some(Target::RatioBelow(x)) => (format!("ratio < {x}"), yes(ratio < x)),
                 Some(Target::MartdMax(x)) => (format!("martd ≤ {x}"), yes(mv <= x)),
                 Some(Target::MartdMin(x)) => (format!("martd ≥ {x}"), yes(mv >= x)),
             };
@@ -298,7 +310,10 @@ pub fn run(a: &Args) -> Result<u8, String> {
              listener connection on one worker, publisher connection on the other. fanout-multi, \
              idle-multi: every listener waits on 10 channels in one request (martd: a `martd_listen \
              json` location; nchan: `nchan_channel_id` split at commas), `hot` and 9 of a pool of \
-             1,000 that each hold one message; the rounds publish to `hot`. A row `A ÷ B` is the \
+             1,000 that each hold one message; the rounds publish to `hot`. idle-sse, idle-ws, \
+             fanout-sse, fanout-ws, latency-stream: the same with streams that stay open (EventSource \
+             or WebSocket on `/subs`: martd `martd_listen eventsource websocket stream`, nchan \
+             `nchan_subscriber eventsource websocket`) instead of long-polls. A row `A ÷ B` is the \
              ratio of case A's median to case B's, each server against itself in this invocation.\n",
         );
         s.push_str("\n## Every run\n\n| case | server | errors | elapsed s | other_cpu_pct | metrics |\n|---|---|---:|---:|---:|---|\n");

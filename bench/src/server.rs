@@ -35,6 +35,9 @@ pub struct ServerOpts {
     /// (nchan: `nchan_channel_id $arg_chs` split at commas): set by the scenarios that use it, so
     /// that the other cases' configuration stays as it was.
     pub multi: bool,
+    /// Also a streaming location, `/subs` (martd: `martd_listen eventsource websocket stream`;
+    /// nchan: `nchan_subscriber eventsource websocket`): set by the stream scenarios alone.
+    pub streams: bool,
 }
 
 impl ServerOpts {
@@ -59,6 +62,7 @@ impl ServerOpts {
             workers: a.num("workers", 2)?,
             keep: a.flag("keep"),
             multi: false,
+            streams: false,
         })
     }
 }
@@ -92,7 +96,14 @@ fn free_port() -> Result<u16, String> {
     Ok(l.local_addr().map_err(|e| e.to_string())?.port())
 }
 
-fn config(kind: Kind, module: &Path, workers: usize, port: u16, multi: bool) -> String {
+fn config(
+    kind: Kind,
+    module: &Path,
+    workers: usize,
+    port: u16,
+    multi: bool,
+    streams: bool,
+) -> String {
     let (zone, locations) = match kind {
         Kind::Martd => (
             "martd_shm_size 256m;",
@@ -116,6 +127,18 @@ fn config(kind: Kind, module: &Path, workers: usize, port: u16, multi: bool) -> 
             Kind::Nchan => {
                 "\n        location = /subm { nchan_subscriber longpoll; nchan_channel_id $arg_chs; \
                  nchan_channel_id_split_delimiter \",\"; nchan_subscriber_timeout 0; \
+                 nchan_subscriber_first_message oldest; }"
+            }
+        });
+    }
+    if streams {
+        locations.push_str(match kind {
+            Kind::Martd => {
+                "\n        location = /subs { martd_listen eventsource websocket stream; }"
+            }
+            Kind::Nchan => {
+                "\n        location = /subs { nchan_subscriber eventsource websocket; \
+                 nchan_channel_id $arg_channel; nchan_subscriber_timeout 0; \
                  nchan_subscriber_first_message oldest; }"
             }
         });
@@ -252,7 +275,7 @@ impl Server {
         let module = prefix.join(o.module.file_name().unwrap_or("module.so".as_ref()));
         fs::copy(&o.module, &module).map_err(|e| format!("copy {}: {e}", o.module.display()))?;
         let conf = prefix.join("nginx.conf");
-        fs::write(&conf, config(o.kind, &module, o.workers, port, o.multi))
+        fs::write(&conf, config(o.kind, &module, o.workers, port, o.multi, o.streams))
             .map_err(|e| e.to_string())?;
         let stderr = fs::File::create(prefix.join("stderr")).map_err(|e| e.to_string())?;
         let mut prefix_arg = prefix.clone().into_os_string();

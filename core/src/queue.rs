@@ -25,7 +25,9 @@ pub struct Message<A: Allocator> {
     /// (only listeners waiting at publish time may get it), and this counts the workers that
     /// had listeners at publish time and have not yet picked it up. At zero it is dropped.
     pending: u32,
-    ct_len: u32,
+    ct_len: u16,
+    event_len: u16,
+    /// The content type, the event name, the body.
     data: Vec<u8, A>,
 }
 
@@ -34,8 +36,13 @@ impl<A: Allocator> Message<A> {
         &self.data[..self.ct_len as usize]
     }
 
+    /// The publisher's EventSource event name (`X-Martd-Event`); empty if none.
+    pub fn event(&self) -> &[u8] {
+        &self.data[self.ct_len as usize..self.ct_len as usize + self.event_len as usize]
+    }
+
     pub fn body(&self) -> &[u8] {
-        &self.data[self.ct_len as usize..]
+        &self.data[self.ct_len as usize + self.event_len as usize..]
     }
 
     pub fn is_transient(&self) -> bool {
@@ -55,11 +62,19 @@ pub struct NoMemory;
 /// What the publisher asked for a message.
 #[derive(Debug, Clone, Copy)]
 pub struct MessageSpec<'a> {
+    /// At most [`MAX_CONTENT_TYPE`] bytes.
     pub content_type: &'a [u8],
+    /// EventSource event name, at most [`MAX_EVENT`] bytes; empty: none.
+    pub event: &'a [u8],
     pub body: &'a [u8],
     /// `0` = never expires.
     pub timeout_ms: u64,
 }
+
+/// The longest content type a message keeps.
+pub const MAX_CONTENT_TYPE: usize = u16::MAX as usize;
+/// The longest event name a message keeps.
+pub const MAX_EVENT: usize = 1024;
 
 /// The stored messages of one channel, oldest first.
 pub struct MessageQueue<A: Allocator> {
@@ -89,10 +104,13 @@ impl<A: Allocator + Clone> MessageQueue<A> {
         transient_for: Option<u32>,
     ) -> Result<Message<A>, NoMemory> {
         let alloc = self.messages.allocator().clone();
-        let ct_len = u32::try_from(spec.content_type.len()).map_err(|_| NoMemory)?;
+        // The caller bounds both (`MAX_CONTENT_TYPE`, `MAX_EVENT`); longer ones are cut.
+        let ct = &spec.content_type[..spec.content_type.len().min(MAX_CONTENT_TYPE)];
+        let event = &spec.event[..spec.event.len().min(MAX_EVENT)];
         let mut data = Vec::new_in(alloc);
-        data.try_reserve_exact(spec.content_type.len() + spec.body.len()).map_err(|_| NoMemory)?;
-        data.extend_from_slice(spec.content_type);
+        data.try_reserve_exact(ct.len() + event.len() + spec.body.len()).map_err(|_| NoMemory)?;
+        data.extend_from_slice(ct);
+        data.extend_from_slice(event);
         data.extend_from_slice(spec.body);
         let life = match (spec.timeout_ms, transient_for.is_some()) {
             (0, false) => u64::MAX,
@@ -106,7 +124,8 @@ impl<A: Allocator + Clone> MessageQueue<A> {
             expires_ms: now_ms.saturating_add(life),
             // A worker count, far below `STORED`.
             pending: transient_for.map_or(STORED, |n| n.min(STORED - 1)),
-            ct_len,
+            ct_len: ct.len() as u16,
+            event_len: event.len() as u16,
             data,
         })
     }
@@ -246,7 +265,7 @@ mod tests {
     use allocator_api2::alloc::Global;
 
     fn spec(body: &[u8]) -> MessageSpec<'_> {
-        MessageSpec { content_type: b"text/plain", body, timeout_ms: 0 }
+        MessageSpec { content_type: b"text/plain", event: b"", body, timeout_ms: 0 }
     }
 
     #[test]
@@ -268,7 +287,7 @@ mod tests {
         let mut q = MessageQueue::new_in(Global);
         let m = q
             .make_message(
-                &MessageSpec { content_type: b"", body: b"x", timeout_ms: 500 },
+                &MessageSpec { content_type: b"", event: b"", body: b"x", timeout_ms: 500 },
                 1,
                 1000,
                 None,

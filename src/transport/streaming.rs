@@ -426,7 +426,8 @@ fn leave_all(ctx: &mut StreamCtx) {
 
 fn deliver(ctx: &mut StreamCtx, p: &Rc<Payload>, channel: Option<&Rc<[u8]>>) {
     let pieces = match ctx.kind {
-        Kind::EventSource if ctx.multi => p.sse_event().map(|ev| {
+        // An event with no name of its own takes its channel's on a multi-channel stream.
+        Kind::EventSource if ctx.multi && p.event().is_empty() => p.sse_event().map(|ev| {
             // Each event names its channel (`event:`), before the event's own lines.
             let name = channel.map_or(&[][..], |c| &c[..]);
             let mut line = Vec::with_capacity(name.len() + 8);

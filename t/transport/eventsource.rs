@@ -237,3 +237,40 @@ async fn event_streams_long_polls_and_interval_polls_over_http2_and_tls() {
     p.wait_listeners("h1", 0).await;
     ng.finish();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publisher_names_events_with_x_martd_event() {
+    let ng = Nginx::start(es_conf(
+        "        location = /es-multi { martd_listen eventsource; martd_channel_id $arg_chs;
+                               martd_channel_id_delimiter \",\"; }",
+    ));
+    let mut p = Conn::open(ng.port).await;
+    let mut ev =
+        Streaming::open(Conn::open(ng.port).await, "/es?channel=n1", &[SSE], QUICK).await.events();
+    let mut multi =
+        Streaming::open(Conn::open(ng.port).await, "/es-multi?chs=n1,n2", &[SSE], QUICK)
+            .await
+            .events();
+    p.wait_listeners("n1", 2).await;
+    let r = p.send("POST", "/pub?channel=n1", &[("X-Martd-Event", "update")], "u").await;
+    assert!(r.status == 201 || r.status == 202, "{}", r.text());
+    publish(&mut p, "n1", "plain").await;
+    publish(&mut p, "n2", "other").await;
+    let got = ev.take(2, PROMPT).await;
+    assert_eq!((got[0].event.as_str(), got[0].data.as_str()), ("update", "u"));
+    assert_eq!((got[1].event.as_str(), got[1].data.as_str()), ("message", "plain"));
+    // On several channels, an event without a name of its own is named after its channel.
+    let got = multi.take(3, PROMPT).await;
+    let names: Vec<_> = got.iter().map(|e| (e.event.as_str(), e.data.as_str())).collect();
+    assert_eq!(names, vec![("update", "u"), ("n1", "plain"), ("n2", "other")]);
+    // Names that cannot be an event's: 400, and nothing is published.
+    let long = "e".repeat(1025);
+    for (v, why) in [("a\tb", "control character"), (long.as_str(), "longer than 1024")] {
+        let r = p.send("POST", "/pub?channel=n1", &[("X-Martd-Event", v)], "no").await;
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert!(r.text().contains(why), "{}", r.text());
+    }
+    publish(&mut p, "n1", "after").await;
+    assert_eq!(ev.next(PROMPT).await.map(|e| e.data), Some("after".into()));
+    ng.finish();
+}

@@ -19,10 +19,12 @@ use harness::*;
 /// How soon a published message must reach a streaming subscriber.
 const PROMPT: Duration = Duration::from_secs(3);
 
-/// A publisher (`/pub`), a long-poll listener (`/sub`), then `extra` locations.
+/// A publisher (`/pub`, keeping 1000 messages per channel: the tests publish in bursts), a
+/// long-poll listener (`/sub`), then `extra` locations.
 fn conf(extra: &str) -> Conf {
     Conf::new(&format!(
-        "        location = /pub {{ martd_push; }}
+        "        martd_message_buffer_length 1000;
+        location = /pub {{ martd_push; }}
         location = /sub {{ martd_listen; }}
 {extra}"
     ))

@@ -7,8 +7,7 @@ use super::*;
 
 fn multi_conf() -> Conf {
     conf(
-        "        martd_message_buffer_length 1000;
-        location = /m { martd_listen eventsource stream; martd_channel_id $arg_chs;
+        "        location = /m { martd_listen eventsource stream; martd_channel_id $arg_chs;
                         martd_channel_id_delimiter \"|\"; martd_max_channels_per_request 4; }
         location = /m-lp { martd_listen; martd_channel_id $arg_chs; martd_channel_id_delimiter \"|\"; }",
     )

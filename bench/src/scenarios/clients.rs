@@ -351,3 +351,15 @@ pub(super) fn round_metrics(
     out.metric("client_cpu_ms", (cpu1.1 - cpu0.1) as f64 / 1000.0);
     out.metric("server_us_per_delivery", (cpu1.0 - cpu0.0) as f64 / got.max(1) as f64);
 }
+
+/// The idle figures: worker memory growth from `mem0` (fresh) to `mem1` (`parked` listeners
+/// waiting), per listener.
+pub(super) fn idle_metrics(out: &mut Outcome, parked: u64, mem0: Mem, mem1: Mem) {
+    let per = |a: u64, b: u64| (b as f64 - a as f64) / parked.max(1) as f64;
+    out.metric("parked", parked as f64);
+    out.metric("rss_fresh_kb", mem0.rss as f64 / 1024.0);
+    out.metric("rss_parked_kb", mem1.rss as f64 / 1024.0);
+    out.metric("rss_per_listener_b", per(mem0.rss, mem1.rss));
+    out.metric("anon_per_listener_b", per(mem0.anon, mem1.anon));
+    out.metric("shmem_per_listener_b", per(mem0.shmem, mem1.shmem));
+}

@@ -1,4 +1,4 @@
-//! publish, idle, capacity (+ its child processes), latency.
+//! publish, idle, capacity (+ its child processes), latency (and latency-stream).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 
 use super::clients::*;
 use super::multi::{self, Multi, HOT};
+use super::streams;
 use super::{percentile, Errs, Outcome, CHILD_CPU_US, CONNECT_CONCURRENCY};
 use crate::args::Args;
 use crate::http::{self, now_us, Sources};
@@ -172,14 +173,7 @@ pub(super) async fn idle(
     out.metric("setup_s", t0.elapsed().as_secs_f64());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mem1 = srv.mem();
-    let parked = n - fan.failed.load(Relaxed);
-    let per = |a: u64, b: u64| (b as f64 - a as f64) / parked.max(1) as f64;
-    out.metric("parked", parked as f64);
-    out.metric("rss_fresh_kb", mem0.rss as f64 / 1024.0);
-    out.metric("rss_parked_kb", mem1.rss as f64 / 1024.0);
-    out.metric("rss_per_listener_b", per(mem0.rss, mem1.rss));
-    out.metric("anon_per_listener_b", per(mem0.anon, mem1.anon));
-    out.metric("shmem_per_listener_b", per(mem0.shmem, mem1.shmem));
+    idle_metrics(out, n - fan.failed.load(Relaxed), mem0, mem1);
     Ok(())
 }
 
@@ -366,9 +360,13 @@ pub(super) async fn latency(
     out: &mut Outcome,
     rate: f64,
     seconds: f64,
+    stream: bool,
 ) -> Result<(), String> {
     out.params.insert("rate".into(), json!(rate));
     out.params.insert("seconds".into(), json!(seconds));
+    if stream {
+        out.params.insert("transport".into(), json!("eventsource"));
+    }
     let count = (rate * seconds).round().max(1.0) as u64;
     let srcs = Sources::new(0);
     if srv.workers < 2 {
@@ -376,12 +374,20 @@ pub(super) async fn latency(
     }
     let mut conns = balanced(srv.addr, &srcs, 2, 1).await?;
     let (wp, mut pconn) = conns.pop().expect("two");
-    let (wl, mut lconn) = conns.pop().expect("two");
+    let (wl, lconn) = conns.pop().expect("two");
     let mut ctl = control(srv, &srcs).await?;
     let fan = Fan::new(count, 64, out.errs.clone());
     let f2 = fan.clone();
     let ltask = tokio::spawn(async move {
-        if let Err(e) = listen_loop(&f2, &mut lconn, "/sub?channel=lat").await {
+        // latency-stream: one EventSource stream, open for the whole run, on the same
+        // connection (so on the same worker).
+        let mut lconn = lconn;
+        let res = if stream {
+            streams::listen_stream(&f2, lconn, "/subs?channel=lat").await
+        } else {
+            listen_loop(&f2, &mut lconn, "/sub?channel=lat").await
+        };
+        if let Err(e) = res {
             f2.failed.fetch_add(1, Relaxed);
             f2.errs.add(e);
         }
@@ -413,7 +419,9 @@ pub(super) async fn latency(
         }
     }
     let sent_s = start.elapsed().as_secs_f64();
-    wait_until(Duration::from_secs(5), || fan.done.load(Relaxed) > 0).await;
+    // The long-poll listener ends after the last message; the stream stays open.
+    wait_until(Duration::from_secs(5), || fan.done.load(Relaxed) > 0 || fan.deliveries() >= count)
+        .await;
     ltask.abort();
     let got = fan.deliveries();
     if got < count {

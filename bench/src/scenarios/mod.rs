@@ -2,12 +2,14 @@
 //!
 //! This file: the entry point (one run: start nginx, run the scenario, stop, report) and the
 //! results; `clients`: long-poll listeners and shared helpers; `fanout`: the fan-out rounds;
-//! `load`: publish, idle, capacity, latency; `multi`: multi-channel listeners (`--multi`).
+//! `load`: publish, idle, capacity, latency; `multi`: multi-channel listeners (`--multi`);
+//! `streams`: EventSource and WebSocket subscribers (`--transport`).
 
 mod clients;
 mod fanout;
 mod load;
 mod multi;
+mod streams;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -21,6 +23,7 @@ use fanout::{fanout, fanout_floor, Variant};
 pub use load::capacity_child;
 use load::{capacity, idle, latency, publish};
 use multi::Multi;
+use streams::{fanout_streams, idle_streams, Transport};
 
 /// CPU time of the capacity child processes (for `other_cpu_pct`).
 static CHILD_CPU_US: AtomicU64 = AtomicU64::new(0);
@@ -124,6 +127,7 @@ enum Params {
         size: usize,
         floor: bool,
         multi: Option<Multi>,
+        transport: Option<Transport>,
     },
     Publish {
         publishers: usize,
@@ -137,6 +141,7 @@ enum Params {
         channels: u64,
         keepalive: bool,
         multi: Option<Multi>,
+        transport: Option<Transport>,
     },
     Capacity {
         listeners: u64,
@@ -146,6 +151,8 @@ enum Params {
     Latency {
         rate: f64,
         seconds: f64,
+        /// latency-stream: the listener is one EventSource stream.
+        stream: bool,
     },
     Big {
         listeners: u64,
@@ -180,6 +187,19 @@ pub fn run(cmd: &str, a: &Args) -> Result<u8, String> {
         }
     };
     opts.multi = multi.is_some();
+    let transport = a.str_opt("transport").map(|v| Transport::parse(&v)).transpose()?;
+    opts.streams = transport.is_some();
+    if transport.is_some() {
+        if multi.is_some() || a.flag("floor") || a.flag("keepalive") {
+            return Err("--transport goes with neither --multi, --floor nor --keepalive".into());
+        }
+        if !matches!(cmd, "fanout" | "idle" | "latency") {
+            return Err(format!("--transport: not for {cmd}"));
+        }
+        if cmd == "latency" && transport != Some(Transport::EventSource) {
+            return Err("latency --transport: eventsource only".into());
+        }
+    }
     let params = match cmd {
         "fanout" => Params::Fanout {
             listeners: a.num("listeners", 10_000)?,
@@ -188,6 +208,7 @@ pub fn run(cmd: &str, a: &Args) -> Result<u8, String> {
             size: a.num("size", 64)?,
             floor: a.flag("floor"),
             multi,
+            transport,
         },
         "publish" => Params::Publish {
             publishers: a.num("publishers", 16)?,
@@ -201,15 +222,18 @@ pub fn run(cmd: &str, a: &Args) -> Result<u8, String> {
             channels: a.num("channels", 100)?,
             keepalive: a.flag("keepalive"),
             multi,
+            transport,
         },
         "capacity" => Params::Capacity {
             listeners: a.num("listeners", 30_000)?,
             procs: a.num("procs", 2)?,
             channels: a.num("channels", 1)?,
         },
-        "latency" => {
-            Params::Latency { rate: a.num("rate", 1000.0)?, seconds: a.num("seconds", 10.0)? }
-        }
+        "latency" => Params::Latency {
+            rate: a.num("rate", 1000.0)?,
+            seconds: a.num("seconds", 10.0)?,
+            stream: transport.is_some(),
+        },
         "big" => Params::Big {
             listeners: a.num("listeners", 1000)?,
             size: a.num("size", 65_536)?,
@@ -240,20 +264,30 @@ pub fn run(cmd: &str, a: &Args) -> Result<u8, String> {
                 Params::Fanout { listeners, rounds, floor: true, .. } => {
                     fanout_floor(&srv, &mut out, listeners, rounds).await
                 }
-                Params::Fanout { listeners, channels, rounds, size, floor: false, multi } => {
+                Params::Fanout {
+                    listeners, channels, rounds, size, transport: Some(t), ..
+                } => fanout_streams(&srv, &mut out, listeners, channels, rounds, size, t).await,
+                Params::Fanout {
+                    listeners, channels, rounds, size, floor: false, multi, ..
+                } => {
                     let v = multi.map_or(Variant::Plain, Variant::Multi);
                     fanout(&srv, &mut out, listeners, channels, rounds, size, v).await
                 }
                 Params::Publish { publishers, channels, seconds, warmup, size } => {
                     publish(&srv, &mut out, publishers, channels, seconds, warmup, size).await
                 }
-                Params::Idle { listeners, channels, keepalive, multi } => {
+                Params::Idle { listeners, channels, transport: Some(t), .. } => {
+                    idle_streams(&srv, &mut out, listeners, channels, t).await
+                }
+                Params::Idle { listeners, channels, keepalive, multi, .. } => {
                     idle(&srv, &mut out, listeners, channels, keepalive, multi).await
                 }
                 Params::Capacity { listeners, procs, channels } => {
                     capacity(&srv, &mut out, listeners, procs, channels, deadline).await
                 }
-                Params::Latency { rate, seconds } => latency(&srv, &mut out, rate, seconds).await,
+                Params::Latency { rate, seconds, stream } => {
+                    latency(&srv, &mut out, rate, seconds, stream).await
+                }
                 Params::Big { listeners, size, rounds } => {
                     fanout(&srv, &mut out, listeners, 1, rounds, size, Variant::Big).await
                 }

@@ -19,7 +19,9 @@ pub struct Payload {
     pub time: u64,
     etag_len: usize,
     ct_len: usize,
-    /// The quoted `Etag` value, the content type and the body, formatted once.
+    event_len: usize,
+    /// The quoted `Etag` value, the content type, the event name and the body, formatted
+    /// once.
     data: Box<[u8]>,
     /// The message as an EventSource event, formatted when first needed (`None`: no memory).
     sse: std::cell::OnceCell<Option<Box<[u8]>>>,
@@ -37,8 +39,14 @@ impl Payload {
         &self.data[self.etag_len..self.etag_len + self.ct_len]
     }
 
+    /// The publisher's EventSource event name; empty if none.
+    pub fn event(&self) -> &[u8] {
+        let at = self.etag_len + self.ct_len;
+        &self.data[at..at + self.event_len]
+    }
+
     pub fn body(&self) -> &[u8] {
-        &self.data[self.etag_len + self.ct_len..]
+        &self.data[self.etag_len + self.ct_len + self.event_len..]
     }
 
     /// The message as an EventSource event (`id:` and `data:` lines), formatted once per
@@ -46,8 +54,9 @@ impl Payload {
     pub fn sse_event(&self) -> Option<&[u8]> {
         let made = self.sse.get_or_init(|| {
             let mut v = Vec::new();
-            v.try_reserve_exact(sse::event_capacity(None, self.body().len())).ok()?;
-            sse::event(&mut v, self.id, None, self.body());
+            let event = Some(self.event()).filter(|e| !e.is_empty());
+            v.try_reserve_exact(sse::event_capacity(event, self.body().len())).ok()?;
+            sse::event(&mut v, self.id, event, self.body());
             Some(v.into_boxed_slice())
         });
         made.as_deref()
@@ -85,18 +94,20 @@ impl PayloadCache {
         if let Some(p) = self.copies.get(&msg.id).and_then(Weak::upgrade) {
             return Some(p);
         }
-        let ct = msg.content_type();
+        let (ct, event) = (msg.content_type(), msg.event());
         let etag = format_etag(msg.id);
         let mut data = Vec::new();
-        data.try_reserve_exact(etag.len() + ct.len() + msg.body().len()).ok()?;
+        data.try_reserve_exact(etag.len() + ct.len() + event.len() + msg.body().len()).ok()?;
         data.extend_from_slice(etag.as_bytes());
         data.extend_from_slice(ct);
+        data.extend_from_slice(event);
         data.extend_from_slice(msg.body());
         let p = Rc::new(Payload {
             id: msg.id,
             time: msg.time,
             etag_len: etag.len(),
             ct_len: ct.len(),
+            event_len: event.len(),
             data: data.into_boxed_slice(),
             sse: Default::default(),
             ws: Default::default(),

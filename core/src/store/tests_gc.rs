@@ -14,7 +14,7 @@ use super::*;
 const T0: u64 = 1_700_000_000_000;
 
 fn ttl(ms: u64) -> (MessageSpec<'static>, PublishOpts) {
-    let spec = MessageSpec { content_type: b"", body: b"x", timeout_ms: ms };
+    let spec = MessageSpec { content_type: b"", event: b"", body: b"x", timeout_ms: ms };
     (spec, PublishOpts { timeout_ms: ms, ..popts(10) })
 }
 
@@ -302,7 +302,7 @@ proptest! {
                     let ttl = TTLS[ttl as usize];
                     let timeout = TIMEOUTS[timeout as usize];
                     let opts = PublishOpts { buffer_len: 3, buffer_max: 1000, timeout_ms: ttl, store: true, channel_timeout_ms: timeout };
-                    let spec = MessageSpec { content_type: b"", body: b"b", timeout_ms: ttl };
+                    let spec = MessageSpec { content_type: b"", event: b"", body: b"b", timeout_ms: ttl };
                     let p = s.publish_msg(&[ch], &spec, &opts, now, &mut vec![]).unwrap();
                     let serial = s.channels.find(&[ch]).map(|p| unsafe { p.as_ref() }.serial).unwrap();
                     let m = model.entry(ch).or_insert(MChan {
@@ -406,7 +406,7 @@ proptest! {
                 match op {
                     Op::Publish { ch, ttl, timeout } => {
                         let name = vec![b'p'; 1 + ch as usize * 40];
-                        let spec = MessageSpec { content_type: b"t", body: &body, timeout_ms: TTLS[ttl as usize] };
+                        let spec = MessageSpec { content_type: b"t", event: b"", body: &body, timeout_ms: TTLS[ttl as usize] };
                         let opts = PublishOpts { buffer_len: 4, buffer_max: 1000, timeout_ms: TTLS[ttl as usize], store: true, channel_timeout_ms: TIMEOUTS[timeout as usize] };
                         match s.publish_msg(&name, &spec, &opts, now, &mut vec![]) {
                             Ok(_) | Err(StoreError::NoMemory) => {}
