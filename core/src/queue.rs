@@ -134,13 +134,58 @@ impl<A: Allocator + Clone> MessageQueue<A> {
     /// Memory for the slot is reserved first, so on failure the queue is unchanged. The
     /// queue's array grows by doubling from one slot, never past `max_len` slots.
     pub fn push(&mut self, msg: Message<A>, max_len: usize) -> Result<(), NoMemory> {
+        self.push_keeping(msg, max_len, 0, |_| 0)
+    }
+
+    /// [`MessageQueue::push`], but a stored message pushed out of the buffer while `unseen(id)`
+    /// workers with listeners have not looked at it yet stays for them as a transient one
+    /// (delivered to the listeners waiting now, not to later ones; at most
+    /// [`TRANSIENT_LIFE_MS`] after `now_ms`), so that a burst longer than the buffer does not
+    /// lose messages for the listeners already waiting.
+    pub fn push_keeping(
+        &mut self,
+        msg: Message<A>,
+        max_len: usize,
+        now_ms: u64,
+        unseen: impl Fn(MsgId) -> u32,
+    ) -> Result<(), NoMemory> {
         let max_len = max_len.max(1);
         let len = self.messages.len();
-        if len >= max_len {
-            self.messages.drain(..len + 1 - max_len);
-        } else if len == self.messages.capacity() {
-            let want = len.saturating_mul(2).max(1).min(max_len);
+        // The oldest stored messages that leave the buffer to make room.
+        let stored = if len >= max_len {
+            self.messages.iter().filter(|m| !m.is_transient()).count()
+        } else {
+            len
+        };
+        let excess = (stored + 1).saturating_sub(max_len);
+        let leaving = || self.messages.iter().filter(|m| !m.is_transient()).take(excess);
+        let dropping = leaving().filter(|m| unseen(m.id) == 0).count();
+        // Room first: on failure nothing has changed.
+        let need = len - dropping + 1;
+        if need > self.messages.capacity() {
+            let want = len.saturating_mul(2).max(1).min(max_len.max(need)).max(need);
             self.messages.try_reserve_exact(want - len).map_err(|_| NoMemory)?;
+        }
+        if excess > 0 {
+            let mut left = excess;
+            for m in self.messages.iter_mut().filter(|m| !m.is_transient()) {
+                if left == 0 {
+                    break;
+                }
+                left -= 1;
+                match unseen(m.id) {
+                    // `pending` 0 marks it for removal below.
+                    0 => m.pending = 0,
+                    n => {
+                        m.pending = n.min(STORED - 1);
+                        m.expires_ms = m.expires_ms.min(now_ms.saturating_add(TRANSIENT_LIFE_MS));
+                        self.next_expiry = self.next_expiry.min(m.expires_ms);
+                    }
+                }
+            }
+            if dropping > 0 {
+                self.messages.retain(|m| m.pending != 0);
+            }
         }
         self.next_expiry = self.next_expiry.min(msg.expires_ms);
         self.messages.push(msg);
@@ -239,9 +284,16 @@ impl<A: Allocator + Clone> MessageQueue<A> {
     /// A worker that had listeners when these were published has now seen every message
     /// after `seen`. Transient messages every such worker has seen are dropped at once.
     pub fn ack_transient_after(&mut self, seen: MsgId) {
+        self.ack_transient_between(seen, MsgId::MAX);
+    }
+
+    /// A worker that had listeners when these were published has now seen the messages with
+    /// ids in `(seen, upto]`.
+    pub fn ack_transient_between(&mut self, seen: MsgId, upto: MsgId) {
         let start = self.messages.partition_point(|m| m.id <= seen);
+        let end = self.messages.partition_point(|m| m.id <= upto);
         let mut done = false;
-        for m in &mut self.messages[start..] {
+        for m in &mut self.messages[start..end.max(start)] {
             if m.is_transient() && m.pending > 0 {
                 m.pending -= 1;
                 done |= m.pending == 0;

@@ -66,3 +66,32 @@ async fn transports_are_picked_per_request() {
     assert_eq!((r.status, r.text().as_str()), (200, "hello"));
     ng.finish();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_longer_than_the_buffer_reaches_open_streams_whole() {
+    let ng = Nginx::start(conf(
+        "        location = /pub-3 { martd_push; martd_message_buffer_length 3; }
+        location = /st { martd_listen stream; }
+        location = /es { martd_listen eventsource; }",
+    ));
+    let w = ng.worker_pids();
+    let mut s = open_on(ng.port, w[1], "/st?channel=burst", &[]).await;
+    let mut ev = open_on(ng.port, w[0], "/es?channel=burst", &[SSE]).await.events();
+    let mut p = Conn::open_on(ng.port, w[0]).await;
+    p.wait_listeners("burst", 2).await;
+    // Published as fast as the publisher can, into a 3-message buffer, from two connections.
+    let mut q = Conn::open_on(ng.port, w[1]).await;
+    for i in 0..200 {
+        let c = if i % 2 == 0 { &mut p } else { &mut q };
+        c.publish_id("/pub-3?channel=burst", format!("b{i}")).await;
+    }
+    let want: Vec<Vec<u8>> = (0..200).map(|i| format!("b{i}").into_bytes()).collect();
+    assert_eq!(s.pieces(b"\n", 200, PROMPT).await, want);
+    let got: Vec<Vec<u8>> =
+        ev.take(200, PROMPT).await.into_iter().map(|e| e.data.into_bytes()).collect();
+    assert_eq!(got, want);
+    // A newcomer gets only what the buffer keeps.
+    let r = p.get("/sub?channel=burst", &[]).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "b197"));
+    ng.finish();
+}

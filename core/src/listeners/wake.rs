@@ -355,7 +355,7 @@ impl<H: Copy> Listeners<H> {
         match self.channels.get_mut(&serial) {
             Some(local) if !local.parked.is_empty() => {
                 store.release(name, serial, slot, gone, None);
-                local.seen = store.ack(name, serial, local.seen);
+                local.seen = store.ack(name, serial, slot, local.seen, self.horizon);
             }
             Some(local) => {
                 let seen = local.seen;

@@ -30,6 +30,8 @@ pub(super) type Link<A> = Option<NonNull<Channel<A>>>;
 pub(super) struct Waiter {
     pub(super) slot: u32,
     pub(super) count: u32,
+    /// Every message up to this id has been looked at by the slot's worker (its acks).
+    pub(super) seen: MsgId,
 }
 
 /// One channel in the zone.

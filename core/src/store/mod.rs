@@ -351,10 +351,16 @@ impl<A: Allocator + Clone> Store<A> {
                 let transient = (!keep).then_some(ch.waiters.len() as u32);
                 let max_len = if keep { buffer_len } else { usize::MAX };
                 let spec = MessageSpec { timeout_ms, ..*spec };
+                // Messages pushed out of the buffer stay for the workers with listeners that
+                // have not looked at them yet (a burst longer than the buffer).
+                let waiters = &ch.waiters;
+                let unseen = |id: MsgId| {
+                    waiters.iter().filter(|w| w.count > 0 && w.seen < id).count() as u32
+                };
                 stored = ch
                     .queue
                     .make_message(&spec, id, now_ms, transient)
-                    .and_then(|msg| ch.queue.push(msg, max_len));
+                    .and_then(|msg| ch.queue.push_keeping(msg, max_len, now_ms, unseen));
             }
         }
         if let Err(e) = stored {
@@ -470,7 +476,7 @@ impl<A: Allocator + Clone> Store<A> {
                     // Most channels have listeners in one worker: one slot, then doubling.
                     let more = ch.waiters.len().max(1);
                     ch.waiters.try_reserve_exact(more).map_err(|_| NoMemory)?;
-                    ch.waiters.push(Waiter { slot: opts.slot, count: 1 });
+                    ch.waiters.push(Waiter { slot: opts.slot, count: 1, seen: ch.last_id });
                     joined = true;
                 }
             }
@@ -516,19 +522,24 @@ impl<A: Allocator + Clone> Store<A> {
         self.rearm(p);
     }
 
-    /// A worker that keeps listeners on the channel has seen every message after `seen`.
-    pub fn ack(&mut self, name: &[u8], serial: u64, seen: MsgId) -> MsgId {
+    /// Worker `slot`, which keeps listeners on the channel, has looked at every message up to
+    /// `upto` (after `seen`, what it had looked at before). Returns what it has seen now:
+    /// `upto`, or the channel's last id if smaller.
+    pub fn ack(&mut self, name: &[u8], serial: u64, slot: u32, seen: MsgId, upto: MsgId) -> MsgId {
         let Some(mut p) = self.live_channel(name, serial) else {
             return seen;
         };
         // SAFETY: a live channel of the table.
         let ch = unsafe { p.as_mut() };
-        if ch.last_id > seen {
-            ch.queue.ack_transient_after(seen);
+        let upto = upto.min(ch.last_id).max(seen);
+        if upto > seen {
+            ch.queue.ack_transient_between(seen, upto);
         }
-        let last_id = ch.last_id;
+        if let Some(w) = ch.waiters.iter_mut().find(|w| w.slot == slot) {
+            w.seen = w.seen.max(upto);
+        }
         self.rearm(p);
-        last_id
+        upto
     }
 
     /// Deletes a channel; its listeners' workers are woken (they answer `410`). `Ok(None)`:

@@ -371,6 +371,8 @@ fn op() -> impl Strategy<Value = Op> {
 struct Model {
     channels: StdMap<u8, VecDeque<(u64, std::vec::Vec<u8>, u64)>>,
     ids: std::vec::Vec<u64>,
+    /// Every message published on a channel since it was last deleted: (id, body, expiry).
+    published: StdMap<u8, std::vec::Vec<(u64, std::vec::Vec<u8>, u64)>>,
 }
 
 impl Model {
@@ -407,7 +409,9 @@ proptest! {
                     let q = model.channels.entry(ch).or_default();
                     q.retain(|(_, _, exp)| now < *exp);
                     while q.len() >= len { q.pop_front(); }
-                    q.push_back((p.id, body, if timeout_ms == 0 { u64::MAX } else { now + timeout_ms }));
+                    let exp = if timeout_ms == 0 { u64::MAX } else { now + timeout_ms };
+                    model.published.entry(ch).or_default().push((p.id, body.clone(), exp));
+                    q.push_back((p.id, body, exp));
                 }
                 Op::Listen { ch, worker, since } => {
                     let since_id = since.and_then(|i| model.ids.get(i as usize).copied());
@@ -428,6 +432,7 @@ proptest! {
                 Op::Delete { ch } => {
                     let existed = s.delete_any(&[ch], now, &mut wake).is_some();
                     prop_assert_eq!(existed, model.channels.remove(&ch).is_some());
+                    model.published.remove(&ch);
                 }
                 Op::Tick { ms } => now += u64::from(ms),
                 Op::Drop { worker } => {
@@ -455,8 +460,18 @@ proptest! {
                         let (ch, since) = waiting.remove(&h).unwrap();
                         match v {
                             Verdict::Deliver(p) => {
-                                let expect = model.next_after(ch, since, now).map(|m| m.1.clone());
-                                prop_assert_eq!(Some(p.body().to_vec()), expect);
+                                // The oldest stored message after its id, or an older one
+                                // pushed out of the buffer that was in flight to this
+                                // waiting listener's worker: never one skipping a stored one.
+                                let expect = model.next_after(ch, since, now).map(|m| m.0);
+                                let body = p.body().to_vec();
+                                let sent = model.published.get(&ch).and_then(|v| {
+                                    v.iter().find(|(id, b, exp)| *id > since && *b == body && now < *exp)
+                                });
+                                prop_assert!(sent.is_some(), "a message of the channel after the id");
+                                let id = sent.map_or(0, |m| m.0);
+                                prop_assert!(expect.is_none_or(|e| id <= e), "no stored message skipped");
+                                prop_assert_eq!(id, p.id);
                             }
                             Verdict::Gone => {}
                             Verdict::Conflict => prop_assert!(false, "broadcast never conflicts"),

@@ -157,3 +157,42 @@ fn a_wake_up_gives_streams_nothing_past_its_horizon() {
     assert_eq!(delivered(&out), vec![(1, b"b2".to_vec()), (1, b"a3".to_vec())]);
     s.check();
 }
+
+#[test]
+fn a_burst_longer_than_the_buffer_reaches_waiting_streams_whole() {
+    let (mut s, slots) = store_with_workers(2);
+    let mut w = vec![];
+    let mut l: Listeners<u32> = Listeners::default();
+    let Listen::Park(p) = s.listen(b"q", Since::Oldest, &sopts(slots[0]), 1, &mut w).unwrap()
+    else {
+        panic!()
+    };
+    l.park_stream(b"q", &p, 1);
+    // Ten messages into a 3-message buffer before the worker looks.
+    for i in 0..10u8 {
+        s.publish_msg(b"q", &msg(&[b'0' + i]), &popts(3), 2, &mut w).unwrap();
+    }
+    let got = delivered(&wake_all(&mut s, &mut l, slots[0]));
+    let want: Vec<_> = (0..10u8).map(|i| (1, vec![b'0' + i])).collect();
+    assert_eq!(got, want, "every message of the burst");
+    // Seen: only the buffer stays; a newcomer (another worker) gets the buffer's oldest.
+    let p = s.channels.find(b"q").unwrap();
+    // SAFETY: a live channel of the test store.
+    assert_eq!(unsafe { p.as_ref() }.queue.len(), 3);
+    match s.listen(b"q", Since::Oldest, &lopts(slots[1]), 3, &mut w).unwrap() {
+        Listen::Message(m) => assert_eq!(m.body(), b"7"),
+        Listen::Park(_) => panic!("the buffer has messages"),
+    }
+    // Not seen for longer than a transient message lives: gone all the same.
+    for i in 0..10u8 {
+        s.publish_msg(b"q", &msg(&[b'a' + i]), &popts(3), 4, &mut w).unwrap();
+    }
+    // (the buffer's three old ones go at once: seen; seven new ones wait; three stay stored)
+    let mut p = s.channels.find(b"q").unwrap();
+    // SAFETY: as above.
+    let q = &mut unsafe { p.as_mut() }.queue;
+    assert_eq!(q.len(), 10);
+    assert_eq!(q.expire(4 + crate::queue::TRANSIENT_LIFE_MS), 7);
+    assert_eq!(q.len(), 3);
+    s.check();
+}
