@@ -224,6 +224,17 @@ extern "C" fn publish_body(r: *mut ngx_http_request_t) {
     unsafe { ngx_http_finalize_request(r, rc) };
 }
 
+/// How location `lcf` publishes.
+pub fn publish_opts(lcf: &LocConf) -> PublishOpts {
+    PublishOpts {
+        buffer_len: lcf.buffer_length.max(0) as usize,
+        buffer_max: lcf.buffer_length_max.max(0) as usize,
+        timeout_ms: lcf.message_timeout as u64,
+        store: lcf.store_messages != 0,
+        channel_timeout_ms: lcf.channel_timeout as u64,
+    }
+}
+
 /// The message's `X-Martd-Event` (its EventSource event name), if any.
 fn event_name(r: *mut ngx_http_request_t) -> Option<Vec<u8>> {
     crate::transport::request_header(r, "X-Martd-Event").map(<[u8]>::to_vec)
@@ -279,13 +290,7 @@ fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: `r` is live; the Content-Type header (if any) lives as long as it.
     let content_type =
         unsafe { (*r).headers_in.content_type.as_ref().map(|h| h.value.as_bytes()).unwrap_or(b"") };
-    let opts = PublishOpts {
-        buffer_len: lcf.buffer_length.max(0) as usize,
-        buffer_max: lcf.buffer_length_max.max(0) as usize,
-        timeout_ms: lcf.message_timeout as u64,
-        store: lcf.store_messages != 0,
-        channel_timeout_ms: lcf.channel_timeout as u64,
-    };
+    let opts = publish_opts(lcf);
     let event = event_name(r).unwrap_or_default();
     let spec =
         MessageSpec { content_type, event: &event, body: &body, timeout_ms: opts.timeout_ms };

@@ -42,7 +42,7 @@ static mut CONCURRENCY_VALUES: [ngx_conf_enum_t; 4] = [
 ];
 
 /// The directive table.
-pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 23] = [
+pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 24] = [
     command(
         ngx_string!("martd_shm_size"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
@@ -186,6 +186,14 @@ pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 23] = [
         ngx_conf_set_msec_slot,
         LOC,
         offset_of!(LocConf, websocket_ping),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_websocket_publish"),
+        ANY | NGX_CONF_FLAG,
+        ngx_conf_set_flag_slot,
+        LOC,
+        offset_of!(LocConf, websocket_publish),
         ptr::null_mut(),
     ),
     command(

@@ -86,6 +86,7 @@ pub struct LocConf {
     pub transports: u8,
     pub eventsource_ping: ngx_msec_t,
     pub websocket_ping: ngx_msec_t,
+    pub websocket_publish: ngx_flag_t,
     pub max_pending_bytes: usize,
     pub stream_separator: ngx_str_t,
     /// `martd_channel_id_delimiter`: empty = none.
@@ -162,6 +163,7 @@ pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             transports: 0,
             eventsource_ping: UNSET_MSEC,
             websocket_ping: UNSET_MSEC,
+            websocket_publish: UNSET,
             max_pending_bytes: UNSET_SIZE,
             stream_separator: ngx_str_t { len: 0, data: ptr::null_mut() },
             channel_id_delimiter: ngx_str_t { len: 0, data: ptr::null_mut() },
@@ -199,6 +201,7 @@ pub unsafe extern "C" fn merge_loc_conf(
     merge(&mut conf.max_channels, prev.max_channels, UNSET, 64);
     merge(&mut conf.eventsource_ping, prev.eventsource_ping, UNSET_MSEC, 0);
     merge(&mut conf.websocket_ping, prev.websocket_ping, UNSET_MSEC, 0);
+    merge(&mut conf.websocket_publish, prev.websocket_publish, UNSET, 0);
     merge(&mut conf.max_pending_bytes, prev.max_pending_bytes, UNSET_SIZE, 1024 * 1024);
     if conf.channel_id_delimiter.data.is_null() {
         conf.channel_id_delimiter = prev.channel_id_delimiter;

@@ -166,9 +166,27 @@ pub fn listen(
         // An empty stream: the client connects again, to a worker that is not leaving.
         return response::send(r, 200, kind.content_type(), Body::Bytes(b""), None);
     }
+    let publish = match (kind, &names[..]) {
+        (Kind::WebSocket, [channel]) if lcf.websocket_publish != 0 => {
+            let key = match crate::attrs::key(r) {
+                Ok(k) => k,
+                Err(reason) => return response::error(r, 400, &reason),
+            };
+            Some(super::websocket::WsPublish {
+                channel: channel.clone(),
+                key,
+                opts: crate::push::publish_opts(lcf),
+            })
+        }
+        _ => None,
+    };
     let Some(ctx) = prepare(r, lcf, kind, names.len() > 1) else {
         return NGX_ERROR as ngx_int_t;
     };
+    // SAFETY: `ctx` was just made for this live request.
+    if let Some(ws) = unsafe { (*ctx).ws.as_mut() } {
+        ws.publish = publish;
+    }
     let mcf = main_conf(r);
     let now = now_ms();
     let mut wake = Vec::new();

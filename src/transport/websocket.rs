@@ -6,6 +6,9 @@
 //! stream's (see [`super::streaming`]). What clients send besides control frames is read and
 //! ignored.
 
+use martd_core::key::hash_key;
+use martd_core::queue::MessageSpec;
+use martd_core::store::{AttrUpdate, PublishOpts, StoreError};
 use martd_core::transport::websocket::{self as ws, code, Decoder, Event};
 use nginx_sys::{
     ngx_handle_read_event, ngx_http_request_t, ngx_int_t, NGX_AGAIN, NGX_HTTP_VERSION_11, NGX_OK,
@@ -22,8 +25,18 @@ const READ_CHUNK: usize = 16 * 1024;
 /// A ping with no payload.
 const PING: &[u8] = &[0x80 | ws::opcode::PING, 0];
 
+/// Where a WebSocket's own messages are published (`martd_websocket_publish on`, one
+/// channel).
+pub struct WsPublish {
+    pub channel: Vec<u8>,
+    /// The key the client gave when it connected (`key` argument or `X-Martd-Key`).
+    pub key: Option<Vec<u8>>,
+    pub opts: PublishOpts,
+}
+
 /// A WebSocket's reading side.
 pub struct WsState {
+    pub publish: Option<WsPublish>,
     decoder: Decoder,
     /// Bytes read and not yet decoded (an incomplete frame).
     rbuf: Vec<u8>,
@@ -33,7 +46,12 @@ pub struct WsState {
 
 impl WsState {
     pub fn new() -> Self {
-        WsState { decoder: Decoder::new(MAX_MESSAGE), rbuf: Vec::new(), awaiting_pong: false }
+        WsState {
+            publish: None,
+            decoder: Decoder::new(MAX_MESSAGE),
+            rbuf: Vec::new(),
+            awaiting_pong: false,
+        }
     }
 }
 
@@ -178,13 +196,42 @@ fn decode(ctx: &mut StreamCtx) -> bool {
                 end_with(ctx, code::NORMAL, "");
                 return false;
             }
-            Event::Message { .. } => {}
+            Event::Message { text, data } => publish(ctx, text, &data),
         }
         if ctx.done {
             return false;
         }
     }
     true
+}
+
+/// A client's message on a socket that may publish: a message of its channel (`text/plain`
+/// for a text frame, `application/octet-stream` for a binary one). A channel whose key the
+/// client did not give closes the socket with 1008; a full zone with 1011.
+fn publish(ctx: &mut StreamCtx, text: bool, data: &[u8]) {
+    let Some(p) = ctx.ws.as_ref().and_then(|w| w.publish.as_ref()) else { return };
+    let r = ctx.request;
+    let mcf = crate::listen::main_conf(r);
+    let now = crate::worker::now_ms();
+    let mut wake = Vec::new();
+    let content_type: &[u8] = if text { b"text/plain" } else { b"application/octet-stream" };
+    let spec = MessageSpec { content_type, event: b"", body: data, timeout_ms: p.opts.timeout_ms };
+    let result = crate::zone::lock(mcf).map(|mut z| {
+        let key = p.key.as_ref().map(|k| hash_key(z.root().nonce, k));
+        // The key goes with the message only to a channel that has one: a subscriber's key
+        // never gives a channel a key.
+        let keyed = !z.store().admits(&p.channel, None);
+        let update = AttrUpdate { key: key.filter(|_| keyed), ..AttrUpdate::default() };
+        z.store().publish(&p.channel, Some(&spec), &update, &p.opts, now, &mut wake)
+    });
+    crate::worker::wake(&wake);
+    match result {
+        Some(Ok(_)) | None => {}
+        Some(Err(StoreError::Forbidden)) => {
+            end_with(ctx, code::POLICY, "this channel's key is needed to publish");
+        }
+        Some(Err(_)) => end_with(ctx, code::INTERNAL, "the message could not be stored"),
+    }
 }
 
 /// The ping timer: `false` if the peer did not answer the last ping (it is being closed).

@@ -323,3 +323,46 @@ async fn pings_drop_peers_that_stop_answering_and_handshake_errors_get_400() {
     assert_eq!(r.status, 406, "{}", r.text());
     ng.finish();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn martd_websocket_publish_lets_clients_publish_with_the_channels_key() {
+    let ng = Nginx::start(ws_conf(
+        "        location = /ws-pub { martd_listen websocket; martd_websocket_publish on; }",
+    ));
+    let (mut publisher, _) = ws_open(ng.port, "/ws-pub?channel=wp").await;
+    let (mut reader, _) = ws_open(ng.port, "/ws?channel=wp").await;
+    let mut p = Conn::open(ng.port).await;
+    p.wait_listeners("wp", 2).await;
+    publisher.send(Message::text("from a socket")).await.expect("send");
+    publisher.send(Message::binary(&b"\x00\x01"[..])).await.expect("send");
+    assert_eq!(next_msg(&mut reader).await, Message::text("from a socket"));
+    assert_eq!(next_msg(&mut reader).await, Message::binary(&b"\x00\x01"[..]));
+    // The publishing socket is a subscriber too: it gets its own messages.
+    assert_eq!(next_msg(&mut publisher).await, Message::text("from a socket"));
+    // Off (the default): a client's messages are read and dropped.
+    reader.send(Message::text("ignored")).await.expect("send");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = p.get("/pub?channel=wp", &[("accept", "application/json")]).await;
+    assert!(r.text().contains("\"messages\":2"), "{}", r.text());
+    // A keyed channel: without the key, 1008; with it, published.
+    let r = p.send("POST", "/pub?channel=wk&key=s3cret", &[], "first").await;
+    assert!(r.status == 201 || r.status == 202, "{}", r.text());
+    let (mut nokey, _) =
+        ws_open(ng.port, "/ws-pub?channel=wk&last_event_id=99999999999999999").await;
+    nokey.send(Message::text("no key")).await.expect("send");
+    match next_msg(&mut nokey).await {
+        Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 1008),
+        other => panic!("expected 1008, got {other:?}"),
+    }
+    let (mut keyed, _) = ws_open(ng.port, "/ws-pub?channel=wk&key=s3cret").await;
+    assert_eq!(next_msg(&mut keyed).await, Message::text("first"));
+    keyed.send(Message::text("with the key")).await.expect("send");
+    assert_eq!(next_msg(&mut keyed).await, Message::text("with the key"));
+    // A socket's key never gives a keyless channel a key.
+    let (mut sets, _) = ws_open(ng.port, "/ws-pub?channel=nk&key=mine").await;
+    sets.send(Message::text("hi")).await.expect("send");
+    assert_eq!(next_msg(&mut sets).await, Message::text("hi"));
+    let r = p.send("POST", "/pub?channel=nk", &[], "no key needed").await;
+    assert!(r.status == 201 || r.status == 202, "{} {}", r.status, r.text());
+    ng.finish();
+}

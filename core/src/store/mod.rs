@@ -210,6 +210,13 @@ impl<A: Allocator + Clone> Store<A> {
         (ch.serial == serial).then_some(ch)
     }
 
+    /// Whether a push carrying `key` may publish on channel `name` (no such channel, or no
+    /// key, or that key).
+    pub fn admits(&self, name: &[u8], key: Option<&KeyHash>) -> bool {
+        // SAFETY: a live channel of the table, only read here.
+        self.channels.find(name).is_none_or(|p| unsafe { p.as_ref() }.admits(key))
+    }
+
     /// Listeners on `ch` that belong to live workers.
     fn live_listeners(&self, ch: &Channel<A>) -> u32 {
         if self.dead.is_empty() {
