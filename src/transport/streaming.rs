@@ -166,7 +166,7 @@ pub fn listen(
         // An empty stream: the client connects again, to a worker that is not leaving.
         return response::send(r, 200, kind.content_type(), Body::Bytes(b""), None);
     }
-    let publish = match (kind, &names[..]) {
+    let publish = match (kind, names) {
         (Kind::WebSocket, [channel]) if lcf.websocket_publish != 0 => {
             let key = match crate::attrs::key(r) {
                 Ok(k) => k,
