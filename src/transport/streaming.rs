@@ -349,7 +349,11 @@ fn open(
     let log = unsafe { (*(*r).connection).log };
     martd_debug!(log, "streaming subscriber on {} channel(s), #{}... ({:?})", n, first, ctx.kind);
     let headers = if ctx.kind == Kind::WebSocket {
-        super::websocket::handshake_headers(r)
+        let meta = super::websocket::wants_meta(r);
+        if let Some(ws) = ctx.ws.as_mut() {
+            ws.meta = meta;
+        }
+        super::websocket::handshake_headers(r, meta)
     } else {
         response::add_header(r, "Cache-Control", b"no-cache")
             .and_then(|()| response::add_header(r, "X-Accel-Buffering", b"no"))
@@ -455,6 +459,9 @@ fn deliver(ctx: &mut StreamCtx, p: &Rc<Payload>, channel: Option<&Rc<[u8]>>) {
             vec![Piece::owned(line.into_boxed_slice()), Piece::payload(ev, p)]
         }),
         Kind::EventSource => p.sse_event().map(|ev| vec![Piece::payload(ev, p)]),
+        Kind::WebSocket if ctx.ws.as_ref().is_some_and(|w| w.meta) => {
+            super::websocket::meta_frame(p, channel).map(|f| vec![Piece::owned(f)])
+        }
         Kind::WebSocket => p.ws_frame().map(|f| vec![Piece::payload(f, p)]),
         Kind::Stream => Some(vec![Piece::payload(p.body(), p), Piece::lasting(ctx.separator)]),
     };

@@ -6,7 +6,10 @@
 //! stream's (see [`super::streaming`]). What clients send besides control frames is read and
 //! ignored.
 
+use std::rc::Rc;
+
 use martd_core::key::hash_key;
+use martd_core::listeners::Payload;
 use martd_core::queue::MessageSpec;
 use martd_core::store::{AttrUpdate, PublishOpts, StoreError};
 use martd_core::transport::websocket::{self as ws, code, Decoder, Event};
@@ -37,6 +40,9 @@ pub struct WsPublish {
 /// A WebSocket's reading side.
 pub struct WsState {
     pub publish: Option<WsPublish>,
+    /// The client asked for subprotocol `martd.meta`: each message frame starts with its id,
+    /// channel and content type.
+    pub meta: bool,
     decoder: Decoder,
     /// Bytes read and not yet decoded (an incomplete frame).
     rbuf: Vec<u8>,
@@ -48,6 +54,7 @@ impl WsState {
     pub fn new() -> Self {
         WsState {
             publish: None,
+            meta: false,
             decoder: Decoder::new(MAX_MESSAGE),
             rbuf: Vec::new(),
             awaiting_pong: false,
@@ -83,12 +90,46 @@ pub fn check_handshake(r: *mut ngx_http_request_t) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The subprotocol of message frames with a meta prefix.
+const META: &[u8] = b"martd.meta";
+
+/// Whether the client offers subprotocol `martd.meta`.
+pub fn wants_meta(r: *mut ngx_http_request_t) -> bool {
+    request_header(r, "Sec-WebSocket-Protocol").is_some_and(|v| has_token(v, META))
+}
+
 /// The `101` response's own headers (nginx adds `Connection: upgrade`).
-pub fn handshake_headers(r: *mut ngx_http_request_t) -> Option<()> {
+pub fn handshake_headers(r: *mut ngx_http_request_t, meta: bool) -> Option<()> {
     let key = request_header(r, "Sec-WebSocket-Key")?;
     let accept = ws::accept_key(key);
     response::add_header(r, "Upgrade", b"websocket")?;
+    if meta {
+        response::add_header(r, "Sec-WebSocket-Protocol", META)?;
+    }
     response::add_header(r, "Sec-WebSocket-Accept", accept.as_bytes())
+}
+
+/// A message frame of subprotocol `martd.meta`: `id: ID`, `channel: NAME`, `content-type:
+/// TYPE` lines, a blank line, then the body (text when all of it is UTF-8 and the content type
+/// is not `application/octet-stream`). `None`: no memory.
+pub fn meta_frame(p: &Payload, channel: Option<&Rc<[u8]>>) -> Option<Box<[u8]>> {
+    let channel = channel.map_or(&[][..], |c| &c[..]);
+    let mut payload = Vec::new();
+    let head = 48 + channel.len() + p.content_type().len();
+    payload.try_reserve_exact(head + p.body().len()).ok()?;
+    payload.extend_from_slice(format!("id: {}\nchannel: ", p.id).as_bytes());
+    payload.extend(channel.iter().copied().filter(|&b| b != b'\n' && b != b'\r'));
+    payload.extend_from_slice(b"\ncontent-type: ");
+    payload.extend(p.content_type().iter().copied().filter(|&b| b != b'\n' && b != b'\r'));
+    payload.extend_from_slice(b"\n\n");
+    payload.extend_from_slice(p.body());
+    let binary = p.content_type().eq_ignore_ascii_case(b"application/octet-stream")
+        || std::str::from_utf8(&payload).is_err();
+    let op = if binary { ws::opcode::BINARY } else { ws::opcode::TEXT };
+    let mut frame = Vec::new();
+    frame.try_reserve_exact(ws::frame_len(payload.len())).ok()?;
+    ws::encode(&mut frame, op, &payload);
+    Some(frame.into_boxed_slice())
 }
 
 /// The handshake is sent: takes what the client sent after its request (already read by

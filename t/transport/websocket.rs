@@ -38,7 +38,10 @@ async fn ws_open(port: u16, path: &str) -> (Ws, u32) {
 }
 
 /// The next data message (pings and pongs skipped).
-async fn next_msg(ws: &mut Ws) -> Message {
+async fn next_msg<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Message
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     loop {
         match tokio::time::timeout(PROMPT, ws.next()).await {
             Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
@@ -364,5 +367,50 @@ async fn martd_websocket_publish_lets_clients_publish_with_the_channels_key() {
     assert_eq!(next_msg(&mut sets).await, Message::text("hi"));
     let r = p.send("POST", "/pub?channel=nk", &[], "no key needed").await;
     assert!(r.status == 201 || r.status == 202, "{} {}", r.status, r.text());
+    ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subprotocol_martd_meta_prefixes_id_channel_and_type() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let ng = Nginx::start(ws_conf(
+        "        location = /ws-multi { martd_listen websocket; martd_channel_id $arg_chs;
+                               martd_channel_id_delimiter \",\"; }",
+    ));
+    let url = format!("ws://127.0.0.1:{}/ws-multi?chs=ma,mb", ng.port);
+    let mut req = url.into_client_request().expect("request");
+    req.headers_mut().insert("Sec-WebSocket-Protocol", "other, martd.meta".parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.expect("handshake");
+    assert_eq!(
+        resp.headers().get("sec-websocket-protocol").map(|v| v.as_bytes()),
+        Some(&b"martd.meta"[..])
+    );
+    // Without the subprotocol: bare messages, no protocol header.
+    let (mut bare, _) = ws_open(ng.port, "/ws-multi?chs=ma,mb").await;
+    let mut p = Conn::open(ng.port).await;
+    p.wait_listeners("mb", 2).await;
+    let r = p
+        .send(
+            "POST",
+            "/pub?channel=ma",
+            &[("content-type", "text/plain"), ("accept", "application/json")],
+            "to a",
+        )
+        .await;
+    let a = parse_info_json(&r.text()).last_id.expect("id");
+    let r = p.send("POST", "/pub?channel=mb", &[("content-type", "application/json")], "{}").await;
+    assert!(r.status == 201 || r.status == 202);
+    assert_eq!(
+        next_msg(&mut ws).await,
+        Message::text(format!("id: {a}\nchannel: ma\ncontent-type: text/plain\n\nto a"))
+    );
+    match next_msg(&mut ws).await {
+        Message::Text(t) => {
+            assert!(t.contains("\nchannel: mb\ncontent-type: application/json\n\n{}"), "{t}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(next_msg(&mut bare).await, Message::text("to a"));
+    assert_eq!(next_msg(&mut bare).await, Message::text("{}"));
     ng.finish();
 }
