@@ -31,7 +31,7 @@ use nginx_sys::{
 use crate::channel_id::channel_ids;
 use crate::conf::{LocConf, MainConf};
 use crate::response::{self, Body};
-use crate::transport::{self, streaming, Transport};
+use crate::transport::{self, streaming, subscribe, Transport};
 use crate::worker::{self, now_ms};
 use crate::zone;
 
@@ -144,7 +144,7 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
         Transport::WebSocket => Some(streaming::Kind::WebSocket),
     };
     if let Some(kind) = kind {
-        return streaming::listen(r, lcf, &names, kind);
+        return subscribe::listen(r, lcf, &names, kind);
     }
     let [name] = &names[..] else {
         return response::error(r, 400, "several channels need a streaming transport here");

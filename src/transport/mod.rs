@@ -9,6 +9,7 @@
 //! comes ([`streaming`]).
 
 pub mod streaming;
+pub mod subscribe;
 pub mod websocket;
 
 use nginx_sys::ngx_http_request_t;
