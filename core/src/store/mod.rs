@@ -509,46 +509,6 @@ impl<A: Allocator + Clone> Store<A> {
         Some(p)
     }
 
-    /// `n` listeners of `slot` on channel incarnation `serial` are gone (answered, timed
-    /// out, or disconnected). When the worker has no listener left there (`last`), it also
-    /// stops holding back transient messages published after `seen`. A channel that was
-    /// never published to goes soon after its last listener (see [`LISTENER_ONLY_GRACE_MS`]).
-    pub fn release(&mut self, name: &[u8], serial: u64, slot: u32, n: u32, last: Option<MsgId>) {
-        let Some(mut p) = self.live_channel(name, serial) else {
-            return;
-        };
-        // SAFETY: a live channel of the table; the reference ends before the calls below.
-        let ch = unsafe { p.as_mut() };
-        let left = ch.release(slot, n);
-        if let Some(seen) = last {
-            ch.queue.ack_transient_after(seen);
-        }
-        if left {
-            self.slot_left(slot);
-        }
-        self.rearm(p);
-    }
-
-    /// Worker `slot`, which keeps listeners on the channel, has looked at every message up to
-    /// `upto` (after `seen`, what it had looked at before). Returns what it has seen now:
-    /// `upto`, or the channel's last id if smaller.
-    pub fn ack(&mut self, name: &[u8], serial: u64, slot: u32, seen: MsgId, upto: MsgId) -> MsgId {
-        let Some(mut p) = self.live_channel(name, serial) else {
-            return seen;
-        };
-        // SAFETY: a live channel of the table.
-        let ch = unsafe { p.as_mut() };
-        let upto = upto.min(ch.last_id).max(seen);
-        if upto > seen {
-            ch.queue.ack_transient_between(seen, upto);
-        }
-        if let Some(w) = ch.waiters.iter_mut().find(|w| w.slot == slot) {
-            w.seen = w.seen.max(upto);
-        }
-        self.rearm(p);
-        upto
-    }
-
     /// Deletes a channel; its listeners' workers are woken (they answer `410`). `Ok(None)`:
     /// no such channel; [`StoreError::Forbidden`]: the channel has a key and `key` is not it.
     pub fn delete(

@@ -15,6 +15,7 @@ use allocator_api2::vec::Vec;
 
 use super::channel::Channel;
 use super::{Store, StoreError, WakeTarget, MAILBOX_CAP};
+use crate::msgid::MsgId;
 
 /// A live worker process.
 pub struct WorkerSlot<A: Allocator> {
@@ -38,6 +39,46 @@ pub(super) struct DeadSlot {
 }
 
 impl<A: Allocator + Clone> Store<A> {
+    /// `n` listeners of `slot` on channel incarnation `serial` are gone (answered, timed
+    /// out, or disconnected). When the worker has no listener left there (`last`), it also
+    /// stops holding back transient messages published after `seen`. A channel that was
+    /// never published to goes soon after its last listener (see [`LISTENER_ONLY_GRACE_MS`]).
+    pub fn release(&mut self, name: &[u8], serial: u64, slot: u32, n: u32, last: Option<MsgId>) {
+        let Some(mut p) = self.live_channel(name, serial) else {
+            return;
+        };
+        // SAFETY: a live channel of the table; the reference ends before the calls below.
+        let ch = unsafe { p.as_mut() };
+        let left = ch.release(slot, n);
+        if let Some(seen) = last {
+            ch.queue.ack_transient_after(seen);
+        }
+        if left {
+            self.slot_left(slot);
+        }
+        self.rearm(p);
+    }
+
+    /// Worker `slot`, which keeps listeners on the channel, has looked at every message up to
+    /// `upto` (after `seen`, what it had looked at before). Returns what it has seen now:
+    /// `upto`, or the channel's last id if smaller.
+    pub fn ack(&mut self, name: &[u8], serial: u64, slot: u32, seen: MsgId, upto: MsgId) -> MsgId {
+        let Some(mut p) = self.live_channel(name, serial) else {
+            return seen;
+        };
+        // SAFETY: a live channel of the table.
+        let ch = unsafe { p.as_mut() };
+        let upto = upto.min(ch.last_id).max(seen);
+        if upto > seen {
+            ch.queue.ack_transient_between(seen, upto);
+        }
+        if let Some(w) = ch.waiters.iter_mut().find(|w| w.slot == slot) {
+            w.seen = w.seen.max(upto);
+        }
+        self.rearm(p);
+        upto
+    }
+
     /// Takes a worker's mailbox: the channel serials to look at, and whether it overflowed
     /// (then every channel with listeners in that worker must be looked at).
     pub fn take_mailbox(&mut self, slot: u32, out: &mut std::vec::Vec<u64>) -> bool {
