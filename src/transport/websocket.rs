@@ -163,22 +163,19 @@ pub unsafe extern "C" fn reader(r: *mut ngx_http_request_t) {
     let Some(ctx) = ctx_of(r) else { return };
     // SAFETY: `r` and its connection are live (nginx calls the handler for them).
     let c = unsafe { (*r).connection };
+    // Read on the stack: an idle socket keeps no read buffer.
+    let mut chunk = [0u8; READ_CHUNK];
     loop {
         if ctx.done {
             return;
         }
-        let Some(st) = ctx.ws.as_mut() else { return };
-        if st.rbuf.try_reserve(READ_CHUNK).is_err() {
-            fail(ctx, "no memory to read a WebSocket frame");
+        // SAFETY: the connection is live; `recv` is set for every connection nginx accepts.
+        let Some(recv) = (unsafe { (*c).recv }) else {
+            fail(ctx, "");
             return;
-        }
-        let len = st.rbuf.len();
-        // SAFETY: the spare capacity is at least `READ_CHUNK` bytes; `recv` writes at most
-        // that many and returns how many.
-        let n = unsafe {
-            let recv = (*c).recv.expect("connection recv");
-            recv(c, st.rbuf.as_mut_ptr().add(len), READ_CHUNK)
         };
+        // SAFETY: `recv` writes at most `READ_CHUNK` bytes into `chunk` and returns how many.
+        let n = unsafe { recv(c, chunk.as_mut_ptr(), READ_CHUNK) };
         if n == NGX_AGAIN as isize {
             break;
         }
@@ -190,8 +187,13 @@ pub unsafe extern "C" fn reader(r: *mut ngx_http_request_t) {
             fail(ctx, "");
             return;
         }
-        // SAFETY: `recv` initialized `n` more bytes.
-        unsafe { st.rbuf.set_len(len + n as usize) };
+        let Some(st) = ctx.ws.as_mut() else { return };
+        let got = chunk.get(..n as usize).unwrap_or_default();
+        if st.rbuf.try_reserve(got.len()).is_err() {
+            fail(ctx, "no memory to read a WebSocket frame");
+            return;
+        }
+        st.rbuf.extend_from_slice(got);
         if !decode(ctx) {
             return;
         }
@@ -210,6 +212,10 @@ fn decode(ctx: &mut StreamCtx) -> bool {
     match decoded {
         Ok(used) => {
             st.rbuf.drain(..used);
+            if st.rbuf.is_empty() {
+                // Nothing pending: no buffer kept while the socket is idle.
+                st.rbuf = Vec::new();
+            }
         }
         Err(f) => {
             // SAFETY: the request and its connection are live.
