@@ -223,6 +223,10 @@ pub(super) fn open(
     let rc = unsafe {
         if ctx.kind == Kind::WebSocket {
             (*r).headers_out.status = 101;
+            // nginx's status table has no reason phrase for 101.
+            let line = b"101 Switching Protocols";
+            (*r).headers_out.status_line =
+                ngx_str_t { len: line.len(), data: line.as_ptr() as *mut u8 };
             (*r).set_keepalive(0);
         } else {
             let ct = ctx.kind.content_type();
