@@ -414,3 +414,40 @@ async fn subprotocol_martd_meta_prefixes_id_channel_and_type() {
     assert_eq!(next_msg(&mut bare).await, Message::text("{}"));
     ng.finish();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_that_stops_reading_is_closed_at_the_pending_cap() {
+    let mut ng = Nginx::start(ws_conf(
+        "        location = /ws-small { martd_listen websocket; martd_max_pending_bytes 64k; }",
+    ));
+    ng.allow_log("closing a streaming subscriber");
+    // Handshake, then never read again (a 4 KB receive buffer).
+    let mut slow = RawConn::open_on_small_buffer(ng.port).await;
+    slow.write(
+        b"GET /ws-small?channel=sw HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await;
+    let (mut fast, _) = ws_open(ng.port, "/ws-small?channel=sw").await;
+    let mut p = Conn::open(ng.port).await;
+    p.wait_listeners("sw", 2).await;
+    let body = "z".repeat(64 * 1024 - 16);
+    for i in 0..150 {
+        publish(&mut p, "sw", body.clone()).await;
+        match next_msg(&mut fast).await {
+            Message::Text(t) => assert_eq!(t.len(), body.len(), "message {i}"),
+            other => panic!("message {i}: {other:?}"),
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ng.log().contains("martd: closing a streaming subscriber") {
+        assert!(std::time::Instant::now() < deadline, "no close logged: {}", ng.log_tail(20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        slow.drained_to_close_within(Duration::from_secs(5)).await,
+        "the slow socket is closed"
+    );
+    p.wait_listeners("sw", 1).await;
+    ng.finish();
+}
