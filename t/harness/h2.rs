@@ -102,13 +102,8 @@ impl H2Conn {
         self.worker.expect("connection was not probed")
     }
 
-    /// Starts a GET as a new stream; the answer comes through the handle.
-    pub fn spawn_get(
-        &self,
-        path: &str,
-        headers: &[(&str, &str)],
-        t: Duration,
-    ) -> JoinHandle<Result<Resp, String>> {
+    /// A GET of `path` for this connection (`:authority` instead of `Host`).
+    fn get_request(&self, path: &str, headers: &[(&str, &str)]) -> hyper::Request<ReqBody> {
         let mut req =
             request("GET", &format!("https://localhost:{}{path}", self.port), &[], full(""));
         req.headers_mut().remove("host");
@@ -118,6 +113,17 @@ impl H2Conn {
                 v.parse().unwrap(),
             );
         }
+        req
+    }
+
+    /// Starts a GET as a new stream; the answer comes through the handle.
+    pub fn spawn_get(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        t: Duration,
+    ) -> JoinHandle<Result<Resp, String>> {
+        let req = self.get_request(path, headers);
         let mut sender = self.sender.clone();
         tokio::spawn(async move {
             let fut = async {
@@ -145,15 +151,7 @@ impl H2Conn {
         path: &str,
         headers: &[(&str, &str)],
     ) -> super::stream::Streaming {
-        let mut req =
-            request("GET", &format!("https://localhost:{}{path}", self.port), &[], full(""));
-        req.headers_mut().remove("host");
-        for (k, v) in headers {
-            req.headers_mut().insert(
-                hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
-        }
+        let req = self.get_request(path, headers);
         let mut sender = self.sender.clone();
         let resp = within(QUICK, "h2 stream head", async {
             sender.ready().await.map_err(|e| format!("h2 not ready: {e}"))?;

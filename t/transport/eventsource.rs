@@ -166,11 +166,7 @@ async fn a_slow_reader_is_closed_at_the_pending_cap_and_others_are_not_held_up()
         let e = fast.next(PROMPT).await.unwrap_or_else(|| panic!("fast reader: message {i}"));
         assert_eq!(e.data.len(), body.len());
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !ng.log().contains("martd: closing a streaming subscriber") {
-        assert!(std::time::Instant::now() < deadline, "no close logged: {}", ng.log_tail(20));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_log(&ng, "martd: closing a streaming subscriber").await;
     assert!(ng.log().contains("(martd_max_pending_bytes 65536)"), "{}", ng.log_tail(20));
     assert!(
         slow.drained_to_close_within(Duration::from_secs(5)).await,

@@ -42,3 +42,16 @@ async fn open_on(port: u16, pid: u32, path: &str, headers: &[(&str, &str)]) -> S
 }
 
 const SSE: (&str, &str) = ("Accept", "text/event-stream");
+
+/// Waits (up to 10 s) until the error log has a line containing `fragment`.
+async fn wait_for_log(ng: &Nginx, fragment: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ng.log().contains(fragment) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{fragment:?} not logged: {}",
+            ng.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -439,11 +439,7 @@ async fn a_websocket_that_stops_reading_is_closed_at_the_pending_cap() {
             other => panic!("message {i}: {other:?}"),
         }
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !ng.log().contains("martd: closing a streaming subscriber") {
-        assert!(std::time::Instant::now() < deadline, "no close logged: {}", ng.log_tail(20));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_log(&ng, "martd: closing a streaming subscriber").await;
     assert!(
         slow.drained_to_close_within(Duration::from_secs(5)).await,
         "the slow socket is closed"
