@@ -145,12 +145,20 @@ fn core_loc_conf(r: *mut ngx_http_request_t) -> &'static ngx_http_core_loc_conf_
     }
 }
 
+/// Whether the request's location has no `post_action` (which would run after it).
+///
+/// # Safety
+/// `r` is a live request.
+pub(crate) unsafe fn post_action_unset(r: *mut ngx_http_request_t) -> bool {
+    core_loc_conf(r).post_action.len == 0
+}
+
 /// Whether a connection can sit in nginx's keep-alive state and be resumed: plain TCP, or a
 /// finished TLS handshake with nothing decrypted and unread.
 ///
 /// # Safety
 /// `c` is a live connection.
-unsafe fn transport_ok(c: *mut ngx_connection_t) -> bool {
+pub(crate) unsafe fn transport_ok(c: *mut ngx_connection_t) -> bool {
     // SAFETY: `c` is live; `ngx_io` is nginx's per-process I/O table.
     let (recv, plain) = unsafe { ((*c).recv, nginx_sys::ngx_io.recv) };
     match recv {
@@ -210,7 +218,7 @@ pub fn prepare(r: *mut ngx_http_request_t, lcf: &LocConf) -> Option<Prepared> {
             && (*r).headers_in.content_length_n <= 0
             && (*r).headers_in.chunked() == 0
             && (*r).discard_body() == 0
-            && core_loc_conf(r).post_action.len == 0
+            && post_action_unset(r)
             // limit_conn counts the request while it lives: keep it, so the limit holds.
             && (*r).limit_conn_status() == 0
             && !b.is_null()

@@ -8,6 +8,7 @@
 //! EventSource and the chunked stream keep the response open and write every message as it
 //! comes ([`streaming`]).
 
+mod detached;
 pub mod streaming;
 pub mod subscribe;
 pub mod websocket;

@@ -13,6 +13,11 @@
 //! The stream ends (cleanly: the last chunk) when the worker shuts down or reloads, when the
 //! channel is deleted, when a newer subscriber displaces it, or when the worker cannot copy a
 //! message; a client closing it is noticed by `ngx_http_test_reading`.
+//!
+//! Once the response header and the backlog are sent, a stream on an HTTP/1.x keep-alive
+//! connection gives its request back to nginx and writes on the connection itself (see
+//! [`super::detached`]): an idle stream then costs a connection and this context, not a
+//! request.
 
 use std::collections::VecDeque;
 use std::ffi::c_void;
@@ -21,15 +26,16 @@ use std::rc::Rc;
 
 use martd_core::listeners::{ListenerKey, Payload, Verdict};
 use nginx_sys::{
-    ngx_add_timer, ngx_buf_t, ngx_chain_t, ngx_del_timer, ngx_delete_posted_event, ngx_event_t,
-    ngx_http_core_loc_conf_t, ngx_http_core_module, ngx_http_finalize_request,
-    ngx_http_output_filter, ngx_http_request_t, ngx_http_run_posted_requests, ngx_http_send_header,
-    ngx_http_send_special, ngx_http_test_reading, ngx_int_t, ngx_msec_t, ngx_pcalloc,
-    ngx_pool_cleanup_add, ngx_post_event, ngx_posted_events, ngx_str_t, NGX_DONE, NGX_ERROR,
-    NGX_HTTP_FLUSH, NGX_HTTP_LAST, NGX_LOG_ERR, NGX_OK,
+    ngx_add_timer, ngx_buf_t, ngx_chain_t, ngx_connection_t, ngx_del_timer,
+    ngx_delete_posted_event, ngx_event_t, ngx_http_core_loc_conf_t, ngx_http_core_module,
+    ngx_http_finalize_request, ngx_http_output_filter, ngx_http_request_t,
+    ngx_http_run_posted_requests, ngx_http_send_header, ngx_http_send_special,
+    ngx_http_test_reading, ngx_int_t, ngx_msec_t, ngx_pcalloc, ngx_pool_cleanup_add,
+    ngx_post_event, ngx_posted_events, ngx_str_t, NGX_DONE, NGX_ERROR, NGX_HTTP_FLUSH,
+    NGX_HTTP_LAST, NGX_LOG_ERR, NGX_OK,
 };
 
-use crate::conf::LocConf;
+use crate::conf::{LocConf, MainConf};
 use crate::listen::{self, Handle};
 use crate::response;
 
@@ -69,6 +75,14 @@ pub(super) struct Piece {
 }
 
 impl Piece {
+    pub(super) fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub(super) fn into_parts(self) -> (*const [u8], Keep) {
+        (self.bytes, self.keep)
+    }
+
     pub(super) fn payload(bytes: &[u8], p: &Rc<Payload>) -> Piece {
         Piece { bytes, keep: Keep::Payload(p.clone()) }
     }
@@ -82,31 +96,48 @@ impl Piece {
     }
 }
 
-/// A streaming subscriber, owned by its request (freed by the request pool's cleanup).
+/// A streaming subscriber, owned by its request (freed by the request pool's cleanup), or once
+/// detached by its connection (freed when [`super::detached`] closes it).
 pub struct StreamCtx {
+    pub(super) conn: *mut ngx_connection_t,
+    /// Its request; null once detached.
     pub(super) request: *mut ngx_http_request_t,
-    /// Where it sits in the worker's listeners; `None` once it left.
+    /// Writes on the connection itself: the request was given back (see [`super::detached`]).
+    pub(super) detached: bool,
+    /// The request is being given back: its pool's cleanup leaves the context alone.
+    pub(super) detaching: bool,
+    /// The request's transport allows detaching (checked once, when the stream opens).
+    pub(super) may_detach: bool,
+    /// The response is chunked: a detached stream frames its writes itself.
+    pub(super) chunked: bool,
+    /// The request was keep-alive before a WebSocket's `101` turned it off.
+    pub(super) keepalive: bool,
+    pub(super) send_timeout: ngx_msec_t,
+    pub(super) mcf: &'static MainConf,
     /// Where it sits in the worker's listeners, one entry per channel; empty once it left.
     pub(super) keys: Vec<ListenerKey>,
     /// It listens on several channels (EventSource events then name theirs).
     multi: bool,
     pub(super) kind: Kind,
     separator: &'static [u8],
-    /// Buffers given to nginx and not sent yet, oldest first, with their length.
-    in_flight: VecDeque<(*mut ngx_buf_t, usize, Keep)>,
-    /// Buffer headers sent, for reuse.
-    free: Vec<*mut ngx_buf_t>,
-    pending: usize,
-    max_pending: usize,
+    /// Buffers given to nginx (or, detached, to the connection) and not sent yet, oldest
+    /// first, with their length. Buffer headers are the request pool's; detached, boxed.
+    pub(super) in_flight: VecDeque<(*mut ngx_buf_t, usize, Keep)>,
+    /// Buffer headers of the request pool that were sent, for reuse.
+    pub(super) free: Vec<*mut ngx_buf_t>,
+    pub(super) pending: usize,
+    pub(super) max_pending: usize,
     ping_ms: ngx_msec_t,
-    ping: ngx_event_t,
-    /// Posted to finalize the request: after a clean end (`finish`: the rc of the last
-    /// buffer), or to close the connection after a write failed or the pending cap was
-    /// passed.
-    close: ngx_event_t,
+    pub(super) ping: ngx_event_t,
+    /// Posted to end the stream (`done`): the request is finalized (`finish`: the rc of the
+    /// last buffer; none: closed after a failed write or a passed pending cap), or the
+    /// detached connection closed. Not done: posted to detach.
+    pub(super) task: ngx_event_t,
     finish: Option<ngx_int_t>,
     /// Ended or failing: nothing more is written.
     pub(super) done: bool,
+    /// Detached and ended cleanly: its last bytes are being sent.
+    pub(super) closing: bool,
     /// A WebSocket's reading side.
     pub(super) ws: Option<Box<super::websocket::WsState>>,
 }
@@ -129,8 +160,23 @@ pub(super) fn prepare(
         Kind::Stream => str_bytes(&lcf.stream_separator),
         Kind::EventSource | Kind::WebSocket => &[][..],
     };
+    // SAFETY: `r` is a live request; the core module's location conf is at its `ctx_index`.
+    let (c, send_timeout) = unsafe {
+        let clcf =
+            *(*r).loc_conf.add(ngx_http_core_module.ctx_index) as *const ngx_http_core_loc_conf_t;
+        ((*r).connection, (*clcf).send_timeout)
+    };
     let ctx = Box::new(StreamCtx {
+        conn: c,
         request: r,
+        detached: false,
+        detaching: false,
+        may_detach: false,
+        chunked: false,
+        // SAFETY: `r` is live.
+        keepalive: unsafe { (*r).keepalive() } != 0,
+        send_timeout,
+        mcf: listen::main_conf(r),
         keys: Vec::new(),
         multi,
         kind,
@@ -147,9 +193,10 @@ pub(super) fn prepare(
         // SAFETY: an all-zero `ngx_event_t` is nginx's own initial state for events.
         ping: unsafe { std::mem::zeroed() },
         // SAFETY: as above.
-        close: unsafe { std::mem::zeroed() },
+        task: unsafe { std::mem::zeroed() },
         finish: None,
         done: false,
+        closing: false,
         ws: (kind == Kind::WebSocket).then(|| Box::new(super::websocket::WsState::new())),
     });
     let ctx = Box::into_raw(ctx);
@@ -164,10 +211,9 @@ pub(super) fn prepare(
         (*cln).data = ctx as *mut c_void;
         (*cln).handler = Some(stream_cleanup);
         *(*r).ctx.add(crate::module().ctx_index) = ctx as *mut c_void;
-        let c = (*r).connection;
         for (ev, handler) in [
             (&mut (*ctx).ping, ping_handler as unsafe extern "C" fn(*mut ngx_event_t)),
-            (&mut (*ctx).close, close_handler),
+            (&mut (*ctx).task, task_handler),
         ] {
             ev.handler = Some(handler);
             // The connection, as for nginx's own request timers (its debug log reads the fd).
@@ -195,6 +241,7 @@ pub(super) fn open(
     keys: Vec<ListenerKey>,
     backlog: &[Backlogged],
     complete: bool,
+    lcf: &LocConf,
 ) -> ngx_int_t {
     // SAFETY: `ctx` was made for the live request being handled; it is freed only with the
     // request pool.
@@ -242,6 +289,11 @@ pub(super) fn open(
     if rc == NGX_ERROR as ngx_int_t || rc > NGX_OK as ngx_int_t {
         return rc;
     }
+    // SAFETY: `r` is live; the header filters have run (the chunked filter decided).
+    unsafe {
+        ctx.chunked = (*r).chunked() != 0;
+        ctx.may_detach = super::detached::eligible(ctx, r, lcf);
+    }
     // SAFETY: `r` is live; the request is held open: one more reference, answered by its
     // finalization when the stream ends; the client closing is noticed on reads.
     unsafe {
@@ -283,8 +335,8 @@ pub(super) fn open(
 /// A woken streaming subscriber: a message to write, or the end of its stream (`None`:
 /// shutdown; a verdict other than a message: it has left the worker's listeners).
 pub fn answer(ctx: *mut StreamCtx, verdict: Option<Verdict>) {
-    // SAFETY: `ctx` is a parked subscriber's context: its request is alive (it is removed
-    // from the worker's listeners before its request pool goes, see `stream_cleanup`).
+    // SAFETY: `ctx` is a parked subscriber's context: it is alive (it is removed from the
+    // worker's listeners before it is freed, see `stream_cleanup` and `detached::close`).
     let ctx = unsafe { &mut *ctx };
     use martd_core::transport::websocket::code;
     let (close, why) = match verdict {
@@ -301,7 +353,7 @@ pub fn answer(ctx: *mut StreamCtx, verdict: Option<Verdict>) {
 }
 
 /// Takes the subscriber's remaining entries out of the worker's listeners and the zone.
-fn leave_all(ctx: &mut StreamCtx) {
+pub(super) fn leave_all(ctx: &mut StreamCtx) {
     let handle = Handle::Stream(ctx as *mut StreamCtx);
     for key in std::mem::take(&mut ctx.keys) {
         listen::leave_stream_key(key, handle);
@@ -333,9 +385,13 @@ fn deliver(ctx: &mut StreamCtx, p: &Rc<Payload>, channel: Option<&Rc<[u8]>>) {
     }
 }
 
-/// Gives `pieces` to nginx's output filters, flushed.
+/// Writes `pieces`, flushed: through nginx's output filters, or detached, on the connection.
 pub(super) fn write(ctx: &mut StreamCtx, pieces: Vec<Piece>) {
     if ctx.done {
+        return;
+    }
+    if ctx.detached {
+        super::detached::write(ctx, pieces);
         return;
     }
     let r = ctx.request;
@@ -352,15 +408,7 @@ pub(super) fn write(ctx: &mut StreamCtx, pieces: Vec<Piece>) {
         };
         // SAFETY: `b` is a buffer header of this request's pool, not in nginx's hands (new,
         // or sent); the bytes outlive it (`keep` goes with it into `in_flight`).
-        unsafe {
-            ptr::write_bytes(b, 0, 1);
-            let start = bytes.as_ptr() as *mut u8;
-            (*b).start = start;
-            (*b).pos = start;
-            (*b).last = start.add(bytes.len());
-            (*b).end = (*b).last;
-            (*b).set_memory(1);
-        }
+        unsafe { point_at(b, bytes) };
         ctx.in_flight.push_back((b, bytes.len(), keep));
         ctx.pending += bytes.len();
         links.push(ngx_chain_t { buf: b, next: ptr::null_mut() });
@@ -373,13 +421,30 @@ pub(super) fn write(ctx: &mut StreamCtx, pieces: Vec<Piece>) {
     // SAFETY: `links` is not resized from here on; nginx's filters copy the links they keep,
     // so the chain lives only for this call.
     let rc = unsafe {
-        for i in 0..n - 1 {
-            (*base.add(i)).next = base.add(i + 1);
+        for i in 1..n {
+            (*base.add(i - 1)).next = base.add(i);
         }
         (*(*base.add(n - 1)).buf).set_flush(1);
         ngx_http_output_filter(r, base)
     };
     settle(ctx, rc);
+}
+
+/// Sets buffer header `b` to `bytes` (in memory, nothing else).
+///
+/// # Safety
+/// `b` is a valid buffer header not in anyone's hands; `bytes` outlive its use.
+pub(super) unsafe fn point_at(b: *mut ngx_buf_t, bytes: &[u8]) {
+    // SAFETY: as the caller promises.
+    unsafe {
+        ptr::write_bytes(b, 0, 1);
+        let start = bytes.as_ptr() as *mut u8;
+        (*b).start = start;
+        (*b).pos = start;
+        (*b).last = start.add(bytes.len());
+        (*b).end = (*b).last;
+        (*b).set_memory(1);
+    }
 }
 
 fn new_buf(r: *mut ngx_http_request_t) -> Option<*mut ngx_buf_t> {
@@ -390,7 +455,7 @@ fn new_buf(r: *mut ngx_http_request_t) -> Option<*mut ngx_buf_t> {
 
 /// After nginx took or sent bytes (`rc` of the output filter): buffers sent are recycled, a
 /// failed write or too much pending closes the connection, and the write timer follows
-/// what is left to send.
+/// what is left to send. Nothing left: the stream may give its request back.
 fn settle(ctx: &mut StreamCtx, rc: ngx_int_t) {
     while let Some(&(b, len, _)) = ctx.in_flight.front() {
         // SAFETY: `b` is a buffer header of this request's pool.
@@ -405,12 +470,7 @@ fn settle(ctx: &mut StreamCtx, rc: ngx_int_t) {
         fail(ctx, "");
         return;
     }
-    if ctx.pending > ctx.max_pending {
-        let why = format!(
-            "{} bytes not sent yet (martd_max_pending_bytes {})",
-            ctx.pending, ctx.max_pending
-        );
-        fail(ctx, &why);
+    if !over_cap(ctx) {
         return;
     }
     let r = ctx.request;
@@ -423,35 +483,61 @@ fn settle(ctx: &mut StreamCtx, rc: ngx_int_t) {
             let clcf = *(*r).loc_conf.add(ngx_http_core_module.ctx_index)
                 as *const ngx_http_core_loc_conf_t;
             if (*wev).delayed() == 0 {
-                ngx_add_timer(wev, (*clcf).send_timeout);
+                ngx_add_timer(wev, ctx.send_timeout);
             }
             if nginx_sys::ngx_handle_write_event(wev, (*clcf).send_lowat) != NGX_OK as ngx_int_t {
                 fail(ctx, "");
             }
-        } else if (*wev).timer_set() != 0 {
+            return;
+        }
+        if (*wev).timer_set() != 0 {
             ngx_del_timer(wev);
         }
+    }
+    if ctx.may_detach && ctx.pending == 0 && !ctx.done {
+        post_task(ctx);
+    }
+}
+
+/// `false` (and the connection closing) when more than `martd_max_pending_bytes` wait.
+pub(super) fn over_cap(ctx: &mut StreamCtx) -> bool {
+    if ctx.pending > ctx.max_pending {
+        let why = format!(
+            "{} bytes not sent yet (martd_max_pending_bytes {})",
+            ctx.pending, ctx.max_pending
+        );
+        fail(ctx, &why);
+        return false;
+    }
+    true
+}
+
+fn post_task(ctx: &mut StreamCtx) {
+    if ctx.task.posted() == 0 {
+        // SAFETY: the event lives in the context; the context's end takes it off the queue.
+        unsafe { ngx_post_event(&mut ctx.task, ptr::addr_of_mut!(ngx_posted_events)) };
     }
 }
 
 /// Closes the connection soon (a failed write, a slow reader): nothing more is written.
 pub(super) fn fail(ctx: &mut StreamCtx, why: &str) {
-    if ctx.done {
+    if ctx.done && !ctx.closing {
         return;
     }
     ctx.done = true;
-    // SAFETY: the request and its connection are live; the events live in the context.
+    ctx.closing = false;
+    ctx.finish = None;
+    // SAFETY: the connection is live; the events live in the context.
     unsafe {
         if !why.is_empty() {
             let msg = format!("martd: closing a streaming subscriber: {why}");
-            let log = (*(*ctx.request).connection).log;
-            ngx::ngx_log_error!(NGX_LOG_ERR, log, "{}", msg);
+            ngx::ngx_log_error!(NGX_LOG_ERR, (*ctx.conn).log, "{}", msg);
         }
         if ctx.ping.timer_set() != 0 {
             ngx_del_timer(&mut ctx.ping);
         }
-        ngx_post_event(&mut ctx.close, ptr::addr_of_mut!(ngx_posted_events));
     }
+    post_task(ctx);
 }
 
 /// Ends the stream cleanly: the last chunk, then nginx finishes sending and finalizes.
@@ -472,6 +558,10 @@ pub(super) fn end_with(ctx: &mut StreamCtx, code: u16, why: &str) {
             return;
         }
     }
+    if ctx.detached {
+        super::detached::end(ctx);
+        return;
+    }
     ctx.done = true;
     let r = ctx.request;
     // SAFETY: `r` is live and held open by this stream (the reference taken in `open`).
@@ -482,8 +572,8 @@ pub(super) fn end_with(ctx: &mut StreamCtx, code: u16, why: &str) {
         // Finalized from a posted event, not here: a wake-up's answers may name this stream
         // again after its end (several channels, a shutdown), and must find it alive.
         ctx.finish = Some(ngx_http_send_special(r, NGX_HTTP_LAST as usize));
-        ngx_post_event(&mut ctx.close, ptr::addr_of_mut!(ngx_posted_events));
     }
+    post_task(ctx);
 }
 
 /// The write event of a stream's request: nginx can send more.
@@ -538,31 +628,52 @@ unsafe extern "C" fn ping_handler(ev: *mut ngx_event_t) {
     }
 }
 
-unsafe extern "C" fn close_handler(ev: *mut ngx_event_t) {
-    // SAFETY: the event is the `close` field of a live stream context.
+/// The posted task: the stream's end (the request finalized, or the detached connection
+/// closed), or, while it goes on, giving its request back.
+unsafe extern "C" fn task_handler(ev: *mut ngx_event_t) {
+    // SAFETY: the event is the `task` field of a live stream context.
     let ctx =
-        unsafe { (ev as *mut u8).sub(std::mem::offset_of!(StreamCtx, close)) as *mut StreamCtx };
-    // SAFETY: its request is live (the cleanup takes the event off the queue).
+        unsafe { (ev as *mut u8).sub(std::mem::offset_of!(StreamCtx, task)) as *mut StreamCtx };
+    // SAFETY: the context is live (its end takes the event off the queue).
+    let (done, detached) = unsafe { ((*ctx).done, (*ctx).detached) };
+    match (done, detached) {
+        (false, false) => super::detached::detach(ctx),
+        (false, true) => {}
+        (true, true) => super::detached::close_when_sent(ctx),
+        // SAFETY: its request is live (the cleanup takes the event off the queue).
+        (true, false) => unsafe {
+            let r = (*ctx).request;
+            let c = (*r).connection;
+            let rc = (*ctx).finish.unwrap_or(NGX_ERROR as ngx_int_t);
+            ngx_http_finalize_request(r, rc);
+            ngx_http_run_posted_requests(c);
+        },
+    }
+}
+
+/// Takes the context's events off nginx's timers and posted queue.
+pub(super) fn quiet(ctx: &mut StreamCtx) {
+    // SAFETY: the events live in the context and are nginx's only while set or posted.
     unsafe {
-        let r = (*ctx).request;
-        let c = (*r).connection;
-        let rc = (*ctx).finish.unwrap_or(NGX_ERROR as ngx_int_t);
-        ngx_http_finalize_request(r, rc);
-        ngx_http_run_posted_requests(c);
+        if ctx.ping.timer_set() != 0 {
+            ngx_del_timer(&mut ctx.ping);
+        }
+        if ctx.task.posted() != 0 {
+            ngx_delete_posted_event(&mut ctx.task);
+        }
     }
 }
 
 extern "C" fn stream_cleanup(data: *mut c_void) {
     let ctx = data as *mut StreamCtx;
-    // SAFETY: the request pool is being destroyed: the context's events must not fire
-    // afterwards; the box is taken back exactly once, here.
+    // SAFETY: the request pool is being destroyed. Giving the request back (`detaching`), the
+    // context lives on with its connection; else its events must not fire afterwards and the
+    // box is taken back exactly once, here.
     unsafe {
-        if (*ctx).ping.timer_set() != 0 {
-            ngx_del_timer(&mut (*ctx).ping);
+        if (*ctx).detaching {
+            return;
         }
-        if (*ctx).close.posted() != 0 {
-            ngx_delete_posted_event(&mut (*ctx).close);
-        }
+        quiet(&mut *ctx);
         leave_all(&mut *ctx);
         drop(Box::from_raw(ctx));
     }

@@ -150,7 +150,7 @@ pub fn listen(
                 .into_iter()
                 .map(|(p, i)| (p, names.get(i).map(|n| Rc::<[u8]>::from(&n[..]))))
                 .collect();
-            open(ctx, keys, &backlog, complete)
+            open(ctx, keys, &backlog, complete, lcf)
         }
     }
 }

@@ -154,15 +154,19 @@ pub fn start(ctx: &mut StreamCtx) {
     if !early.is_empty() && !decode(ctx) {
         return;
     }
-    // SAFETY: `r` is live (the handler is ours).
-    unsafe { reader(r) };
+    read(ctx);
 }
 
 /// The read handler of a WebSocket's request.
 pub unsafe extern "C" fn reader(r: *mut ngx_http_request_t) {
-    let Some(ctx) = ctx_of(r) else { return };
-    // SAFETY: `r` and its connection are live (nginx calls the handler for them).
-    let c = unsafe { (*r).connection };
+    if let Some(ctx) = ctx_of(r) {
+        read(ctx);
+    }
+}
+
+/// Reads and handles what the client sent (attached or detached).
+pub fn read(ctx: &mut StreamCtx) {
+    let c = ctx.conn;
     // Read on the stack: an idle socket keeps no read buffer.
     let mut chunk = [0u8; READ_CHUNK];
     loop {
@@ -218,8 +222,8 @@ fn decode(ctx: &mut StreamCtx) -> bool {
             }
         }
         Err(f) => {
-            // SAFETY: the request and its connection are live.
-            let log = unsafe { (*(*ctx.request).connection).log };
+            // SAFETY: the connection is live.
+            let log = unsafe { (*ctx.conn).log };
             martd_debug!(log, "closing a WebSocket: {} ({})", f.reason, f.code);
             end_with(ctx, f.code, f.reason);
             return false;
@@ -257,8 +261,7 @@ fn decode(ctx: &mut StreamCtx) -> bool {
 /// client did not give closes the socket with 1008; a full zone with 1011.
 fn publish(ctx: &mut StreamCtx, text: bool, data: &[u8]) {
     let Some(p) = ctx.ws.as_ref().and_then(|w| w.publish.as_ref()) else { return };
-    let r = ctx.request;
-    let mcf = crate::listen::main_conf(r);
+    let mcf = ctx.mcf;
     let now = crate::worker::now_ms();
     let mut wake = Vec::new();
     let content_type: &[u8] = if text { b"text/plain" } else { b"application/octet-stream" };
@@ -286,8 +289,8 @@ pub fn ping(ctx: &mut StreamCtx) -> bool {
     let Some(st) = ctx.ws.as_mut() else { return false };
     if st.awaiting_pong {
         fail(ctx, "");
-        // SAFETY: the request and its connection are live.
-        let log = unsafe { (*(*ctx.request).connection).log };
+        // SAFETY: the connection is live.
+        let log = unsafe { (*ctx.conn).log };
         martd_debug!(log, "closing a WebSocket: no pong to the last ping");
         return false;
     }

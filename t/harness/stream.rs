@@ -107,6 +107,19 @@ impl Streaming {
         }
     }
 
+    /// Whether the body ends within `t`, whole (a chunked body's last chunk), not cut off.
+    pub async fn ends_whole_within(&mut self, t: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + t;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match timeout(left, self.chunks.next()).await {
+                Ok(Some(Ok(b))) => self.buf.extend_from_slice(&b),
+                Ok(Some(Err(_))) | Err(_) => return false,
+                Ok(None) => return true,
+            }
+        }
+    }
+
     /// Turns the stream into EventSource events.
     pub fn events(self) -> Events {
         let prefix = Bytes::from(self.buf);

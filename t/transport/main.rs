@@ -6,6 +6,7 @@
 #[path = "../harness/mod.rs"]
 mod harness;
 
+mod detach;
 mod eventsource;
 mod interval;
 mod multi;

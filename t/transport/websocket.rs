@@ -20,7 +20,7 @@ fn ws_conf(extra: &str) -> Conf {
 }
 
 /// A WebSocket client on `path`; the worker that serves it.
-async fn ws_open(port: u16, path: &str) -> (Ws, u32) {
+pub(super) async fn ws_open(port: u16, path: &str) -> (Ws, u32) {
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
     let url = format!("ws://127.0.0.1:{port}{path}");
     let (ws, resp) = tokio::time::timeout(QUICK, tokio_tungstenite::client_async(url, tcp))
@@ -38,7 +38,7 @@ async fn ws_open(port: u16, path: &str) -> (Ws, u32) {
 }
 
 /// The next data message (pings and pongs skipped).
-async fn next_msg<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Message
+pub(super) async fn next_msg<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Message
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
