@@ -24,7 +24,8 @@ use nginx_sys::{
     NGX_DONE, NGX_HTTP_VERSION_20, NGX_OK, NGX_USE_CLEAR_EVENT,
 };
 
-use super::streaming::{fail, leave_all, over_cap, point_at, quiet, Kind, Piece, StreamCtx};
+use super::piece::{point_at, Piece};
+use super::streaming::{fail, leave_all, over_cap, post_task, quiet, Kind, StreamCtx};
 use crate::conf::LocConf;
 
 /// Whether the stream may give its request back, as far as its location and transport go
@@ -295,18 +296,6 @@ fn flush(ctx: &mut StreamCtx) {
     }
     if ctx.closing {
         post_task(ctx);
-    }
-}
-
-fn post_task(ctx: &mut StreamCtx) {
-    if ctx.task.posted() == 0 {
-        // SAFETY: the event lives in the context; closing it takes it off the queue.
-        unsafe {
-            nginx_sys::ngx_post_event(
-                &mut ctx.task,
-                ptr::addr_of_mut!(nginx_sys::ngx_posted_events),
-            )
-        };
     }
 }
 

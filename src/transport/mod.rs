@@ -8,7 +8,9 @@
 //! EventSource and the chunked stream keep the response open and write every message as it
 //! comes ([`streaming`]).
 
+mod attached;
 mod detached;
+mod piece;
 pub mod streaming;
 pub mod subscribe;
 pub mod websocket;

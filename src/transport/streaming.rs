@@ -26,15 +26,15 @@ use std::rc::Rc;
 
 use martd_core::listeners::{ListenerKey, Payload, Verdict};
 use nginx_sys::{
-    ngx_add_timer, ngx_buf_t, ngx_chain_t, ngx_connection_t, ngx_del_timer,
-    ngx_delete_posted_event, ngx_event_t, ngx_http_core_loc_conf_t, ngx_http_core_module,
-    ngx_http_finalize_request, ngx_http_output_filter, ngx_http_request_t,
-    ngx_http_run_posted_requests, ngx_http_send_header, ngx_http_send_special,
-    ngx_http_test_reading, ngx_int_t, ngx_msec_t, ngx_pcalloc, ngx_pool_cleanup_add,
-    ngx_post_event, ngx_posted_events, ngx_str_t, NGX_DONE, NGX_ERROR, NGX_HTTP_FLUSH,
-    NGX_HTTP_LAST, NGX_LOG_ERR, NGX_OK,
+    ngx_add_timer, ngx_buf_t, ngx_connection_t, ngx_del_timer, ngx_delete_posted_event,
+    ngx_event_t, ngx_http_core_loc_conf_t, ngx_http_core_module, ngx_http_finalize_request,
+    ngx_http_request_t, ngx_http_run_posted_requests, ngx_http_send_header, ngx_http_send_special,
+    ngx_http_test_reading, ngx_int_t, ngx_msec_t, ngx_pool_cleanup_add, ngx_post_event,
+    ngx_posted_events, ngx_str_t, NGX_DONE, NGX_ERROR, NGX_HTTP_FLUSH, NGX_HTTP_LAST, NGX_LOG_ERR,
+    NGX_OK,
 };
 
+use super::piece::{Keep, Piece};
 use crate::conf::{LocConf, MainConf};
 use crate::listen::{self, Handle};
 use crate::response;
@@ -55,44 +55,6 @@ impl Kind {
             Kind::EventSource => b"text/event-stream",
             Kind::Stream | Kind::WebSocket => b"text/plain",
         }
-    }
-}
-
-/// What keeps the bytes of a buffer in nginx's hands alive (held, never read).
-#[allow(dead_code)]
-pub(super) enum Keep {
-    Payload(Rc<Payload>),
-    /// Bytes of this stream's own (a WebSocket control frame).
-    Owned(Box<[u8]>),
-    /// Static bytes, or the location's configuration (lives as long as the worker's cycle).
-    Lasting,
-}
-
-/// Bytes to write and what keeps them alive: `bytes` points into `keep` (or is static).
-pub(super) struct Piece {
-    bytes: *const [u8],
-    keep: Keep,
-}
-
-impl Piece {
-    pub(super) fn len(&self) -> usize {
-        self.bytes.len()
-    }
-
-    pub(super) fn into_parts(self) -> (*const [u8], Keep) {
-        (self.bytes, self.keep)
-    }
-
-    pub(super) fn payload(bytes: &[u8], p: &Rc<Payload>) -> Piece {
-        Piece { bytes, keep: Keep::Payload(p.clone()) }
-    }
-
-    pub(super) fn owned(bytes: Box<[u8]>) -> Piece {
-        Piece { bytes: &*bytes as *const [u8], keep: Keep::Owned(bytes) }
-    }
-
-    pub(super) fn lasting(bytes: &'static [u8]) -> Piece {
-        Piece { bytes, keep: Keep::Lasting }
     }
 }
 
@@ -301,13 +263,13 @@ pub(super) fn open(
             m.set_count(m.count() + 1);
         }
         (*r).read_event_handler = Some(ngx_http_test_reading);
-        (*r).write_event_handler = Some(stream_writer);
+        (*r).write_event_handler = Some(super::attached::writer);
     }
     if backlog.is_empty() {
         // The header on its way at once (nginx holds small writes back otherwise).
         // SAFETY: `r` is live.
         let rc = unsafe { ngx_http_send_special(r, NGX_HTTP_FLUSH as usize) };
-        settle(ctx, rc);
+        super::attached::settle(ctx, rc);
     }
     if ctx.kind == Kind::WebSocket {
         // SAFETY: `r` is live; the WebSocket reads the connection from now on.
@@ -392,110 +354,8 @@ pub(super) fn write(ctx: &mut StreamCtx, pieces: Vec<Piece>) {
     }
     if ctx.detached {
         super::detached::write(ctx, pieces);
-        return;
-    }
-    let r = ctx.request;
-    let mut links: Vec<ngx_chain_t> = Vec::with_capacity(pieces.len());
-    for Piece { bytes, keep } in pieces {
-        // SAFETY: `bytes` points into `keep` or at static bytes (see `Piece`).
-        let bytes = unsafe { &*bytes };
-        if bytes.is_empty() {
-            continue;
-        }
-        let Some(b) = ctx.free.pop().or_else(|| new_buf(r)) else {
-            fail(ctx, "no memory for a buffer");
-            return;
-        };
-        // SAFETY: `b` is a buffer header of this request's pool, not in nginx's hands (new,
-        // or sent); the bytes outlive it (`keep` goes with it into `in_flight`).
-        unsafe { point_at(b, bytes) };
-        ctx.in_flight.push_back((b, bytes.len(), keep));
-        ctx.pending += bytes.len();
-        links.push(ngx_chain_t { buf: b, next: ptr::null_mut() });
-    }
-    let n = links.len();
-    if n == 0 {
-        return;
-    }
-    let base = links.as_mut_ptr();
-    // SAFETY: `links` is not resized from here on; nginx's filters copy the links they keep,
-    // so the chain lives only for this call.
-    let rc = unsafe {
-        for i in 1..n {
-            (*base.add(i - 1)).next = base.add(i);
-        }
-        (*(*base.add(n - 1)).buf).set_flush(1);
-        ngx_http_output_filter(r, base)
-    };
-    settle(ctx, rc);
-}
-
-/// Sets buffer header `b` to `bytes` (in memory, nothing else).
-///
-/// # Safety
-/// `b` is a valid buffer header not in anyone's hands; `bytes` outlive its use.
-pub(super) unsafe fn point_at(b: *mut ngx_buf_t, bytes: &[u8]) {
-    // SAFETY: as the caller promises.
-    unsafe {
-        ptr::write_bytes(b, 0, 1);
-        let start = bytes.as_ptr() as *mut u8;
-        (*b).start = start;
-        (*b).pos = start;
-        (*b).last = start.add(bytes.len());
-        (*b).end = (*b).last;
-        (*b).set_memory(1);
-    }
-}
-
-fn new_buf(r: *mut ngx_http_request_t) -> Option<*mut ngx_buf_t> {
-    // SAFETY: `r` is live; the header lives in its pool and is reused for its lifetime.
-    let b = unsafe { ngx_pcalloc((*r).pool, size_of::<ngx_buf_t>()) } as *mut ngx_buf_t;
-    (!b.is_null()).then_some(b)
-}
-
-/// After nginx took or sent bytes (`rc` of the output filter): buffers sent are recycled, a
-/// failed write or too much pending closes the connection, and the write timer follows
-/// what is left to send. Nothing left: the stream may give its request back.
-fn settle(ctx: &mut StreamCtx, rc: ngx_int_t) {
-    while let Some(&(b, len, _)) = ctx.in_flight.front() {
-        // SAFETY: `b` is a buffer header of this request's pool.
-        if unsafe { (*b).pos != (*b).last } {
-            break;
-        }
-        ctx.in_flight.pop_front();
-        ctx.pending -= len;
-        ctx.free.push(b);
-    }
-    if rc == NGX_ERROR as ngx_int_t {
-        fail(ctx, "");
-        return;
-    }
-    if !over_cap(ctx) {
-        return;
-    }
-    let r = ctx.request;
-    // SAFETY: `r` and its connection are live; the core module's location conf is at its
-    // `ctx_index`.
-    unsafe {
-        let c = (*r).connection;
-        let wev = (*c).write;
-        if (*c).buffered() != 0 || (*r).buffered() != 0 {
-            let clcf = *(*r).loc_conf.add(ngx_http_core_module.ctx_index)
-                as *const ngx_http_core_loc_conf_t;
-            if (*wev).delayed() == 0 {
-                ngx_add_timer(wev, ctx.send_timeout);
-            }
-            if nginx_sys::ngx_handle_write_event(wev, (*clcf).send_lowat) != NGX_OK as ngx_int_t {
-                fail(ctx, "");
-            }
-            return;
-        }
-        if (*wev).timer_set() != 0 {
-            ngx_del_timer(wev);
-        }
-    }
-    if ctx.may_detach && ctx.pending == 0 && !ctx.done {
-        post_task(ctx);
+    } else {
+        super::attached::write(ctx, pieces);
     }
 }
 
@@ -512,7 +372,7 @@ pub(super) fn over_cap(ctx: &mut StreamCtx) -> bool {
     true
 }
 
-fn post_task(ctx: &mut StreamCtx) {
+pub(super) fn post_task(ctx: &mut StreamCtx) {
     if ctx.task.posted() == 0 {
         // SAFETY: the event lives in the context; the context's end takes it off the queue.
         unsafe { ngx_post_event(&mut ctx.task, ptr::addr_of_mut!(ngx_posted_events)) };
@@ -574,26 +434,6 @@ pub(super) fn end_with(ctx: &mut StreamCtx, code: u16, why: &str) {
         ctx.finish = Some(ngx_http_send_special(r, NGX_HTTP_LAST as usize));
     }
     post_task(ctx);
-}
-
-/// The write event of a stream's request: nginx can send more.
-unsafe extern "C" fn stream_writer(r: *mut ngx_http_request_t) {
-    let Some(ctx) = ctx_of(r) else { return };
-    // SAFETY: `r` and its connection are live (nginx calls the handler for them).
-    unsafe {
-        let c = (*r).connection;
-        let wev = (*c).write;
-        if (*wev).timedout() != 0 {
-            (*c).set_timedout(1);
-            fail(ctx, "client timed out (send_timeout)");
-            return;
-        }
-        if (*wev).delayed() != 0 || ctx.done {
-            return;
-        }
-        let rc = ngx_http_output_filter(r, ptr::null_mut());
-        settle(ctx, rc);
-    }
 }
 
 /// The stream context of request `r` (set by [`prepare`] in the module's slot of `r->ctx`).

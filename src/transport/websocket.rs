@@ -17,8 +17,9 @@ use nginx_sys::{
     ngx_handle_read_event, ngx_http_request_t, ngx_int_t, NGX_AGAIN, NGX_HTTP_VERSION_11, NGX_OK,
 };
 
+use super::piece::Piece;
 use super::request_header;
-use super::streaming::{ctx_of, end_with, fail, write, Piece, StreamCtx};
+use super::streaming::{ctx_of, end_with, fail, write, StreamCtx};
 use crate::response;
 
 /// The largest message a client may send (its frames are control frames, or ignored).
