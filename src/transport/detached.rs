@@ -294,6 +294,10 @@ fn flush(ctx: &mut StreamCtx) {
         }
         free_tls_buffer(c);
     }
+    if ctx.in_flight.capacity() > 16 {
+        // An idle stream keeps no room from a burst.
+        ctx.in_flight = std::collections::VecDeque::new();
+    }
     if ctx.closing {
         post_task(ctx);
     }
