@@ -6,17 +6,23 @@
  *   martd.SUB = "/sub";           a `martd_listen json` location
  *   martd.PUB = "/pub";           a `martd_push json` location
  *   martd.cid                     a random id of this page load
+ *   martd.EVENTSOURCE = true;     listen over EventSource where the browser has it
+ *   martd.transport               "eventsource" or "longpoll": how it listens now
  *
  *   var h = martd.sub(channel, function (payload, channel, etag) { ... }, etag);
  *   h.cancel();
  *       payload: the message as a string (a binary message as a binary string).
  *       etag: optional, "0" (the default) = every message the channel stores; the callback's
  *       etag is that of the last message of the reply it came in, to resume from later.
- *       All subscriptions share one long-poll request; a second sub on a channel already
- *       subscribed to joins it where it is. A failed poll (network error, an HTTP error, a
- *       broken reply) is retried after 0.5 s, doubling up to 30 s (each wait jittered between
- *       half and all of that), resuming after the last message each channel got; an empty
- *       reply (listener timeout, nginx reload) is followed by the next poll at once.
+ *       All subscriptions share one request: an EventSource stream where the browser has
+ *       EventSource and the location offers it (`martd_listen json longpoll eventsource`),
+ *       else a long-poll over XMLHttpRequest. A stream that fails before it opens (the
+ *       location does not offer EventSource) turns this page to long-polls. A second sub on a
+ *       channel already subscribed to joins it where it is. A failed poll or an ended stream
+ *       (network error, an HTTP error, a broken reply, nginx reload) is retried after 0.5 s,
+ *       doubling up to 30 s while it keeps failing (each wait jittered between half and all
+ *       of that), resuming after the last message each channel got; an empty reply (listener
+ *       timeout, nginx reload) is followed by the next poll at once.
  *
  *   martd.pub(channel, payload, {key: K, size: N, life: S, one2one: true}, function (err, etag) { ... });
  *       options and callback are optional; err is null or the server's reason ("HTTP 502"
@@ -26,9 +32,10 @@ var martd = (function () {
     "use strict";
 
     var BACKOFF_MIN = 500, BACKOFF_MAX = 30000;
-    var m = { SERVER: "", SUB: "/sub", PUB: "/pub" };
+    var m = { SERVER: "", SUB: "/sub", PUB: "/pub", EVENTSOURCE: true, transport: null };
     var channels = {};      // encoded channel name -> {name, etag, subs: [{f: callback}, ...]}
-    var poll = null;        // the XMLHttpRequest of the long-poll under way
+    var poll = null;        // the XMLHttpRequest of the long-poll, or the EventSource, under way
+    var noEvents = false;   // an EventSource failed before it opened: long-poll from now on
     var timer = null;       // the pending start of the next long-poll
     var failures = 0;       // long-polls failed in a row
     var seq = 0;            // the `_` argument: no cache ever answers a long-poll
@@ -72,7 +79,11 @@ var martd = (function () {
         if (poll !== null) {
             var old = poll;
             poll = null;
-            old.abort();
+            if (old.close) {
+                old.close();
+            } else {
+                old.abort();
+            }
         }
         timer = setTimeout(listen, delay);
     }
@@ -103,10 +114,46 @@ var martd = (function () {
         }
     }
 
-    // The transport: one long-poll over XMLHttpRequest for every subscribed channel.
-    // (EventSource, and choosing between transports, goes here: issue "transports".)
+    function valid(reply) {
+        return reply !== null && typeof reply.channels === "object" && reply.channels !== null;
+    }
+
+    // One EventSource stream for every subscribed channel: each event is one message in the
+    // long-poll reply's envelope. It is never left to reconnect by itself: a new stream asks
+    // from the etags got so far.
+    function stream(url) {
+        var s = poll = new EventSource(url), opened = false;
+        m.transport = "eventsource";
+        s.onopen = function () {
+            opened = true;
+            failures = 0;
+        };
+        s.onmessage = function (e) {
+            var reply = parse(e.data);
+            if (s === poll && valid(reply)) {
+                deliver(reply);
+            }
+        };
+        s.onerror = function () {
+            if (s !== poll) {
+                return;
+            }
+            poll = null;
+            s.close();
+            if (opened) {
+                backoff();
+            } else {
+                // refused (not an event stream here) or unreachable: long-polls will tell
+                noEvents = true;
+                restart(0);
+            }
+        };
+    }
+
+    // The transport: one request for every subscribed channel, EventSource or a long-poll over
+    // XMLHttpRequest.
     function listen() {
-        var args = [], key, x;
+        var args = [], key, x, url;
         timer = null;
         for (key in channels) {
             if (has(channels, key)) {
@@ -116,16 +163,22 @@ var martd = (function () {
         if (!args.length) {
             return;
         }
+        url = m.SERVER + m.SUB + "?cid=" + enc(m.cid) + "&" + args.join("&");
+        if (m.EVENTSOURCE && !noEvents && typeof EventSource !== "undefined") {
+            stream(url);
+            return;
+        }
         seq++;
+        m.transport = "longpoll";
         x = poll = new XMLHttpRequest();
-        x.open("GET", m.SERVER + m.SUB + "?cid=" + enc(m.cid) + "&" + args.join("&") + "&_=" + seq, true);
+        x.open("GET", url + "&_=" + seq, true);
         x.onreadystatechange = function () {
             if (x.readyState !== 4 || x !== poll) {
                 return;
             }
             poll = null;
             var reply = x.status === 200 ? parse(x.responseText) : null;
-            if (reply === null || typeof reply.channels !== "object" || reply.channels === null) {
+            if (!valid(reply)) {
                 // network error (status 0), 5xx, a refusal (4xx: 409 one2one, 410 deleted,
                 // ...) or a broken reply: ask again later, from the same etags
                 backoff();

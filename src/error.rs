@@ -15,8 +15,6 @@ pub enum ConfError {
     BadArgument(String, String, &'static str),
     #[error("\"martd_listen\" names \"{0}\" twice")]
     TransportTwice(String),
-    #[error("\"martd_listen json\" serves long-poll and interval-poll only, not \"{0}\"")]
-    JsonTransport(String),
 }
 
 /// Why a request's channel id is refused (the one-line body of a `400`).

@@ -96,6 +96,13 @@ pub fn batch<'a>(fragments: impl Iterator<Item = &'a [u8]> + Clone) -> Option<Ve
     Some(out)
 }
 
+/// One message in the reply envelope, as a JSON stream sends each one:
+/// `{"channels":{"name":{"etag":"ID","payload":[body]}}}`. `None`: no memory for it.
+pub fn message(name: &[u8], id: MsgId, body: &[u8]) -> Option<Vec<u8>> {
+    let one = fragment(name, id, std::iter::once(body))?;
+    batch(std::iter::once(&one[..]))
+}
+
 /// An error body: `{"error":"reason"}`, and `"channel":"name"` when one is given.
 pub fn error(reason: &str, channel: Option<&[u8]>) -> Vec<u8> {
     let mut out = Vec::with_capacity(reason.len() + 32);
@@ -120,6 +127,15 @@ mod tests {
 
     fn parse(b: &[u8]) -> serde_json::Value {
         serde_json::from_slice(b).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(b)))
+    }
+
+    #[test]
+    fn one_message_is_a_reply_of_one_channel() {
+        let v = parse(&message(b"c\n", 42, b"two\nlines").unwrap());
+        assert_eq!(v["channels"]["c\n"]["etag"], "42");
+        assert_eq!(v["channels"]["c\n"]["payload"], serde_json::json!(["two\nlines"]));
+        let raw = message(b"c", 1, b"a\r\nb").unwrap();
+        assert!(!raw.contains(&b'\n') && !raw.contains(&b'\r'), "one line: {raw:?}");
     }
 
     #[test]

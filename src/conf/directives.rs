@@ -325,12 +325,6 @@ fn set_role(cf: *mut ngx_conf_t, conf: *mut c_void, role: Role) -> *mut c_char {
             if transports == 0 {
                 transports = transport::LONGPOLL;
             }
-            let streaming = transports & (transport::EVENTSOURCE | transport::STREAM);
-            if lcf.json && streaming != 0 {
-                let t =
-                    if streaming & transport::EVENTSOURCE != 0 { "eventsource" } else { "stream" };
-                return conf_error(cf, &ConfError::JsonTransport(t.into()).to_string());
-            }
             lcf.transports = transports;
         }
     }

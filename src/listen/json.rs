@@ -15,6 +15,7 @@ use nginx_sys::{ngx_http_arg, ngx_http_request_t, ngx_int_t, ngx_str_t, NGX_ERRO
 use super::{detach, listen_opts, main_conf, parked, prepare_handle, refused, unavailable};
 use crate::conf::LocConf;
 use crate::response;
+use crate::transport::streaming::Kind;
 use crate::transport::Transport;
 use crate::worker::{self, now_ms};
 use crate::zone;
@@ -64,8 +65,15 @@ pub fn listen(r: *mut ngx_http_request_t, lcf: &LocConf, transport: Transport) -
         Ok(q) => q,
         Err(reason) => return response::error(r, 400, &reason),
     };
-    if transport != Transport::LongPoll {
-        return interval(r, &q);
+    let kind = match transport {
+        Transport::LongPoll => None,
+        Transport::Interval => return interval(r, &q),
+        Transport::EventSource => Some(Kind::EventSource),
+        Transport::WebSocket => Some(Kind::WebSocket),
+        Transport::Stream => Some(Kind::Stream),
+    };
+    if let Some(kind) = kind {
+        return crate::transport::subscribe::listen_json(r, lcf, &q, kind);
     }
     if !worker::accepting() {
         return response::json(r, 200, json::EMPTY_BATCH, q.callback);

@@ -38,6 +38,7 @@ use super::piece::{Keep, Piece};
 use crate::conf::{LocConf, MainConf};
 use crate::listen::{self, Handle};
 use crate::response;
+use martd_core::transport::{sse, websocket as ws};
 
 /// Which stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +81,8 @@ pub struct StreamCtx {
     pub(super) keys: Vec<ListenerKey>,
     /// It listens on several channels (EventSource events then name theirs).
     multi: bool,
+    /// Each message in the JSON envelope of `martd_listen json`, which names its channel.
+    json: bool,
     pub(super) kind: Kind,
     separator: &'static [u8],
     /// Buffers given to nginx (or, detached, to the connection) and not sent yet, oldest
@@ -117,6 +120,7 @@ pub(super) fn prepare(
     lcf: &LocConf,
     kind: Kind,
     multi: bool,
+    json: bool,
 ) -> Option<*mut StreamCtx> {
     let separator = match kind {
         Kind::Stream => str_bytes(&lcf.stream_separator),
@@ -141,6 +145,7 @@ pub(super) fn prepare(
         mcf: listen::main_conf(r),
         keys: Vec::new(),
         multi,
+        json,
         kind,
         separator,
         in_flight: VecDeque::new(),
@@ -323,7 +328,43 @@ pub(super) fn leave_all(ctx: &mut StreamCtx) {
 }
 
 fn deliver(ctx: &mut StreamCtx, p: &Rc<Payload>, channel: Option<&Rc<[u8]>>) {
-    let pieces = match ctx.kind {
+    let pieces =
+        if ctx.json { json_pieces(ctx, p, channel) } else { plain_pieces(ctx, p, channel) };
+    match pieces {
+        Some(pieces) => write(ctx, pieces),
+        None => end(ctx),
+    }
+}
+
+/// A message in the JSON envelope (`martd_listen json`): an EventSource event's data, a
+/// WebSocket text frame, or a line of a chunked stream. `None`: no memory.
+fn json_pieces(ctx: &StreamCtx, p: &Payload, channel: Option<&Rc<[u8]>>) -> Option<Vec<Piece>> {
+    let name = channel.map_or(&[][..], |c| &c[..]);
+    let env = martd_core::json::message(name, p.id, p.body())?;
+    let mut out = Vec::new();
+    match ctx.kind {
+        Kind::EventSource => {
+            out.try_reserve_exact(sse::event_capacity(None, env.len())).ok()?;
+            sse::event(&mut out, p.id, None, &env);
+        }
+        Kind::WebSocket => {
+            out.try_reserve_exact(ws::frame_len(env.len())).ok()?;
+            ws::encode(&mut out, ws::opcode::TEXT, &env);
+        }
+        Kind::Stream => {
+            return Some(vec![Piece::owned(env.into_boxed_slice()), Piece::lasting(ctx.separator)])
+        }
+    }
+    Some(vec![Piece::owned(out.into_boxed_slice())])
+}
+
+/// A message as it was published, framed for the transport. `None`: no memory.
+fn plain_pieces(
+    ctx: &StreamCtx,
+    p: &Rc<Payload>,
+    channel: Option<&Rc<[u8]>>,
+) -> Option<Vec<Piece>> {
+    match ctx.kind {
         // An event with no name of its own takes its channel's on a multi-channel stream.
         Kind::EventSource if ctx.multi && p.event().is_empty() => p.sse_event().map(|ev| {
             // Each event names its channel (`event:`), before the event's own lines.
@@ -340,10 +381,6 @@ fn deliver(ctx: &mut StreamCtx, p: &Rc<Payload>, channel: Option<&Rc<[u8]>>) {
         }
         Kind::WebSocket => p.ws_frame().map(|f| vec![Piece::payload(f, p)]),
         Kind::Stream => Some(vec![Piece::payload(p.body(), p), Piece::lasting(ctx.separator)]),
-    };
-    match pieces {
-        Some(pieces) => write(ctx, pieces),
-        None => end(ctx),
     }
 }
 

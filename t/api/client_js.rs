@@ -371,3 +371,111 @@ martd.sub('rc', function (p, ch, etag) {{
     drop(node);
     ng.finish();
 }
+
+/// A minimal EventSource over node's http module (what the library uses of it): `onopen`
+/// once a `200 text/event-stream` head arrives, `onmessage` per event, `onerror` on anything
+/// else or the end; counts the streams it opened in `global.streams`.
+const NODE_EVENTSOURCE: &str = r#"
+global.streams = 0;
+function ES(url) {
+  const self = this;
+  global.streams++;
+  this._req = http.get(new URL(url, BASE), { headers: { Accept: 'text/event-stream' }, agent: false }, function (res) {
+    if (res.statusCode !== 200 || !/^text\/event-stream/.test(res.headers['content-type'] || '')) {
+      res.resume();
+      self._fail();
+      return;
+    }
+    if (self.onopen) self.onopen();
+    let buf = '';
+    res.setEncoding('utf8');
+    res.on('data', function (c) {
+      buf += c;
+      let i;
+      while ((i = buf.indexOf('\n\n')) >= 0) {
+        const ev = buf.slice(0, i); buf = buf.slice(i + 2);
+        const data = ev.split('\n').filter(function (l) { return l.indexOf('data: ') === 0; })
+          .map(function (l) { return l.slice(6); }).join('\n');
+        if (data && self.onmessage && !self._closed) self.onmessage({ data: data });
+      }
+    });
+    res.on('end', function () { self._fail(); });
+  });
+  this._req.on('error', function () { self._fail(); });
+}
+ES.prototype._fail = function () { if (!this._closed && this.onerror) this.onerror(); };
+ES.prototype.close = function () { this._closed = true; this._req.destroy(); };
+global.EventSource = ES;
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn library_streams_over_eventsource_and_falls_back_to_long_polls() {
+    if skip_node() {
+        return;
+    }
+    let ng = Nginx::start(api_conf(
+        "        location = /es.js { martd_client_js sub=/es-sub pub=/jpub; }
+        location = /lp.js { martd_client_js sub=/jsub pub=/jpub; }
+        location = /es-sub { martd_listen json longpoll eventsource; }
+",
+    ));
+    let mut c = Conn::open_probed(ng.port).await;
+    let dir = tempfile::tempdir().unwrap();
+    for (script, want) in [("es.js", "eventsource"), ("lp.js", "longpoll")] {
+        let lib_path = dir.path().join(script);
+        std::fs::write(&lib_path, c.get(&format!("/{script}"), &[]).await.body).unwrap();
+        let lib_path = lib_path.display().to_string();
+        let prelude = node_prelude(&lib_path, ng.port).replacen(
+            "vm.runInThisContext",
+            &format!("{NODE_EVENTSOURCE}\nvm.runInThisContext"),
+            1,
+        );
+        let ch = format!("es-{want}");
+        let out = run_node(&format!(
+            r#"{prelude}
+martd.SERVER = BASE;
+const got = [];
+function finish(code) {{ console.log(JSON.stringify({{got: got, transport: martd.transport, streams: streams, maxPolls: maxPolls}})); process.exit(code); }}
+martd.sub('{ch}', function (p, ch, etag) {{ got.push([ch, p]); if (got.length === 3) finish(0); }});
+martd.sub('{ch}-2', function (p, ch, etag) {{ got.push([ch, p]); if (got.length === 3) finish(0); }});
+setTimeout(function () {{
+  martd.pub('{ch}', 'one', {{}}, function () {{
+    martd.pub('{ch}-2', 'two', {{}}, function () {{ martd.pub('{ch}', 'three', {{}}, function () {{}}); }});
+  }});
+}}, 700);
+setTimeout(function () {{ finish(3); }}, 20000);
+"#
+        ))
+        .await;
+        let v = parse_json(out.trim().as_bytes(), "node: EventSource or long-poll");
+        assert_eq!(v["transport"], want, "{v}");
+        let mut got: Vec<(String, String)> = v["got"]
+            .as_array()
+            .expect("got")
+            .iter()
+            .map(|g| (g[0].as_str().unwrap().into(), g[1].as_str().unwrap().into()))
+            .collect();
+        if want == "longpoll" {
+            // A reply batches what came meanwhile channel by channel: order within a channel.
+            got.sort_by_key(|g| g.0.clone());
+        }
+        let mut expect =
+            vec![(ch.clone(), "one"), (format!("{ch}-2"), "two"), (ch.clone(), "three")];
+        if want == "longpoll" {
+            expect.sort_by_key(|e| e.0.clone());
+        }
+        let expect: Vec<(String, String)> =
+            expect.into_iter().map(|(c, b)| (c, b.to_string())).collect();
+        assert_eq!(got, expect, "{v}");
+        if want == "eventsource" {
+            // One stream for both channels (the second sub restarts it once), no long-poll.
+            assert_eq!(v["maxPolls"], 0, "{v}");
+            assert!(v["streams"].as_u64().is_some_and(|n| n <= 2), "{v}");
+        } else {
+            // One stream tried, refused (a JSON reply, not an event stream): long-polls.
+            assert_eq!(v["streams"], 1, "{v}");
+            assert_eq!(v["maxPolls"], 1, "{v}");
+        }
+    }
+    ng.finish();
+}

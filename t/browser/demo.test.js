@@ -155,6 +155,10 @@ async function main() {
     await until("the page's long-poll to wait on channel demo", 10000, async () =>
         (await listeners("demo")) === 1);
 
+    step = "the page listens over EventSource";
+    const transport = await page.evaluate(() => martd.transport);
+    if (transport !== "eventsource") fail(`the page listens by ${transport}, expected eventsource`);
+
     step = "publish before the reload";
     const first = `first ${unique}`;
     const r1 = await publish("demo", first);

@@ -9,6 +9,7 @@ mod harness;
 mod detach;
 mod eventsource;
 mod interval;
+mod json;
 mod multi;
 mod resume;
 mod stream;
