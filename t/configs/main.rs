@@ -3,7 +3,8 @@
 //! `X-Accel-Redirect`, `error_page`, `try_files` and named locations, listen locations with
 //! `mirror`, `limit_req`, `limit_conn`, `realip` and `allow`/`deny`, the access log of a
 //! listener whose client went away, TLS and HTTP/2 listeners, and a keep-alive connection whose
-//! detached listener timed out and asked again. Real nginx with 2 workers, real sockets; every
+//! detached listener timed out and asked again; EventSource streams through the same redirects,
+//! subrequests and limits. Real nginx with 2 workers, real sockets; every
 //! wait is bounded, and the harness fails a test whose error log has alerts or crashes.
 
 #[path = "../harness/mod.rs"]
@@ -15,6 +16,7 @@ mod realip;
 mod redirect;
 mod reload;
 mod stale_handle;
+mod streams;
 mod subrequest;
 mod tls;
 
