@@ -11,6 +11,7 @@
 
 pub mod detach;
 pub mod json;
+pub mod list;
 pub mod replay;
 
 use std::ffi::c_void;
@@ -136,9 +137,11 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
         Err(reason) => return response::error(r, 400, &reason),
     };
     let kind = match transport {
+        Transport::LongPoll | Transport::Interval if names.len() > 1 => {
+            return list::listen(r, lcf, &names, transport == Transport::Interval)
+        }
         Transport::LongPoll => None,
-        Transport::Interval if names.len() == 1 => return interval(r, &names[0]),
-        Transport::Interval => None,
+        Transport::Interval => return interval(r, &names[0]),
         Transport::EventSource => Some(streaming::Kind::EventSource),
         Transport::Stream => Some(streaming::Kind::Stream),
         Transport::WebSocket => Some(streaming::Kind::WebSocket),
@@ -147,7 +150,8 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
         return subscribe::listen(r, lcf, &names, kind);
     }
     let [name] = &names[..] else {
-        return response::error(r, 400, "several channels need a streaming transport here");
+        // Lists went to `list::listen` above.
+        return NGX_ERROR as ngx_int_t;
     };
     if !worker::accepting() {
         return not_modified(r);
@@ -355,6 +359,15 @@ fn deliver(r: *mut ngx_http_request_t, payload: &Rc<Payload>) -> ngx_int_t {
     response::message(r, payload)
 }
 
+/// A message of a channel list's channel `channel`: as [`deliver`], naming the channel in
+/// `X-Martd-Channel`.
+fn deliver_on(r: *mut ngx_http_request_t, payload: &Rc<Payload>, channel: &[u8]) -> ngx_int_t {
+    if response::add_header(r, "X-Martd-Channel", channel).is_none() {
+        return NGX_ERROR as ngx_int_t;
+    }
+    deliver(r, payload)
+}
+
 /// `503`: the worker could not make its copy of the message; the listener asks again.
 pub(crate) fn unavailable(r: *mut ngx_http_request_t) -> ngx_int_t {
     response::error(r, 503, "no memory for the message here, try again")
@@ -382,10 +395,13 @@ fn respond(r: *mut ngx_http_request_t, verdict: Option<Verdict>) -> ngx_int_t {
         Some(Verdict::Deliver(p)) => deliver(r, &p),
         Some(Verdict::Conflict) => response::error(r, 409, "a newer listener took this channel"),
         Some(Verdict::Gone) => response::error(r, 410, "channel deleted"),
-        Some(Verdict::Unavailable) => unavailable(r),
-        Some(Verdict::Batch(_) | Verdict::GoneChannel(_) | Verdict::DeliverOn(..)) => {
-            unavailable(r)
+        // A long-poll of a channel list (see `list`).
+        Some(Verdict::DeliverOn(p, channel)) => deliver_on(r, &p, &channel),
+        Some(Verdict::GoneChannel(channel)) => {
+            response::add_header(r, "X-Martd-Channel", &channel);
+            response::error_in(r, 410, "channel deleted", Some(&channel))
         }
+        Some(Verdict::Unavailable | Verdict::Batch(_)) => unavailable(r),
         None => not_modified(r),
     }
 }
