@@ -9,6 +9,7 @@ mod harness;
 mod eventsource;
 mod interval;
 mod multi;
+mod multi_poll;
 mod resume;
 mod stream;
 mod websocket;
