@@ -11,6 +11,7 @@
 
 pub mod detach;
 pub mod json;
+pub mod list;
 pub mod replay;
 
 use std::ffi::c_void;
@@ -20,7 +21,7 @@ use std::rc::Rc;
 
 use martd_core::listeners::{ListenerKey, Payload, Verdict, MULTI};
 use martd_core::msgid::{parse_etag, Since};
-use martd_core::store::{Listen, ListenOpts, StoreError};
+use martd_core::store::{Listen, ListenOpts, StoreError, WakeTarget};
 use nginx_sys::{
     ngx_del_timer, ngx_event_t, ngx_http_discard_request_body, ngx_http_finalize_request,
     ngx_http_request_empty_handler, ngx_http_request_t, ngx_http_run_posted_requests,
@@ -136,9 +137,11 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
         Err(reason) => return response::error(r, 400, &reason),
     };
     let kind = match transport {
+        Transport::LongPoll | Transport::Interval if names.len() > 1 => {
+            return list::listen(r, lcf, &names, transport == Transport::Interval)
+        }
         Transport::LongPoll => None,
-        Transport::Interval if names.len() == 1 => return interval(r, &names[0]),
-        Transport::Interval => None,
+        Transport::Interval => return interval(r, &names[0]),
         Transport::EventSource => Some(streaming::Kind::EventSource),
         Transport::Stream => Some(streaming::Kind::Stream),
         Transport::WebSocket => Some(streaming::Kind::WebSocket),
@@ -147,45 +150,33 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
         return subscribe::listen(r, lcf, &names, kind);
     }
     let [name] = &names[..] else {
-        return response::error(r, 400, "several channels need a streaming transport here");
+        // Lists went to `list::listen` above.
+        return NGX_ERROR as ngx_int_t;
     };
     if !worker::accepting() {
         return not_modified(r);
     }
     let (etag, modified) = request_ids(r);
     let since = Since::from_headers(etag, modified);
-
-    let Some((mut detached, handle)) = prepare_handle(r, lcf) else {
-        return NGX_ERROR as ngx_int_t;
-    };
-    let mcf = main_conf(r);
     let now = now_ms();
-    let mut wake = Vec::new();
-    let outcome = worker::with(|st| {
-        let slot = st.slot?;
-        let opts = listen_opts(lcf, slot);
-        let mut z = zone::lock(mcf)?;
-        Some(match z.store().listen(name, since, &opts, now, &mut wake) {
+    let Some((handle, outcome)) = answer_or_park(r, lcf, |p| {
+        match p.z.store().listen(name, since, &p.opts, now, &mut p.wake) {
             Ok(Listen::Message(m)) => {
                 let id = m.id;
-                let payload = st.listeners.cache.get(m);
+                let payload = p.st.listeners.cache.get(m);
                 // A one-to-one channel's message is consumed by its delivery.
-                z.store().consume(name, id - 1, id);
+                p.z.store().consume(name, id - 1, id);
                 Ok(Err(payload))
             }
-            Ok(Listen::Park(p)) => {
-                let key = st.listeners.park(name, &p, handle);
-                if let Some(d) = detached.take() {
-                    detach::insert(&mut st.detached, d, key);
-                }
-                Ok(Ok(key))
+            Ok(Listen::Park(parked)) => {
+                let key = p.st.listeners.park(name, &parked, p.handle);
+                Ok(Ok(p.keep(key)))
             }
             Err(e) => Err(e),
-        })
-    })
-    .flatten();
-    worker::wake(&wake);
-
+        }
+    }) else {
+        return NGX_ERROR as ngx_int_t;
+    };
     match outcome {
         None => not_modified(r),
         Some(Ok(Err(Some(payload)))) => deliver(r, &payload),
@@ -215,6 +206,57 @@ fn interval(r: *mut ngx_http_request_t, name: &[u8]) -> ngx_int_t {
         Some(None) => unavailable(r),
         None => not_modified(r),
     }
+}
+
+/// A long-poll deciding, under the zone lock, whether it is answered at once or parks (see
+/// [`answer_or_park`]).
+pub(crate) struct Parking<'a> {
+    pub st: &'a mut worker::WorkerState,
+    pub z: &'a mut zone::Locked,
+    pub opts: ListenOpts,
+    /// Its handle, should it park.
+    pub handle: Handle,
+    detached: Option<detach::Prepared>,
+    /// Workers to wake once the lock is released.
+    pub wake: Vec<WakeTarget>,
+}
+
+impl Parking<'_> {
+    /// The listener was parked at `key` in the worker's listeners: a detaching one is kept
+    /// with its connection too.
+    pub fn keep(&mut self, key: ListenerKey) -> ListenerKey {
+        if let Some(d) = self.detached.take() {
+            detach::insert(&mut self.st.detached, d, key);
+        }
+        key
+    }
+}
+
+/// Prepares a long-poll's handle (see [`prepare_handle`]), runs `decide` under the zone lock,
+/// then wakes the workers it asked for. The decision is `None` when this worker has no slot or
+/// no zone (answer `304`); the whole is `None` with no memory for the handle.
+pub(crate) fn answer_or_park<T>(
+    r: *mut ngx_http_request_t,
+    lcf: &LocConf,
+    decide: impl FnOnce(&mut Parking<'_>) -> T,
+) -> Option<(Handle, Option<T>)> {
+    let (detached, handle) = prepare_handle(r, lcf)?;
+    let mcf = main_conf(r);
+    let mut wake = Vec::new();
+    // A copy of the request that did not detach (answered at once) is freed after the lock.
+    let mut unused = None;
+    let outcome = worker::with(|st| {
+        let opts = listen_opts(lcf, st.slot?);
+        let mut z = zone::lock(mcf)?;
+        let mut p = Parking { st, z: &mut z, opts, handle, detached, wake: Vec::new() };
+        let decided = decide(&mut p);
+        (wake, unused) = (p.wake, p.detached);
+        Some(decided)
+    })
+    .flatten();
+    drop(unused);
+    worker::wake(&wake);
+    Some((handle, outcome))
 }
 
 /// The handle of a listener about to park: a detaching listener's copy of its request, or
@@ -317,6 +359,15 @@ fn deliver(r: *mut ngx_http_request_t, payload: &Rc<Payload>) -> ngx_int_t {
     response::message(r, payload)
 }
 
+/// A message of a channel list's channel `channel`: as [`deliver`], naming the channel in
+/// `X-Martd-Channel`.
+fn deliver_on(r: *mut ngx_http_request_t, payload: &Rc<Payload>, channel: &[u8]) -> ngx_int_t {
+    if response::add_header(r, "X-Martd-Channel", channel).is_none() {
+        return NGX_ERROR as ngx_int_t;
+    }
+    deliver(r, payload)
+}
+
 /// `503`: the worker could not make its copy of the message; the listener asks again.
 pub(crate) fn unavailable(r: *mut ngx_http_request_t) -> ngx_int_t {
     response::error(r, 503, "no memory for the message here, try again")
@@ -344,10 +395,13 @@ fn respond(r: *mut ngx_http_request_t, verdict: Option<Verdict>) -> ngx_int_t {
         Some(Verdict::Deliver(p)) => deliver(r, &p),
         Some(Verdict::Conflict) => response::error(r, 409, "a newer listener took this channel"),
         Some(Verdict::Gone) => response::error(r, 410, "channel deleted"),
-        Some(Verdict::Unavailable) => unavailable(r),
-        Some(Verdict::Batch(_) | Verdict::GoneChannel(_) | Verdict::DeliverOn(..)) => {
-            unavailable(r)
+        // A long-poll of a channel list (see `list`).
+        Some(Verdict::DeliverOn(p, channel)) => deliver_on(r, &p, &channel),
+        Some(Verdict::GoneChannel(channel)) => {
+            response::add_header(r, "X-Martd-Channel", &channel);
+            response::error_in(r, 410, "channel deleted", Some(&channel))
         }
+        Some(Verdict::Unavailable | Verdict::Batch(_)) => unavailable(r),
         None => not_modified(r),
     }
 }

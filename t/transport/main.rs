@@ -11,6 +11,7 @@ mod eventsource;
 mod interval;
 mod json;
 mod multi;
+mod multi_poll;
 mod resume;
 mod stream;
 mod websocket;

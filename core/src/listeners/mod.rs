@@ -8,8 +8,11 @@
 //! a message, a `409` or a `410`, copies each message out of the zone at most once (see
 //! [`PayloadCache`]), and returns the verdicts for the edge to answer after the lock is
 //! released. A multi-channel listener answered on one channel leaves its other channels in
-//! the same pass, unless it may linger there for its next request (see [`linger`]).
+//! the same pass, unless it may linger there for its next request (see [`linger`]). A
+//! multi-channel long-poll of a channel list (`martd_channel_id_delimiter`) is the same record
+//! answered with one message instead of a JSON batch (see [`first`]).
 
+mod first;
 mod linger;
 mod payload;
 mod wake;
@@ -69,6 +72,9 @@ struct MultiListener<H> {
     /// Answered and lingering (`handle` is spent): the number of that lingering in this
     /// worker (see [`Listeners::lingering`]); 0: waiting.
     lingered: u64,
+    /// Answered with the oldest newer message of any of its channels
+    /// ([`Verdict::DeliverOn`]), not with a JSON batch (see [`first`]).
+    first: bool,
 }
 
 struct LocalChannel<H> {
@@ -176,6 +182,30 @@ impl<H: Copy> Listeners<H> {
         handle: H,
         conn: Option<u64>,
     ) -> ListenerKey {
+        self.park_multi_as(names, parked, handle, conn, false)
+    }
+
+    /// Keeps a long-poll of a channel list that the store parked on every channel in `names`
+    /// (as [`Listeners::park_multi`]): a wake-up answers it with one message, the oldest newer
+    /// one of any of its channels, as a [`Verdict::DeliverOn`] naming that channel. It never
+    /// lingers.
+    pub fn park_first<'a>(
+        &mut self,
+        names: impl Iterator<Item = &'a [u8]> + Clone,
+        parked: &[Parked],
+        handle: H,
+    ) -> ListenerKey {
+        self.park_multi_as(names, parked, handle, None, true)
+    }
+
+    fn park_multi_as<'a>(
+        &mut self,
+        names: impl Iterator<Item = &'a [u8]> + Clone,
+        parked: &[Parked],
+        handle: H,
+        conn: Option<u64>,
+        first: bool,
+    ) -> ListenerKey {
         let mi = self.multis.vacant_key();
         let mut parts = Vec::with_capacity(parked.len());
         let (names_hash, sinces) = match conn {
@@ -192,6 +222,7 @@ impl<H: Copy> Listeners<H> {
             names: names_hash,
             sinces,
             lingered: 0,
+            first,
         });
         self.count += 1;
         ListenerKey { serial: MULTI, index: mi }

@@ -8,6 +8,7 @@ use std::rc::Rc;
 
 use allocator_api2::alloc::Allocator;
 
+use super::first::{self, multi_due, FirstPass};
 use super::{ListenerKey, Listeners, Owner, ParkedListener, Payload, Verdict};
 use crate::json;
 use crate::msgid::MsgId;
@@ -35,7 +36,7 @@ pub(super) struct Afterwards {
     /// Per channel serial.
     releases: HashMap<u64, Release>,
     /// One-to-one deliveries: `(name, after, upto)`.
-    consumed: Vec<(Box<[u8]>, MsgId, MsgId)>,
+    pub(super) consumed: Vec<(Box<[u8]>, MsgId, MsgId)>,
 }
 
 impl Afterwards {
@@ -96,6 +97,12 @@ impl<H: Copy> Listeners<H> {
         self.horizon = horizon;
     }
 
+    /// Whether channel `serial` may have news for a multi-channel listener in the wake-up
+    /// being worked through (see [`Listeners::begin_wake`]).
+    pub(super) fn woken(&self, serial: u64) -> bool {
+        !self.woken_known || self.woken.contains(&serial)
+    }
+
     /// The wake-up is worked through: multi-channel listeners look at all their channels
     /// again (as when nothing was said, see [`Listeners::begin_wake`]).
     pub fn end_wake(&mut self) {
@@ -131,6 +138,7 @@ impl<H: Copy> Listeners<H> {
         let mut after = Afterwards::default();
         let (answered, triggered) = self.answer_singles(ch, serial, now_ms, out, &mut after);
         let mut fragments = Fragments::default();
+        let mut firsts = FirstPass::default();
         let mut bodies: HashMap<*const u8, Rc<[u8]>> = HashMap::default();
         let one2one = ch.one2one();
         // Entries that stay counted here: lingering listeners' (see `linger`).
@@ -149,6 +157,9 @@ impl<H: Copy> Listeners<H> {
             let mut own_last = None;
             let verdict = if t.conflict {
                 Verdict::Conflict
+            } else if m.first {
+                let found = self.oldest_for(store, &m.parts, (ch, t.since), now_ms, &mut firsts);
+                first::verdict(found, &mut firsts, &mut self.cache, &mut after)
             } else {
                 let own = fragments
                     .entry((serial, t.since))
@@ -222,6 +233,7 @@ impl<H: Copy> Listeners<H> {
         let mut last_run: Option<(MsgId, Option<Vec<Rc<Payload>>>)> = None;
         let horizon = self.horizon;
         let mut channel: Option<Rc<[u8]>> = None;
+        let multis = &self.multis;
         local.parked.retain(|_, p| {
             let conflict = ch.evicts(p.park_seq);
             if let Owner::Stream(h) = p.owner {
@@ -250,7 +262,7 @@ impl<H: Copy> Listeners<H> {
                 return true;
             }
             if let Owner::Multi(index) = p.owner {
-                if conflict || ch.next_for(p.since, now_ms).is_some() {
+                if conflict || multi_due(multis.get(index), horizon, ch, p.since, now_ms) {
                     let (since, park_seq) = (p.since, p.park_seq);
                     triggered.push(Triggered { index, since, park_seq, conflict });
                     return false;
@@ -302,9 +314,8 @@ impl<H: Copy> Listeners<H> {
         // The channel woken is usually the only one with news: no list is made for it. Only
         // channels of the wake-up being worked through can have news (see `begin_wake`).
         let mut others: Vec<Rc<[u8]>> = Vec::new();
-        let woken = |s: u64| !self.woken_known || self.woken.contains(&s);
         let candidates = parts.iter().enumerate();
-        for (pos, part) in candidates.filter(|(_, p)| p.serial != serial && woken(p.serial)) {
+        for (pos, part) in candidates.filter(|(_, p)| p.serial != serial && self.woken(p.serial)) {
             let Some(local) = self.channels.get(&part.serial) else { continue };
             let Some(entry) = local.parked.get(part.index) else { continue };
             let since = entry.since;

@@ -22,13 +22,49 @@ pub enum MultiListen<'a, A: Allocator + Clone> {
 /// What an interval-poll of several channels finds (see [`Store::peek_multi`]).
 pub type MultiPeek<'a, A> = Vec<(usize, &'a Channel<A>, MsgId)>;
 
+/// Where one channel of a multi-channel request resumes: martd's JSON API gives each channel
+/// its etag (`0`: everything stored), a list of `martd_channel_id_delimiter` gives all its
+/// channels the request's ids (a [`Since`]: message ids are unique in the whole zone).
+pub trait Resume: Copy {
+    fn since(self) -> Since;
+}
+
+impl Resume for MsgId {
+    fn since(self) -> Since {
+        if self == 0 {
+            Since::Oldest
+        } else {
+            Since::After(self)
+        }
+    }
+}
+
+impl Resume for Since {
+    fn since(self) -> Since {
+        self
+    }
+}
+
+/// The oldest message of `found` (what [`Store::listen_multi`] or [`Store::peek_multi`]
+/// found), with its index in the request: what a long-poll or interval-poll of a channel list
+/// gets, one message at a time in id order across its channels.
+pub fn oldest<'a, A: Allocator + Clone>(
+    found: &[(usize, &'a Channel<A>, MsgId)],
+    now_ms: u64,
+) -> Option<(usize, &'a Message<A>)> {
+    found
+        .iter()
+        .filter_map(|&(i, ch, since)| Some((i, ch.queue.next_after(since, now_ms, false)?)))
+        .min_by_key(|(_, m)| m.id)
+}
+
 impl<A: Allocator + Clone> Store<A> {
-    /// A listen request on several channels (`(name, etag)`, etag `0` = everything stored):
-    /// every channel's newer messages at once if any has some, else the listener parks on all
-    /// of them. Either every channel counts it or none does.
-    pub fn listen_multi(
+    /// A listen request on several channels (`(name, where it resumes)`): every channel's newer
+    /// messages at once if any has some, else the listener parks on all of them. Either every
+    /// channel counts it or none does.
+    pub fn listen_multi<S: Resume>(
         &mut self,
-        channels: &[(&[u8], MsgId)],
+        channels: &[(&[u8], S)],
         opts: &ListenOpts,
         now_ms: u64,
         wake: &mut Vec<WakeTarget>,
@@ -36,15 +72,15 @@ impl<A: Allocator + Clone> Store<A> {
         let clamp = self.last_id;
         let mut found: Vec<(usize, NonNull<Channel<A>>, MsgId)> = Vec::new();
         let mut existing: Vec<Option<NonNull<Channel<A>>>> = Vec::with_capacity(channels.len());
-        for (i, &(name, etag)) in channels.iter().enumerate() {
+        for (i, &(name, resume)) in channels.iter().enumerate() {
             let p = self.channels.find(name);
             existing.push(p);
             let Some(mut p) = p else {
                 continue;
             };
-            let since = etag.min(clamp);
             // SAFETY: a live channel of the table; the reference ends in this iteration.
             let ch = unsafe { p.as_mut() };
+            let since = ch.since_id(resume.since(), clamp, now_ms);
             if ch.has_stored_after(since, now_ms) {
                 ch.last_requested_ms = now_ms.max(1);
                 ch.last_active_ms = now_ms;
@@ -69,9 +105,9 @@ impl<A: Allocator + Clone> Store<A> {
     /// Parks a multi-channel listener on every channel, reusing the channels found by the
     /// caller in this hold of the lock (`existing`, in request order) and making the missing
     /// ones. On an error nothing stays counted; on `NoMemory` no garbage was collected.
-    fn park_all(
+    fn park_all<S: Resume>(
         &mut self,
-        channels: &[(&[u8], MsgId)],
+        channels: &[(&[u8], S)],
         existing: &[Option<NonNull<Channel<A>>>],
         opts: &ListenOpts,
         now_ms: u64,
@@ -81,7 +117,7 @@ impl<A: Allocator + Clone> Store<A> {
         let clamp = self.last_id;
         let counted = self.is_registered(opts.slot);
         let mut parked: Vec<Parked> = Vec::with_capacity(channels.len());
-        for (&(name, etag), &found) in channels.iter().zip(existing) {
+        for (&(name, resume), &found) in channels.iter().zip(existing) {
             let made = match found {
                 Some(p) => {
                     self.purge_dead(p);
@@ -92,7 +128,7 @@ impl<A: Allocator + Clone> Store<A> {
                     .map_err(StoreError::from),
                 None => Err(StoreError::NotFound),
             };
-            let since = if etag == 0 { Since::Oldest } else { Since::After(etag) };
+            let since = resume.since();
             let r = made.and_then(|(mut p, created)| {
                 // SAFETY: a live channel of the table (channels never move, and nothing in
                 // this call removes one); the reference ends with `listen_on`.
@@ -136,17 +172,16 @@ impl<A: Allocator + Clone> Store<A> {
     }
 
     /// Parks a multi-channel listener channel by channel, each a whole [`Store::listen`].
-    fn park_each(
+    fn park_each<S: Resume>(
         &mut self,
-        channels: &[(&[u8], MsgId)],
+        channels: &[(&[u8], S)],
         opts: &ListenOpts,
         now_ms: u64,
         wake: &mut Vec<WakeTarget>,
     ) -> Result<Vec<Parked>, StoreError> {
         let mut parked: Vec<Parked> = Vec::with_capacity(channels.len());
-        for &(name, etag) in channels {
-            let since = if etag == 0 { Since::Oldest } else { Since::After(etag) };
-            match self.listen(name, since, opts, now_ms, wake) {
+        for &(name, resume) in channels {
+            match self.listen(name, resume.since(), opts, now_ms, wake) {
                 Ok(Listen::Park(p)) => parked.push(p),
                 Ok(Listen::Message(_)) => {
                     self.unpark(channels, &parked, opts.slot);
@@ -162,7 +197,7 @@ impl<A: Allocator + Clone> Store<A> {
     }
 
     /// Takes back the parks of a multi-channel listen that failed part way.
-    fn unpark(&mut self, channels: &[(&[u8], MsgId)], parked: &[Parked], slot: u32) {
+    fn unpark<S>(&mut self, channels: &[(&[u8], S)], parked: &[Parked], slot: u32) {
         for (&(name, _), p) in channels.iter().zip(parked) {
             self.release(name, p.serial, slot, 1, None);
         }
@@ -173,24 +208,21 @@ impl<A: Allocator + Clone> Store<A> {
     pub fn peek(&self, name: &[u8], since: Since, now_ms: u64) -> Option<&Message<A>> {
         // SAFETY: a live channel of the table, borrowed for as long as the store is.
         let ch = unsafe { self.channels.find(name)?.as_ref() };
-        let since_id = match since {
-            Since::Oldest => 0,
-            Since::After(id) => id.min(self.last_id),
-            Since::ModifiedSince(t) => ch.queue.id_at_time(t, now_ms),
-        };
+        let since_id = ch.since_id(since, self.last_id, now_ms);
         ch.queue.next_after(since_id, now_ms, false)
     }
 
-    /// An interval-poll of several channels (`(name, etag)`): each channel with messages
-    /// newer than its etag, with its index in the request and the id to send messages after.
-    pub fn peek_multi(&self, channels: &[(&[u8], MsgId)], now_ms: u64) -> MultiPeek<'_, A> {
+    /// An interval-poll of several channels (`(name, where it resumes)`): each channel with
+    /// messages newer than asked, with its index in the request and the id to send messages
+    /// after.
+    pub fn peek_multi<S: Resume>(&self, channels: &[(&[u8], S)], now_ms: u64) -> MultiPeek<'_, A> {
         let mut found = Vec::new();
-        for (i, &(name, etag)) in channels.iter().enumerate() {
+        for (i, &(name, resume)) in channels.iter().enumerate() {
             // SAFETY: a live channel of the table, borrowed for as long as the store is.
             let Some(ch) = self.channels.find(name).map(|p| unsafe { p.as_ref() }) else {
                 continue;
             };
-            let since = etag.min(self.last_id);
+            let since = ch.since_id(resume.since(), self.last_id, now_ms);
             if ch.has_stored_after(since, now_ms) {
                 found.push((i, ch, since));
             }

@@ -12,7 +12,7 @@ use super::expiry::Timer;
 use super::PublishOpts;
 use crate::info::ChannelInfo;
 use crate::key::KeyHash;
-use crate::msgid::MsgId;
+use crate::msgid::{MsgId, Since};
 use crate::queue::NoMemory;
 use crate::queue::{Message, MessageQueue};
 
@@ -124,6 +124,16 @@ impl<A: Allocator + Clone> Channel<A> {
     /// [`super::Store::elect`]); `None` if none ever ran.
     pub fn election(&self) -> Option<(u64, u64)> {
         self.attrs.as_ref().filter(|a| a.elect_cut > 0).map(|a| (a.elect_cut, a.elect_best))
+    }
+
+    /// The id a listener asking for `since` waits past here: `0` for everything stored, an
+    /// id from the future (from before a clock step) clamped to `clamp` (the zone's last id).
+    pub(super) fn since_id(&self, since: Since, clamp: MsgId, now_ms: u64) -> MsgId {
+        match since {
+            Since::Oldest => 0,
+            Since::After(id) => id.min(clamp),
+            Since::ModifiedSince(t) => self.queue.id_at_time(t, now_ms),
+        }
     }
 
     /// The message a listener waiting past `since` gets now, if any.

@@ -30,7 +30,7 @@ mod paged;
 mod table;
 mod workers;
 
-pub use api::{MultiListen, MultiPeek};
+pub use api::{oldest, MultiListen, MultiPeek, Resume};
 pub use attrs::AttrUpdate;
 use channel::Waiter;
 pub use channel::{Channel, LISTENER_ONLY_GRACE_MS};
@@ -461,11 +461,7 @@ impl<A: Allocator + Clone> Store<A> {
         ch.last_requested_ms = now_ms.max(1);
         ch.last_active_ms = now_ms;
         ch.channel_timeout_ms = opts.channel_timeout_ms;
-        let since_id = match since {
-            Since::Oldest => 0,
-            Since::After(id) => id.min(future_clamp),
-            Since::ModifiedSince(t) => ch.queue.id_at_time(t, now_ms),
-        };
+        let since_id = ch.since_id(since, future_clamp, now_ms);
         if !opts.stream && ch.has_stored_after(since_id, now_ms) {
             return Ok(Err(since_id));
         }
@@ -574,6 +570,8 @@ mod check;
 mod tests;
 #[cfg(test)]
 mod tests_api;
+#[cfg(test)]
+mod tests_first;
 #[cfg(test)]
 mod tests_gc;
 #[cfg(test)]
