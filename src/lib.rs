@@ -19,6 +19,7 @@ use nginx_sys::{ngx_command_t, ngx_http_module_t, ngx_module_t, NGX_HTTP_MODULE}
 
 #[macro_use]
 mod log;
+mod access;
 mod attrs;
 mod channel_id;
 mod client_js;

@@ -72,6 +72,9 @@ pub fn zone_full(r: *mut ngx_http_request_t, channel: &[u8]) -> ngx_int_t {
 
 /// The content handler of `martd_push` locations.
 pub unsafe extern "C" fn push_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    if let Some(rc) = crate::access::cors::answer(r, b"GET, POST, PUT, DELETE") {
+        return rc;
+    }
     let m = method(r);
     let lcf = loc_conf(r);
     if m == NGX_HTTP_POST as usize || m == NGX_HTTP_PUT as usize {

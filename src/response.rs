@@ -149,6 +149,15 @@ fn send_inner(
     }
 }
 
+/// Adds a response header with a static value.
+pub fn add_static_header(
+    r: *mut ngx_http_request_t,
+    name: &'static str,
+    value: &'static [u8],
+) -> Option<()> {
+    add_header_ref(r, name, value)
+}
+
 /// Adds a response header whose value lives at least as long as the request (a static, or
 /// memory of a payload the request holds).
 fn add_header_ref(r: *mut ngx_http_request_t, name: &'static str, value: &[u8]) -> Option<()> {

@@ -13,6 +13,7 @@
 //! Nothing here locks: the caller holds the zone's mutex around every call that takes the store.
 
 pub mod api;
+pub mod cors;
 pub mod info;
 pub mod json;
 pub mod key;

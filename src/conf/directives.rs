@@ -42,7 +42,7 @@ static mut CONCURRENCY_VALUES: [ngx_conf_enum_t; 4] = [
 ];
 
 /// The directive table.
-pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 24] = [
+pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 25] = [
     command(
         ngx_string!("martd_shm_size"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
@@ -73,6 +73,14 @@ pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 24] = [
         ngx_http_set_complex_value_slot,
         LOC,
         offset_of!(LocConf, channel_id),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_allow_origin"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_http_set_complex_value_slot,
+        LOC,
+        offset_of!(LocConf, allow_origin),
         ptr::null_mut(),
     ),
     command(

@@ -10,6 +10,7 @@ use std::ptr::{self, NonNull};
 use nginx_sys::{
     ngx_array_push, ngx_conf_t, ngx_flag_t, ngx_http_complex_value_t, ngx_http_conf_ctx_t,
     ngx_http_core_main_conf_t, ngx_http_core_module, ngx_http_handler_pt,
+    ngx_http_phases_NGX_HTTP_ACCESS_PHASE as NGX_HTTP_ACCESS_PHASE,
     ngx_http_phases_NGX_HTTP_PREACCESS_PHASE as NGX_HTTP_PREACCESS_PHASE, ngx_int_t, ngx_msec_t,
     ngx_pcalloc, ngx_shared_memory_add, ngx_shm_zone_t, ngx_str_t, ngx_uint_t,
 };
@@ -70,6 +71,8 @@ pub struct LocConf {
     /// `martd_client_js`: the script served, made when the directive is read.
     pub client_js: ngx_str_t,
     pub channel_id: *mut ngx_http_complex_value_t,
+    /// `martd_allow_origin`: null = off.
+    pub allow_origin: *mut ngx_http_complex_value_t,
     pub buffer_length: ngx_int_t,
     pub message_timeout: ngx_msec_t,
     pub store_messages: ngx_flag_t,
@@ -148,6 +151,7 @@ pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             json: false,
             client_js: ngx_str_t { len: 0, data: ptr::null_mut() },
             channel_id: ptr::null_mut(),
+            allow_origin: ptr::null_mut(),
             buffer_length: UNSET,
             message_timeout: UNSET_MSEC,
             store_messages: UNSET,
@@ -184,6 +188,9 @@ pub unsafe extern "C" fn merge_loc_conf(
 ) -> *mut c_char {
     // SAFETY: both are this module's location confs.
     let (prev, conf) = unsafe { (&*(parent as *const LocConf), &mut *(child as *mut LocConf)) };
+    if conf.allow_origin.is_null() {
+        conf.allow_origin = prev.allow_origin;
+    }
     if conf.channel_id.is_null() {
         conf.channel_id = prev.channel_id;
     }
@@ -299,6 +306,13 @@ pub unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> nginx_sys::ng
             return nginx_sys::NGX_ERROR as ngx_int_t;
         }
         *h = Some(crate::listen::replay::preaccess_handler);
+        let phase = &mut (*cmcf).phases[NGX_HTTP_ACCESS_PHASE as usize].handlers;
+        let h = ngx_array_push(phase) as *mut ngx_http_handler_pt;
+        if h.is_null() {
+            return nginx_sys::NGX_ERROR as ngx_int_t;
+        }
+        *h = Some(crate::access::access_handler);
+        crate::access::cors::install_header_filter();
     }
     nginx_sys::NGX_OK as ngx_int_t
 }

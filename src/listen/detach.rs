@@ -105,7 +105,7 @@ pub struct DetachedListeners {
     /// nginx's keep-alive read handler (static in nginx; learned from the first takeover).
     pub(super) keepalive_handler: Option<EventHandler>,
     /// Index of the content phase's first handler in the phase engine.
-    pub(super) content_phase: Option<usize>,
+    pub(crate) content_phase: Option<usize>,
 }
 
 impl DetachedListeners {

@@ -115,6 +115,9 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
         }
         None => {}
     }
+    if let Some(rc) = crate::access::cors::answer(r, b"GET") {
+        return rc;
+    }
     // SAFETY: nginx calls content handlers with a live request.
     let rc = unsafe { ngx_http_discard_request_body(r) };
     if rc != NGX_OK as ngx_int_t {

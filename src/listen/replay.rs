@@ -12,8 +12,7 @@ use std::ptr;
 
 use martd_core::listeners::Verdict;
 use nginx_sys::{
-    ngx_add_timer, ngx_connection_t, ngx_http_core_content_phase, ngx_http_core_main_conf_t,
-    ngx_http_core_module, ngx_http_request_t, ngx_int_t, u_char, NGX_DECLINED, NGX_ERROR,
+    ngx_add_timer, ngx_connection_t, ngx_http_request_t, ngx_int_t, u_char, NGX_DECLINED, NGX_ERROR,
 };
 
 use super::detach::{conn_is, detached_read_handler, ClientAddr, EventHandler, StartTime};
@@ -218,30 +217,6 @@ pub unsafe extern "C" fn preaccess_handler(r: *mut ngx_http_request_t) -> ngx_in
     }
     // SAFETY: `r` is live.
     martd_debug!(unsafe { (*(*r).connection).log }, "replayed listener skips the access phases");
-    let cached = worker::with(|st| st.detached.content_phase).flatten();
-    let index = cached.or_else(|| {
-        // SAFETY: the core module's main conf and its phase engine (a handler array ended by
-        // a null checker) live as long as the cycle.
-        let found = unsafe {
-            let cmcf = *(*r).main_conf.add(ngx_http_core_module.ctx_index)
-                as *const ngx_http_core_main_conf_t;
-            let handlers = (*cmcf).phase_engine.handlers;
-            let content = ngx_http_core_content_phase as *const () as usize;
-            let mut i = 0;
-            loop {
-                match (*handlers.add(i)).checker {
-                    None => break None,
-                    Some(f) if f as usize == content => break Some(i),
-                    Some(_) => i += 1,
-                }
-            }
-        };
-        worker::with(|st| st.detached.content_phase = found);
-        found
-    });
-    if let Some(i) = index.and_then(|i| i.checked_sub(1)) {
-        // SAFETY: `r` is live; the generic phase checker adds one for NGX_DECLINED.
-        unsafe { (*r).phase_handler = i as ngx_int_t };
-    }
+    crate::access::skip_to_content(r);
     NGX_DECLINED as ngx_int_t
 }

@@ -10,6 +10,7 @@ mod attributes;
 mod bad_input;
 mod client_js;
 mod config;
+mod cors;
 mod json_listen;
 mod jsonp;
 mod keys;

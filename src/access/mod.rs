@@ -1,0 +1,67 @@
+//! nginx's access phase for martd locations: what is checked once per request, before a
+//! listener waits or a message is accepted, so that it composes with nginx's own `allow`/
+//! `deny`, `auth_request` and `limit_req`. A detached listener's replayed request skips the
+//! access phases altogether (see `listen::replay`): nothing here runs twice for it.
+//!
+//! martd's handler is the last one registered in the access phase, so nginx runs it first.
+//! Today it checks cross-origin requests ([`cors`]).
+
+pub mod cors;
+
+use nginx_sys::{
+    ngx_http_core_content_phase, ngx_http_core_main_conf_t, ngx_http_core_module,
+    ngx_http_request_t, ngx_int_t, NGX_DECLINED,
+};
+
+use crate::conf::Role;
+use crate::listen::loc_conf;
+use crate::worker;
+
+/// The access-phase handler.
+pub unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // The location check first: a pointer read, and this runs for every request.
+    let lcf = loc_conf(r);
+    if lcf.role == Role::None || lcf.allow_origin.is_null() {
+        return NGX_DECLINED as ngx_int_t;
+    }
+    // SAFETY: nginx calls phase handlers with a live request.
+    if unsafe { (*r).main } != r {
+        return NGX_DECLINED as ngx_int_t;
+    }
+    if cors::answered_by_content(r, lcf) {
+        // A preflight (answered whatever the other access checks would say: it carries no
+        // credentials), or an origin refused: the content handler answers it.
+        skip_to_content(r);
+    }
+    NGX_DECLINED as ngx_int_t
+}
+
+/// Makes the next phase handler `r` runs the content phase's first one (the caller returns
+/// `NGX_DECLINED`, which the generic and access checkers count as one step on).
+pub fn skip_to_content(r: *mut ngx_http_request_t) {
+    let cached = worker::with(|st| st.detached.content_phase).flatten();
+    let index = cached.or_else(|| {
+        // SAFETY: the core module's main conf and its phase engine (a handler array ended by
+        // a null checker) live as long as the cycle.
+        let found = unsafe {
+            let cmcf = *(*r).main_conf.add(ngx_http_core_module.ctx_index)
+                as *const ngx_http_core_main_conf_t;
+            let handlers = (*cmcf).phase_engine.handlers;
+            let content = ngx_http_core_content_phase as *const () as usize;
+            let mut i = 0;
+            loop {
+                match (*handlers.add(i)).checker {
+                    None => break None,
+                    Some(f) if f as usize == content => break Some(i),
+                    Some(_) => i += 1,
+                }
+            }
+        };
+        worker::with(|st| st.detached.content_phase = found);
+        found
+    });
+    if let Some(i) = index.and_then(|i| i.checked_sub(1)) {
+        // SAFETY: `r` is live; its checker adds one for NGX_DECLINED.
+        unsafe { (*r).phase_handler = i as ngx_int_t };
+    }
+}
