@@ -14,6 +14,8 @@ use crate::conf::LocConf;
 pub struct PushAttrs {
     pub update: AttrUpdate,
     pub key: Option<Vec<u8>>,
+    /// `expire`: this message's own life (ms), not a channel attribute.
+    pub expire_ms: Option<u64>,
 }
 
 impl PushAttrs {
@@ -76,5 +78,9 @@ pub fn from_request(r: *mut ngx_http_request_t, lcf: &LocConf) -> Result<PushAtt
     if let Some(v) = value(r, "one2one", false) {
         update.one2one = Some(api::parse_bool("one2one", &v)?);
     }
-    Ok(PushAttrs { update, key: key(r)? })
+    let expire_ms = match value(r, "expire", false) {
+        Some(v) => Some(api::parse_expire(&v, lcf.message_timeout as u64)?),
+        None => None,
+    };
+    Ok(PushAttrs { update, key: key(r)?, expire_ms })
 }

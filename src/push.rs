@@ -295,8 +295,13 @@ fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
         unsafe { (*r).headers_in.content_type.as_ref().map(|h| h.value.as_bytes()).unwrap_or(b"") };
     let opts = publish_opts(lcf);
     let event = event_name(r).unwrap_or_default();
-    let spec =
-        MessageSpec { content_type, event: &event, body: &body, timeout_ms: opts.timeout_ms };
+    let spec = MessageSpec {
+        content_type,
+        event: &event,
+        body: &body,
+        timeout_ms: opts.timeout_ms,
+        expire_ms: attrs.expire_ms,
+    };
     // An empty push only sets attributes: always in martd's API, and in the relay protocol
     // when it names any (else it is an empty message, as that protocol has it).
     let attributes_only = body.is_empty() && (lcf.json || attrs.any());

@@ -35,11 +35,23 @@ pub fn parse_size(v: &[u8], max: usize) -> Result<u32, String> {
 /// `life`: seconds a message lives, at least 1 and at most `max_ms` (`0`: no bound, and then
 /// `0` = never expires is accepted too). Returns milliseconds.
 pub fn parse_life(v: &[u8], max_ms: u64) -> Result<u64, String> {
-    let n = number(v).ok_or_else(|| format!("invalid life \"{}\"", shown(v)))?;
+    seconds("life", v, max_ms)
+}
+
+/// `expire`: seconds this one message lives, whatever its channel's life; bounds as `life`.
+/// Returns milliseconds.
+pub fn parse_expire(v: &[u8], max_ms: u64) -> Result<u64, String> {
+    seconds("expire", v, max_ms)
+}
+
+/// A number of seconds, at least 1 and at most `max_ms` (`0`: no bound, and then `0` = never
+/// is accepted too), as milliseconds.
+fn seconds(what: &str, v: &[u8], max_ms: u64) -> Result<u64, String> {
+    let n = number(v).ok_or_else(|| format!("invalid {what} \"{}\"", shown(v)))?;
     let ms = n.saturating_mul(1000);
     if max_ms > 0 && (n == 0 || ms > max_ms) {
         return Err(format!(
-            "life {n} is out of range: 1 to {} seconds (martd_message_timeout)",
+            "{what} {n} is out of range: 1 to {} seconds (martd_message_timeout)",
             max_ms / 1000
         ));
     }
@@ -190,6 +202,9 @@ mod tests {
         assert!(parse_life(b"3601", 3_600_000).is_err());
         assert!(parse_life(b"0", 3_600_000).is_err());
         assert_eq!(parse_life(b"0", 0), Ok(0));
+        assert_eq!(parse_expire(b"30", 3_600_000), Ok(30_000));
+        assert!(parse_expire(b"3601", 3_600_000).unwrap_err().starts_with("expire 3601"));
+        assert!(parse_expire(b"soon", 0).unwrap_err().contains("invalid expire"));
         assert!(parse_life(b"-1", 0).is_err());
         assert_eq!(parse_bool("one2one", b"true"), Ok(true));
         assert_eq!(parse_bool("one2one", b"0"), Ok(false));

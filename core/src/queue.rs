@@ -69,6 +69,9 @@ pub struct MessageSpec<'a> {
     pub body: &'a [u8],
     /// `0` = never expires.
     pub timeout_ms: u64,
+    /// This message's own life (the publisher's `expire`), whatever its channel's: the store
+    /// uses it instead of the channel's. `None`: the channel's.
+    pub expire_ms: Option<u64>,
 }
 
 /// The longest content type a message keeps.
@@ -317,7 +320,13 @@ mod tests {
     use allocator_api2::alloc::Global;
 
     fn spec(body: &[u8]) -> MessageSpec<'_> {
-        MessageSpec { content_type: b"text/plain", event: b"", body, timeout_ms: 0 }
+        MessageSpec {
+            content_type: b"text/plain",
+            event: b"",
+            body,
+            timeout_ms: 0,
+            expire_ms: None,
+        }
     }
 
     #[test]
@@ -339,7 +348,13 @@ mod tests {
         let mut q = MessageQueue::new_in(Global);
         let m = q
             .make_message(
-                &MessageSpec { content_type: b"", event: b"", body: b"x", timeout_ms: 500 },
+                &MessageSpec {
+                    content_type: b"",
+                    event: b"",
+                    body: b"x",
+                    timeout_ms: 500,
+                    expire_ms: None,
+                },
                 1,
                 1000,
                 None,

@@ -266,7 +266,13 @@ fn publish(ctx: &mut StreamCtx, text: bool, data: &[u8]) {
     let now = crate::worker::now_ms();
     let mut wake = Vec::new();
     let content_type: &[u8] = if text { b"text/plain" } else { b"application/octet-stream" };
-    let spec = MessageSpec { content_type, event: b"", body: data, timeout_ms: p.opts.timeout_ms };
+    let spec = MessageSpec {
+        content_type,
+        event: b"",
+        body: data,
+        timeout_ms: p.opts.timeout_ms,
+        expire_ms: None,
+    };
     let result = crate::zone::lock(mcf).map(|mut z| {
         let key = p.key.as_ref().map(|k| hash_key(z.root().nonce, k));
         // The key goes with the message only to a channel that has one: a subscriber's key

@@ -11,6 +11,7 @@ mod bad_input;
 mod client_js;
 mod config;
 mod cors;
+mod expire;
 mod json_listen;
 mod jsonp;
 mod keys;

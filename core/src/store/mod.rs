@@ -357,7 +357,8 @@ impl<A: Allocator + Clone> Store<A> {
             if keep || listeners > 0 {
                 let transient = (!keep).then_some(ch.waiters.len() as u32);
                 let max_len = if keep { buffer_len } else { usize::MAX };
-                let spec = MessageSpec { timeout_ms, ..*spec };
+                let spec =
+                    MessageSpec { timeout_ms: spec.expire_ms.unwrap_or(timeout_ms), ..*spec };
                 // Messages pushed out of the buffer stay for the workers with listeners that
                 // have not looked at them yet (a burst longer than the buffer).
                 let waiters = &ch.waiters;

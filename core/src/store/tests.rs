@@ -52,7 +52,7 @@ pub(super) fn lopts(slot: u32) -> ListenOpts {
 }
 
 pub(super) fn msg(body: &[u8]) -> MessageSpec<'_> {
-    MessageSpec { content_type: b"text/plain", event: b"", body, timeout_ms: 0 }
+    MessageSpec { content_type: b"text/plain", event: b"", body, timeout_ms: 0, expire_ms: None }
 }
 
 pub(super) fn store_with_workers(n: u32) -> (Store<Global>, std::vec::Vec<u32>) {
@@ -402,7 +402,7 @@ proptest! {
                     let body = format!("m{counter}").into_bytes();
                     let timeout_ms = u64::from(ttl) * 1000;
                     let opts = PublishOpts { buffer_len: len, buffer_max: 1000, timeout_ms, store: true, channel_timeout_ms: 1_000_000 };
-                    let spec = MessageSpec { content_type: b"", event: b"", body: &body, timeout_ms };
+                    let spec = MessageSpec { content_type: b"", event: b"", body: &body, timeout_ms, expire_ms: None };
                     let p = s.publish_msg(&[ch], &spec, &opts, now, &mut wake).unwrap();
                     prop_assert!(model.ids.last().is_none_or(|&l| p.id > l), "ids increase");
                     model.ids.push(p.id);

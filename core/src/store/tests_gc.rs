@@ -14,7 +14,8 @@ use super::*;
 const T0: u64 = 1_700_000_000_000;
 
 fn ttl(ms: u64) -> (MessageSpec<'static>, PublishOpts) {
-    let spec = MessageSpec { content_type: b"", event: b"", body: b"x", timeout_ms: ms };
+    let spec =
+        MessageSpec { content_type: b"", event: b"", body: b"x", timeout_ms: ms, expire_ms: None };
     (spec, PublishOpts { timeout_ms: ms, ..popts(10) })
 }
 
@@ -47,6 +48,29 @@ fn a_message_is_reclaimed_at_its_expiry_on_an_idle_channel() {
     assert_eq!(s.collect_garbage(T0 + 299_999), 0);
     assert_eq!(s.collect_garbage(T0 + 300_000), 1);
     assert_eq!(s.channel_count(), 0);
+    s.check();
+}
+
+#[test]
+fn a_message_with_its_own_expiry_is_reclaimed_at_it_on_an_idle_channel() {
+    let (mut s, _) = store_with_workers(1);
+    // The channel's messages live an hour; one message asks for 2 s, behind an older one.
+    let (spec, opts) = ttl(3_600_000);
+    s.publish_msg(b"e", &spec, &opts, T0, &mut vec![]).unwrap();
+    let short = MessageSpec { expire_ms: Some(2_000), ..spec };
+    s.publish_msg(b"e", &short, &opts, T0 + 10, &mut vec![]).unwrap();
+    // Never expiring, on a channel whose messages do.
+    let never = MessageSpec { expire_ms: Some(0), ..spec };
+    s.publish_msg(b"e", &never, &opts, T0 + 20, &mut vec![]).unwrap();
+    assert_eq!(queued(&s, b"e"), 3);
+    assert_eq!(s.collect_garbage(T0 + 2_009), 0);
+    assert_eq!(queued(&s, b"e"), 3);
+    // Nothing touches the channel: garbage collection alone reclaims it at its millisecond.
+    s.collect_garbage(T0 + 2_010);
+    assert_eq!(queued(&s, b"e"), 2, "the 2 s message went, the older one stays");
+    s.check_collected(T0 + 2_010);
+    s.collect_garbage(T0 + 3_600_000);
+    assert_eq!(queued(&s, b"e"), 1, "the hour's message went, the one that never expires stays");
     s.check();
 }
 
@@ -302,7 +326,7 @@ proptest! {
                     let ttl = TTLS[ttl as usize];
                     let timeout = TIMEOUTS[timeout as usize];
                     let opts = PublishOpts { buffer_len: 3, buffer_max: 1000, timeout_ms: ttl, store: true, channel_timeout_ms: timeout };
-                    let spec = MessageSpec { content_type: b"", event: b"", body: b"b", timeout_ms: ttl };
+                    let spec = MessageSpec { content_type: b"", event: b"", body: b"b", timeout_ms: ttl, expire_ms: None };
                     let p = s.publish_msg(&[ch], &spec, &opts, now, &mut vec![]).unwrap();
                     let serial = s.channels.find(&[ch]).map(|p| unsafe { p.as_ref() }.serial).unwrap();
                     let m = model.entry(ch).or_insert(MChan {
@@ -406,7 +430,7 @@ proptest! {
                 match op {
                     Op::Publish { ch, ttl, timeout } => {
                         let name = vec![b'p'; 1 + ch as usize * 40];
-                        let spec = MessageSpec { content_type: b"t", event: b"", body: &body, timeout_ms: TTLS[ttl as usize] };
+                        let spec = MessageSpec { content_type: b"t", event: b"", body: &body, timeout_ms: TTLS[ttl as usize], expire_ms: None };
                         let opts = PublishOpts { buffer_len: 4, buffer_max: 1000, timeout_ms: TTLS[ttl as usize], store: true, channel_timeout_ms: TIMEOUTS[timeout as usize] };
                         match s.publish_msg(&name, &spec, &opts, now, &mut vec![]) {
                             Ok(_) | Err(StoreError::NoMemory) => {}
