@@ -10,6 +10,7 @@
 #[path = "../harness/mod.rs"]
 mod harness;
 
+mod access_examples;
 mod cache;
 mod client_gone;
 mod realip;
