@@ -4,8 +4,10 @@
 //! access phases altogether (see `listen::replay`): nothing here runs twice for it.
 //!
 //! martd's handler is the last one registered in the access phase, so nginx runs it first.
-//! Today it checks cross-origin requests ([`cors`]).
+//! It checks cross-origin requests ([`cors`]), then asks the authorization subrequest
+//! ([`authorize`]).
 
+pub mod authorize;
 pub mod cors;
 
 use nginx_sys::{
@@ -21,19 +23,23 @@ use crate::worker;
 pub unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // The location check first: a pointer read, and this runs for every request.
     let lcf = loc_conf(r);
-    if lcf.role == Role::None || lcf.allow_origin.is_null() {
+    if lcf.role == Role::None {
         return NGX_DECLINED as ngx_int_t;
     }
     // SAFETY: nginx calls phase handlers with a live request.
     if unsafe { (*r).main } != r {
         return NGX_DECLINED as ngx_int_t;
     }
-    if cors::answered_by_content(r, lcf) {
+    if !lcf.allow_origin.is_null() && cors::answered_by_content(r, lcf) {
         // A preflight (answered whatever the other access checks would say: it carries no
         // credentials), or an origin refused: the content handler answers it.
         skip_to_content(r);
+        return NGX_DECLINED as ngx_int_t;
     }
-    NGX_DECLINED as ngx_int_t
+    match lcf.role {
+        Role::Listen | Role::Push => authorize::check(r, lcf),
+        Role::None | Role::ClientJs => NGX_DECLINED as ngx_int_t,
+    }
 }
 
 /// Makes the next phase handler `r` runs the content phase's first one (the caller returns

@@ -42,7 +42,7 @@ static mut CONCURRENCY_VALUES: [ngx_conf_enum_t; 4] = [
 ];
 
 /// The directive table.
-pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 25] = [
+pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 26] = [
     command(
         ngx_string!("martd_shm_size"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
@@ -81,6 +81,14 @@ pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 25] = [
         ngx_http_set_complex_value_slot,
         LOC,
         offset_of!(LocConf, allow_origin),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_authorize_request"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_str_slot,
+        LOC,
+        offset_of!(LocConf, authorize_request),
         ptr::null_mut(),
     ),
     command(

@@ -73,6 +73,8 @@ pub struct LocConf {
     pub channel_id: *mut ngx_http_complex_value_t,
     /// `martd_allow_origin`: null = off.
     pub allow_origin: *mut ngx_http_complex_value_t,
+    /// `martd_authorize_request`: empty or `off` = none.
+    pub authorize_request: ngx_str_t,
     pub buffer_length: ngx_int_t,
     pub message_timeout: ngx_msec_t,
     pub store_messages: ngx_flag_t,
@@ -152,6 +154,7 @@ pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             client_js: ngx_str_t { len: 0, data: ptr::null_mut() },
             channel_id: ptr::null_mut(),
             allow_origin: ptr::null_mut(),
+            authorize_request: ngx_str_t { len: 0, data: ptr::null_mut() },
             buffer_length: UNSET,
             message_timeout: UNSET_MSEC,
             store_messages: UNSET,
@@ -190,6 +193,9 @@ pub unsafe extern "C" fn merge_loc_conf(
     let (prev, conf) = unsafe { (&*(parent as *const LocConf), &mut *(child as *mut LocConf)) };
     if conf.allow_origin.is_null() {
         conf.allow_origin = prev.allow_origin;
+    }
+    if conf.authorize_request.data.is_null() {
+        conf.authorize_request = prev.authorize_request;
     }
     if conf.channel_id.is_null() {
         conf.channel_id = prev.channel_id;

@@ -11,6 +11,7 @@
 mod harness;
 
 mod access_examples;
+mod authorize;
 mod cache;
 mod client_gone;
 mod realip;

@@ -1,0 +1,91 @@
+//! martd's nginx variables.
+//!
+//! `$martd_channel_id`: the channel(s) of the martd location the main request is in, as
+//! `martd_channel_id` names them (a `martd_channel_id_delimiter` list as given; the channels
+//! of a `martd_listen json` request joined by commas). In a subrequest (the authorization
+//! subrequest of `martd_authorize_request`, `mirror`, `auth_request`) it is the main
+//! request's. Not found outside martd locations or when the id is missing or invalid.
+
+use nginx_sys::{
+    ngx_conf_t, ngx_http_add_variable, ngx_http_request_t, ngx_http_variable_value_t, ngx_int_t,
+    ngx_pnalloc, NGX_ERROR, NGX_HTTP_VAR_NOCACHEABLE, NGX_OK,
+};
+
+use crate::conf::Role;
+use crate::listen::loc_conf;
+
+/// Registers the variables (the module's preconfiguration).
+pub unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+    let mut name = ngx::ngx_string!("martd_channel_id");
+    // SAFETY: `cf` is the live configuration; nginx copies the name.
+    unsafe {
+        let v = ngx_http_add_variable(cf, &mut name, NGX_HTTP_VAR_NOCACHEABLE as usize);
+        if v.is_null() {
+            return NGX_ERROR as ngx_int_t;
+        }
+        (*v).get_handler = Some(channel_id_variable);
+        (*v).data = 0;
+    }
+    NGX_OK as ngx_int_t
+}
+
+/// The channels of the main request's martd location, as one value.
+fn channels_of(r: *mut ngx_http_request_t) -> Option<Vec<u8>> {
+    // SAFETY: variables are evaluated for live requests; the main request outlives its
+    // subrequests.
+    let m = unsafe { (*r).main };
+    let lcf = loc_conf(m);
+    match lcf.role {
+        Role::Listen if lcf.json => {
+            // SAFETY: `m` is live; its arguments live as long as it.
+            let args = unsafe { (*m).args.as_bytes() };
+            let q = martd_core::api::parse_listen_query(
+                args,
+                lcf.max_channels.max(0) as usize,
+                lcf.max_channel_id_length.max(0) as usize,
+            )
+            .ok()?;
+            Some(q.channels.iter().map(|c| c.0).collect::<Vec<_>>().join(&b","[..]))
+        }
+        Role::Listen | Role::Push => {
+            let ids = crate::channel_id::channel_ids(m, lcf).ok()?;
+            let delim = &lcf.channel_id_delimiter;
+            let sep: &[u8] = if delim.data.is_null() {
+                b""
+            } else {
+                // SAFETY: configuration strings live as long as the cycle.
+                unsafe { std::slice::from_raw_parts(delim.data, delim.len) }
+            };
+            Some(ids.join(sep))
+        }
+        Role::None | Role::ClientJs => None,
+    }
+}
+
+unsafe extern "C" fn channel_id_variable(
+    r: *mut ngx_http_request_t,
+    v: *mut ngx_http_variable_value_t,
+    _data: usize,
+) -> ngx_int_t {
+    let value = channels_of(r);
+    // SAFETY: `v` is the variable value nginx asks us to fill; the copy lives in the request
+    // pool, as long as the request that reads it.
+    unsafe {
+        match value {
+            Some(bytes) if !bytes.is_empty() => {
+                let p = ngx_pnalloc((*r).pool, bytes.len()) as *mut u8;
+                if p.is_null() {
+                    return NGX_ERROR as ngx_int_t;
+                }
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
+                (*v).set_len(bytes.len() as u32);
+                (*v).set_valid(1);
+                (*v).set_no_cacheable(1);
+                (*v).set_not_found(0);
+                (*v).data = p;
+            }
+            _ => (*v).set_not_found(1),
+        }
+    }
+    NGX_OK as ngx_int_t
+}
