@@ -78,6 +78,12 @@ pub fn from_request(r: *mut ngx_http_request_t, lcf: &LocConf) -> Result<PushAtt
     if let Some(v) = value(r, "one2one", false) {
         update.one2one = Some(api::parse_bool("one2one", &v)?);
     }
+    if let Some(v) = value(r, "use_sessions", false) {
+        if !crate::listen::main_conf(r).clients {
+            return Err("use_sessions needs a martd_clients location".into());
+        }
+        update.use_sessions = Some(api::parse_bool("use_sessions", &v)?);
+    }
     let expire_ms = match value(r, "expire", false) {
         Some(v) => Some(api::parse_expire(&v, lcf.message_timeout as u64)?),
         None => None,

@@ -23,6 +23,7 @@ mod access;
 mod attrs;
 mod channel_id;
 mod client_js;
+mod clients;
 mod conf;
 mod error;
 mod listen;

@@ -29,10 +29,10 @@ pub unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     NGX_OK as ngx_int_t
 }
 
-/// The channels of the main request's martd location, as one value.
-fn channels_of(r: *mut ngx_http_request_t) -> Option<Vec<u8>> {
-    // SAFETY: variables are evaluated for live requests; the main request outlives its
-    // subrequests.
+/// The channels the main request's martd location names (checked), in request order.
+pub fn request_channels(r: *mut ngx_http_request_t) -> Option<Vec<Vec<u8>>> {
+    // SAFETY: variables and phase handlers run for live requests; the main request outlives
+    // its subrequests.
     let m = unsafe { (*r).main };
     let lcf = loc_conf(m);
     match lcf.role {
@@ -45,21 +45,29 @@ fn channels_of(r: *mut ngx_http_request_t) -> Option<Vec<u8>> {
                 lcf.max_channel_id_length.max(0) as usize,
             )
             .ok()?;
-            Some(q.channels.iter().map(|c| c.0).collect::<Vec<_>>().join(&b","[..]))
+            Some(q.channels.iter().map(|c| c.0.to_vec()).collect())
         }
-        Role::Listen | Role::Push => {
-            let ids = crate::channel_id::channel_ids(m, lcf).ok()?;
-            let delim = &lcf.channel_id_delimiter;
-            let sep: &[u8] = if delim.data.is_null() {
-                b""
-            } else {
-                // SAFETY: configuration strings live as long as the cycle.
-                unsafe { std::slice::from_raw_parts(delim.data, delim.len) }
-            };
-            Some(ids.join(sep))
-        }
-        Role::None | Role::ClientJs => None,
+        Role::Listen | Role::Push => crate::channel_id::channel_ids(m, lcf).ok(),
+        Role::None | Role::ClientJs | Role::Clients => None,
     }
+}
+
+/// The channels of the main request's martd location, as one value: a list joined by
+/// `martd_channel_id_delimiter`, a JSON request's channels by commas.
+fn channels_of(r: *mut ngx_http_request_t) -> Option<Vec<u8>> {
+    let ids = request_channels(r)?;
+    // SAFETY: as above.
+    let lcf = loc_conf(unsafe { (*r).main });
+    let delim = &lcf.channel_id_delimiter;
+    let sep: &[u8] = if lcf.json {
+        b","
+    } else if delim.data.is_null() {
+        b""
+    } else {
+        // SAFETY: configuration strings live as long as the cycle.
+        unsafe { std::slice::from_raw_parts(delim.data, delim.len) }
+    };
+    Some(ids.join(sep))
 }
 
 unsafe extern "C" fn channel_id_variable(

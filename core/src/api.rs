@@ -58,6 +58,23 @@ fn seconds(what: &str, v: &[u8], max_ms: u64) -> Result<u64, String> {
     Ok(ms)
 }
 
+/// The longest client id `martd_clients` registers.
+pub const MAX_CLIENT_ID: usize = 128;
+
+/// A client id: 1 to [`MAX_CLIENT_ID`] visible ASCII characters.
+pub fn check_client_id(v: &[u8]) -> Result<(), String> {
+    if v.is_empty() {
+        return Err("empty client_id".into());
+    }
+    if v.len() > MAX_CLIENT_ID {
+        return Err(format!("client_id longer than {MAX_CLIENT_ID} bytes"));
+    }
+    if !v.iter().all(u8::is_ascii_graphic) {
+        return Err("client_id with a character other than visible ASCII".into());
+    }
+    Ok(())
+}
+
 /// `one2one`: `true`, `false`, `1` or `0`.
 pub fn parse_bool(what: &str, v: &[u8]) -> Result<bool, String> {
     match v {
@@ -203,6 +220,10 @@ mod tests {
         assert!(parse_life(b"0", 3_600_000).is_err());
         assert_eq!(parse_life(b"0", 0), Ok(0));
         assert_eq!(parse_expire(b"30", 3_600_000), Ok(30_000));
+        assert!(check_client_id(b"a-1_B.c~").is_ok());
+        assert!(check_client_id(b"").is_err());
+        assert!(check_client_id(b"a b").is_err());
+        assert!(check_client_id(&[b'x'; 129]).unwrap_err().contains("longer than 128"));
         assert!(parse_expire(b"3601", 3_600_000).unwrap_err().starts_with("expire 3601"));
         assert!(parse_expire(b"soon", 0).unwrap_err().contains("invalid expire"));
         assert!(parse_life(b"-1", 0).is_err());

@@ -80,6 +80,13 @@ pub fn check(r: *mut ngx_http_request_t, lcf: &LocConf) -> ngx_int_t {
     NGX_AGAIN as ngx_int_t
 }
 
+/// Whether `r`'s authorization subrequest was started (the access phase came back to
+/// martd's handler for its answer).
+pub fn started(r: *mut ngx_http_request_t) -> bool {
+    // SAFETY: `r` is live in its access phase; our context slot holds an `AuthCtx` or null.
+    unsafe { !(*(*r).ctx.add(crate::module().ctx_index)).is_null() }
+}
+
 /// The subrequest's answer turned into the access phase's.
 ///
 /// # Safety

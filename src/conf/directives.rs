@@ -42,7 +42,7 @@ static mut CONCURRENCY_VALUES: [ngx_conf_enum_t; 4] = [
 ];
 
 /// The directive table.
-pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 26] = [
+pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 28] = [
     command(
         ngx_string!("martd_shm_size"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
@@ -237,6 +237,22 @@ pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 26] = [
         ptr::null_mut(),
     ),
     command(
+        ngx_string!("martd_clients"),
+        NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
+        cmd_clients,
+        LOC,
+        0,
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_client_timeout"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_msec_slot,
+        LOC,
+        offset_of!(LocConf, client_timeout),
+        ptr::null_mut(),
+    ),
+    command(
         ngx_string!("martd_client_js"),
         NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1 | NGX_CONF_TAKE2,
         cmd_client_js,
@@ -311,7 +327,7 @@ fn set_role(cf: *mut ngx_conf_t, conf: *mut c_void, role: Role) -> *mut c_char {
         conf_error(cf, &ConfError::BadArgument(name.clone(), v, accepted).to_string())
     };
     match role {
-        Role::ClientJs => {}
+        Role::ClientJs | Role::Clients => {}
         Role::Push => match a.get(1).map(|v| v.as_slice()) {
             None => {}
             Some(b"json") if a.len() == 2 => lcf.json = true,
@@ -353,6 +369,7 @@ fn set_role(cf: *mut ngx_conf_t, conf: *mut c_void, role: Role) -> *mut c_char {
         (*clcf).handler = Some(match role {
             Role::Push => crate::push::push_handler,
             Role::ClientJs => crate::client_js::client_js_handler,
+            Role::Clients => crate::clients::clients_handler,
             _ => crate::listen::listen_handler,
         });
         if role == Role::ClientJs {
@@ -361,6 +378,7 @@ fn set_role(cf: *mut ngx_conf_t, conf: *mut c_void, role: Role) -> *mut c_char {
         let mcf = *(*ctx).main_conf.add(crate::module().ctx_index) as *mut MainConf;
         (*mcf).used = true;
         (*mcf).listens |= role == Role::Listen;
+        (*mcf).clients |= role == Role::Clients;
     }
     NGX_CONF_OK
 }
@@ -371,6 +389,14 @@ unsafe extern "C" fn cmd_push(
     conf: *mut c_void,
 ) -> *mut c_char {
     set_role(cf, conf, Role::Push)
+}
+
+unsafe extern "C" fn cmd_clients(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_role(cf, conf, Role::Clients)
 }
 
 unsafe extern "C" fn cmd_listen(

@@ -44,6 +44,8 @@ pub struct MainConf {
     pub used: bool,
     /// Some location uses `martd_listen`: workers need their wake-up socket.
     pub listens: bool,
+    /// A `martd_clients` location exists: listeners are checked against `use_sessions`.
+    pub clients: bool,
     pub shm_zone: *mut ngx_shm_zone_t,
     /// The store's root in the zone, set when the zone is initialised.
     pub root: *mut ZoneRoot,
@@ -60,6 +62,8 @@ pub enum Role {
     Listen = 2,
     /// `martd_client_js`: serves the browser library.
     ClientJs = 3,
+    /// `martd_clients`: registers clients (sessions).
+    Clients = 4,
 }
 
 /// Location-level settings.
@@ -79,6 +83,8 @@ pub struct LocConf {
     pub message_timeout: ngx_msec_t,
     pub store_messages: ngx_flag_t,
     pub listener_timeout: ngx_msec_t,
+    /// `martd_client_timeout`.
+    pub client_timeout: ngx_msec_t,
     pub concurrency: ngx_uint_t,
     pub max_channel_id_length: ngx_int_t,
     pub max_listeners: ngx_int_t,
@@ -129,6 +135,7 @@ pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             shm_size: UNSET_SIZE,
             used: false,
             listens: false,
+            clients: false,
             shm_zone: ptr::null_mut(),
             root: ptr::null_mut(),
             generation: 0,
@@ -159,6 +166,7 @@ pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             message_timeout: UNSET_MSEC,
             store_messages: UNSET,
             listener_timeout: UNSET_MSEC,
+            client_timeout: UNSET_MSEC,
             concurrency: UNSET_UINT,
             max_channel_id_length: UNSET,
             max_listeners: UNSET,
@@ -204,6 +212,7 @@ pub unsafe extern "C" fn merge_loc_conf(
     merge(&mut conf.message_timeout, prev.message_timeout, UNSET_MSEC, 3_600_000);
     merge(&mut conf.store_messages, prev.store_messages, UNSET, 1);
     merge(&mut conf.listener_timeout, prev.listener_timeout, UNSET_MSEC, 60_000);
+    merge(&mut conf.client_timeout, prev.client_timeout, UNSET_MSEC, 60_000);
     merge(&mut conf.concurrency, prev.concurrency, UNSET_UINT, 0);
     merge(&mut conf.max_channel_id_length, prev.max_channel_id_length, UNSET, 1024);
     merge(&mut conf.max_listeners, prev.max_listeners, UNSET, 0);

@@ -9,6 +9,7 @@ mod harness;
 mod attributes;
 mod bad_input;
 mod client_js;
+mod clients;
 mod config;
 mod cors;
 mod expire;

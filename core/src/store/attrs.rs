@@ -15,6 +15,8 @@ pub struct AttrUpdate {
     pub one2one: Option<bool>,
     /// The key the push carries (hashed).
     pub key: Option<KeyHash>,
+    /// Only registered clients may listen (`use_sessions`).
+    pub use_sessions: Option<bool>,
 }
 
 impl AttrUpdate {
@@ -24,6 +26,7 @@ impl AttrUpdate {
             || self.life_ms.is_some()
             || self.one2one.is_some()
             || self.key.is_some()
+            || self.use_sessions.is_some()
     }
 }
 
@@ -39,6 +42,10 @@ pub(super) struct ChannelAttrs {
     pub(super) elect_cut: u64,
     /// The smallest parking sequence number reported so far by the workers in that election.
     pub(super) elect_best: u64,
+    /// Only registered clients may listen.
+    pub(super) use_sessions: bool,
+    /// Not a channel: a registered client (see `super::clients`).
+    pub(super) client: bool,
 }
 
 impl ChannelAttrs {

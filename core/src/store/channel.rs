@@ -223,6 +223,9 @@ impl<A: Allocator + Clone> Channel<A> {
         if a.key.is_none() {
             a.key = update.key;
         }
+        if let Some(on) = update.use_sessions {
+            a.use_sessions = on;
+        }
         let mut elect = false;
         if let Some(on) = update.one2one {
             if on && !a.one2one {

@@ -25,6 +25,7 @@ use crate::queue::{Message, MessageSpec, NoMemory};
 mod api;
 mod attrs;
 mod channel;
+mod clients;
 mod expiry;
 mod paged;
 mod table;
@@ -571,6 +572,8 @@ mod check;
 mod tests;
 #[cfg(test)]
 mod tests_api;
+#[cfg(test)]
+mod tests_clients;
 #[cfg(test)]
 mod tests_first;
 #[cfg(test)]
