@@ -405,8 +405,11 @@ unsafe extern "C" fn reader(rev: *mut ngx_event_t) {
         }
         if n <= 0 {
             // SAFETY: the connection is live.
-            unsafe { (*c).set_error(1) };
-            martd_debug!(unsafe { (*c).log }, "streaming subscriber's client closed");
+            let log = unsafe {
+                (*c).set_error(1);
+                (*c).log
+            };
+            martd_debug!(log, "streaming subscriber's client closed");
             fail(ctx, "");
             return;
         }
