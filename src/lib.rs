@@ -11,6 +11,7 @@
 //! * [`push`] and [`listen`]: the two endpoints; [`listen::detach`] and [`listen::replay`]:
 //!   listeners that give their request back to nginx while they wait.
 //! * [`response`]: building responses.
+//! * [`stats`]: the `martd_stats` endpoint and this worker's counters.
 
 use std::ffi::c_void;
 use std::ptr;
@@ -28,6 +29,7 @@ mod listen;
 mod notify;
 mod push;
 mod response;
+mod stats;
 mod transport;
 mod worker;
 mod zone;

@@ -59,6 +59,8 @@ pub enum Role {
     Listen = 2,
     /// `martd_client_js`: serves the browser library.
     ClientJs = 3,
+    /// `martd_stats`: the stats and metrics.
+    Stats = 4,
 }
 
 /// Location-level settings.

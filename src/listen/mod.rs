@@ -356,6 +356,7 @@ fn hold(
 }
 
 fn deliver(r: *mut ngx_http_request_t, payload: &Rc<Payload>) -> ngx_int_t {
+    crate::stats::count::delivered(1);
     response::message(r, payload)
 }
 
