@@ -38,7 +38,7 @@ mod zone;
 ngx::ngx_modules!(ngx_http_martd_module);
 
 static NGX_HTTP_MARTD_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
-    preconfiguration: None,
+    preconfiguration: Some(conf::preconfiguration),
     postconfiguration: Some(conf::postconfiguration),
     create_main_conf: Some(conf::create_main_conf),
     init_main_conf: Some(conf::init_main_conf),

@@ -48,6 +48,8 @@ pub struct MainConf {
     pub root: *mut ZoneRoot,
     /// This cycle's number in the zone (see `zone::init_zone`).
     pub generation: u64,
+    /// Indices of the variables martd's handlers set (see `stats::vars`); `-1`: none.
+    pub vars: [ngx_int_t; 3],
 }
 
 /// What a location does.
@@ -126,6 +128,7 @@ pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             shm_size: UNSET_SIZE,
             used: false,
             listens: false,
+            vars: [-1; 3],
             shm_zone: ptr::null_mut(),
             root: ptr::null_mut(),
             generation: 0,
@@ -243,6 +246,21 @@ fn old_zone_of_other_layout(zone: *const ngx_shm_zone_t) -> bool {
             part = (*part).next;
         }
         false
+    }
+}
+
+/// Adds martd's variables.
+pub unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+    // SAFETY: during preconfiguration `cf->ctx` is the http block's `ngx_http_conf_ctx_t`,
+    // whose main confs were created already.
+    let mcf = unsafe {
+        let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
+        &mut *(*(*ctx).main_conf.add(crate::module().ctx_index) as *mut MainConf)
+    };
+    if crate::stats::vars::add(cf, mcf) {
+        nginx_sys::NGX_OK as ngx_int_t
+    } else {
+        nginx_sys::NGX_ERROR as ngx_int_t
     }
 }
 

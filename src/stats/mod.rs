@@ -3,6 +3,7 @@
 //! and the workers' counters (see [`martd_core::stats`]); this handler only reads them.
 
 pub mod count;
+pub mod vars;
 
 use nginx_sys::{ngx_http_request_t, ngx_int_t, ngx_slab_pool_t, NGX_ERROR};
 

@@ -349,6 +349,9 @@ fn deliver(ctx: &mut StreamCtx, p: &Rc<Payload>, channel: Option<&Rc<[u8]>>) {
     match pieces {
         Some(pieces) => {
             crate::stats::count::delivered(1);
+            if !ctx.request.is_null() {
+                crate::stats::vars::set_message_id(ctx.request, p.id);
+            }
             write(ctx, pieces)
         }
         None => end(ctx),

@@ -323,3 +323,66 @@ async fn bad_requests_get_a_reason() {
     assert!(r.body.is_empty());
     ng.finish();
 }
+
+/// A realistic configuration: the stats behind `allow`/`deny`, the variables in an access
+/// log's `log_format` and in `add_header`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_allow_deny_and_in_log_format_and_add_header() {
+    let conf = Conf::new(
+        "        location = /pub { martd_push; }
+        location = /stats { allow 127.0.0.1; deny all; martd_stats; }
+        location = /stats-private { allow 10.0.0.1; deny all; martd_stats; }
+        location = /lpub { martd_push; access_log logs/martd.log martd;
+                           add_header X-Id $martd_message_id always; add_header X-Listeners $martd_listeners always;
+                           add_header X-Messages $martd_messages always; }
+        location = /lsub { martd_listen; access_log logs/martd.log martd;
+                           add_header X-Id $martd_message_id always; add_header X-Channel $martd_channel_id; }",
+    )
+    .http(
+        "log_format martd '$uri $arg_channel $status ch=$martd_channel_id id=$martd_message_id \
+         l=$martd_listeners m=$martd_messages';",
+    );
+    let ng = Nginx::start(conf);
+    let mut c = Conn::open(ng.port).await;
+    assert_eq!(c.get("/stats", &[]).await.status, 200);
+    assert_eq!(c.get("/stats-private", &[]).await.status, 403);
+
+    let r = c.send("POST", "/lpub?channel=v1", &[], "hello").await;
+    assert_eq!(r.status, 202);
+    let id = r.header("x-id").expect("X-Id").to_string();
+    assert_eq!((r.header("x-listeners"), r.header("x-messages")), (Some("0"), Some("1")));
+    let r = c.get("/lsub?channel=v1", &[]).await;
+    assert_eq!(expect_msg(&r).text(), "hello");
+    assert_eq!((r.header("x-id"), r.header("x-channel")), (Some(id.as_str()), Some("v1")));
+
+    // A long-poll that waits, answered from the other worker or this one.
+    let l = Conn::open(ng.port).await.spawn_get("/lsub?channel=v2", &[], PROMPT);
+    c.wait_listeners("v2", 1).await;
+    let r = c.send("POST", "/lpub?channel=v2", &[], "again").await;
+    assert_eq!(r.status, 201);
+    let id2 = r.header("x-id").expect("X-Id").to_string();
+    let r = l.resp().await;
+    assert_eq!((r.status, r.header("x-id")), (200, Some(id2.as_str())));
+    assert_eq!(c.get("/lsub?channel=", &[]).await.status, 400);
+
+    let log_path = ng.prefix().join("logs/martd.log");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let log = loop {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if log.lines().count() >= 5 || Instant::now() > deadline {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let lines: Vec<&str> = log.lines().collect();
+    for want in [
+        format!("/lpub v1 202 ch=v1 id={id} l=0 m=1"),
+        format!("/lsub v1 200 ch=v1 id={id} l=0 m=1"),
+        format!("/lpub v2 201 ch=v2 id={id2} l=1 m=1"),
+        format!("/lsub v2 200 ch=v2 id={id2} l=- m=-"),
+        "/lsub  400 ch=- id=- l=- m=-".to_string(),
+    ] {
+        assert!(lines.contains(&want.as_str()), "{want:?} not in\n{log}");
+    }
+    ng.finish();
+}
