@@ -8,18 +8,7 @@ use crate::error::ChannelIdError;
 /// Evaluates `martd_channel_id` (default `$arg_channel`) and checks it; the error is the
 /// one-line reason for a `400`.
 pub fn channel_id(r: *mut ngx_http_request_t, lcf: &LocConf) -> Result<Vec<u8>, ChannelIdError> {
-    let mut v = ngx_str_t { len: 0, data: std::ptr::null_mut() };
-    // SAFETY: `r` is a live request; `channel_id` (if set) was compiled for this location;
-    // the result points into the request pool and is copied before returning.
-    let ok = unsafe {
-        if lcf.channel_id.is_null() {
-            let name = b"channel";
-            ngx_http_arg(r, name.as_ptr() as *mut u8, name.len(), &mut v) == NGX_OK as isize
-        } else {
-            ngx_http_complex_value(r, lcf.channel_id, &mut v) == NGX_OK as isize
-        }
-    };
-    let id = if ok && v.len > 0 && !v.data.is_null() { v.as_bytes().to_vec() } else { Vec::new() };
+    let id = raw(r, lcf).map_or(Vec::new(), |v| v.as_bytes().to_vec());
     if id.is_empty() {
         return Err(ChannelIdError::Missing);
     }
@@ -30,6 +19,23 @@ pub fn channel_id(r: *mut ngx_http_request_t, lcf: &LocConf) -> Result<Vec<u8>, 
         return Err(ChannelIdError::Control);
     }
     Ok(id)
+}
+
+/// `martd_channel_id` as the request names it, unchecked (in the request pool); `None` when
+/// empty or absent.
+fn raw(r: *mut ngx_http_request_t, lcf: &LocConf) -> Option<ngx_str_t> {
+    let mut v = ngx_str_t { len: 0, data: std::ptr::null_mut() };
+    // SAFETY: `r` is a live request; `channel_id` (if set) was compiled for this location;
+    // the result points into the request's arguments or pool.
+    let ok = unsafe {
+        if lcf.channel_id.is_null() {
+            let name = b"channel";
+            ngx_http_arg(r, name.as_ptr() as *mut u8, name.len(), &mut v) == NGX_OK as isize
+        } else {
+            ngx_http_complex_value(r, lcf.channel_id, &mut v) == NGX_OK as isize
+        }
+    };
+    (ok && v.len > 0 && !v.data.is_null()).then_some(v)
 }
 
 /// The channels of a request: `martd_channel_id`, split at `martd_channel_id_delimiter` when

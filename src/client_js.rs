@@ -3,12 +3,9 @@
 //! The script is made once, when the directive is read: the library, then one line per
 //! parameter (`sub=URI` → `martd.SUB = "URI";`, `pub=URI` → `martd.PUB = "URI";`).
 
-use nginx_sys::{
-    ngx_http_discard_request_body, ngx_http_request_t, ngx_int_t, NGX_HTTP_GET, NGX_HTTP_HEAD,
-    NGX_OK,
-};
+use nginx_sys::{ngx_http_request_t, ngx_int_t};
 
-use crate::listen::{loc_conf, method};
+use crate::listen::loc_conf;
 use crate::response::{self, Body};
 
 /// The browser library.
@@ -42,15 +39,8 @@ pub fn script(params: &[Vec<u8>]) -> Result<Vec<u8>, String> {
 
 /// The content handler of `martd_client_js` locations.
 pub unsafe extern "C" fn client_js_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
-    // SAFETY: nginx calls content handlers with a live request.
-    let rc = unsafe { ngx_http_discard_request_body(r) };
-    if rc != NGX_OK as ngx_int_t {
+    if let Err(rc) = response::get_or_head(r, "the browser library is read with GET or HEAD") {
         return rc;
-    }
-    let m = method(r);
-    if m != NGX_HTTP_GET as usize && m != NGX_HTTP_HEAD as usize {
-        response::add_header(r, "Allow", b"GET, HEAD");
-        return response::error(r, 405, "the browser library is read with GET or HEAD");
     }
     // The script was copied into the configuration pool, which outlives the request.
     let body = loc_conf(r).client_js.as_bytes();

@@ -9,7 +9,7 @@ pub enum ConfError {
     InvalidSize(String),
     #[error("martd_shm_size \"{0}\" is too small, the minimum is {1}k")]
     ZoneTooSmall(String, usize),
-    #[error("a location is one of \"martd_push\", \"martd_listen\", \"martd_clients\" or \"martd_client_js\", once")]
+    #[error("a location is one of \"martd_push\", \"martd_listen\", \"martd_clients\", \"martd_stats\" or \"martd_client_js\", once")]
     RoleTwice,
     #[error("invalid parameter \"{1}\" of \"{0}\": {2}")]
     BadArgument(String, String, &'static str),

@@ -11,6 +11,7 @@
 //! * [`push`] and [`listen`]: the two endpoints; [`listen::detach`] and [`listen::replay`]:
 //!   listeners that give their request back to nginx while they wait.
 //! * [`response`]: building responses.
+//! * [`stats`]: the `martd_stats` endpoint and this worker's counters.
 
 use std::ffi::c_void;
 use std::ptr;
@@ -30,6 +31,7 @@ mod listen;
 mod notify;
 mod push;
 mod response;
+mod stats;
 mod transport;
 mod variables;
 mod worker;
@@ -39,7 +41,7 @@ mod zone;
 ngx::ngx_modules!(ngx_http_martd_module);
 
 static NGX_HTTP_MARTD_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
-    preconfiguration: Some(variables::preconfiguration),
+    preconfiguration: Some(conf::preconfiguration),
     postconfiguration: Some(conf::postconfiguration),
     create_main_conf: Some(conf::create_main_conf),
     init_main_conf: Some(conf::init_main_conf),

@@ -87,15 +87,26 @@ pub enum Sent {
     Gone,
 }
 
-/// Sends one wake-up datagram to slot `slot`.
+/// The monotonic clock (the same in every process of the machine), in microseconds: a
+/// wake-up carries its send time so that its receiver can tell its delay.
+fn monotonic_us() -> u64 {
+    // SAFETY: an all-zero `timespec` is valid; clock_gettime writes it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a live `timespec`; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000) + ts.tv_nsec as u64 / 1000
+}
+
+/// Sends one wake-up datagram (its send time) to slot `slot`.
 pub fn send(fd: c_int, nonce: u64, slot: u32) -> Sent {
     let (sa, len) = address(nonce, slot);
-    let b = [1u8];
-    // SAFETY: one byte from a live buffer to a live address of `len` bytes.
+    let b = monotonic_us().to_ne_bytes();
+    // SAFETY: `b.len()` bytes from a live buffer to a live address of `len` bytes.
     let n = unsafe {
-        libc::sendto(fd, b.as_ptr() as *const c_void, 1, 0, ptr::addr_of!(sa).cast(), len)
+        libc::sendto(fd, b.as_ptr() as *const c_void, b.len(), 0, ptr::addr_of!(sa).cast(), len)
     };
-    if n == 1 {
+    if n == b.len() as isize {
+        crate::stats::count::notified();
         return Sent::Queued;
     }
     match io::Error::last_os_error().raw_os_error() {
@@ -106,7 +117,7 @@ pub fn send(fd: c_int, nonce: u64, slot: u32) -> Sent {
     }
 }
 
-/// Reads every datagram pending on `fd`.
+/// Reads every datagram pending on `fd`, counting each wake-up and its delay.
 pub fn drain(fd: c_int) {
     let mut buf = [0u8; 64];
     for _ in 0..1024 {
@@ -114,6 +125,10 @@ pub fn drain(fd: c_int) {
         let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut c_void, buf.len(), 0) };
         if n < 0 {
             break;
+        }
+        if let Some(sent) = buf.first_chunk::<8>().filter(|_| n == 8) {
+            let delay = monotonic_us().saturating_sub(u64::from_ne_bytes(*sent));
+            crate::stats::count::woken(delay);
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::channel_id::channel_id;
 use crate::conf::LocConf;
 use crate::listen::{main_conf, method};
 use crate::response::{self, Body};
+use crate::stats::vars;
 use crate::worker::{self, now_ms};
 use crate::zone;
 
@@ -130,7 +131,12 @@ pub unsafe extern "C" fn push_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     worker::wake(&wake);
     match info {
         None => NGX_ERROR as ngx_int_t,
-        Some(Ok(Some(info))) => info_response(r, lcf, 200, &info),
+        Some(Ok(Some(info))) => {
+            if m == NGX_HTTP_GET as usize {
+                vars::set_counts(r, info.listeners.into(), info.messages as u64);
+            }
+            info_response(r, lcf, 200, &info)
+        }
         Some(Ok(None)) => response::error(r, 404, "no such channel"),
         Some(Err(_)) => forbidden(r),
     }
@@ -313,6 +319,12 @@ fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
         z.store().publish(&name, spec, &update, &opts, now, &mut wake)
     });
     worker::wake(&wake);
+    if let Some(Ok(p)) = &result {
+        if spec.is_some() {
+            vars::set_message_id(r, p.id);
+        }
+        vars::set_counts(r, p.info.listeners.into(), p.info.messages as u64);
+    }
     match result {
         None => NGX_ERROR as ngx_int_t,
         Some(Ok(p)) if lcf.json => {

@@ -206,6 +206,24 @@ pub fn error_in(
     send(r, status, b"application/json", Body::Bytes(&body), None)
 }
 
+/// The start of a read-only endpoint: the request body is discarded, and a method other than
+/// `GET` or `HEAD` is answered `405` (`Allow: GET, HEAD`) with `reason`. `Err`: what the
+/// handler returns at once.
+pub fn get_or_head(r: *mut ngx_http_request_t, reason: &str) -> Result<(), ngx_int_t> {
+    // SAFETY: `r` is the live request of a content handler.
+    let rc = unsafe { nginx_sys::ngx_http_discard_request_body(r) };
+    if rc != NGX_OK as ngx_int_t {
+        return Err(rc);
+    }
+    // SAFETY: `r` is live.
+    let m = unsafe { (*r).method };
+    if m != nginx_sys::NGX_HTTP_GET as usize && m != nginx_sys::NGX_HTTP_HEAD as usize {
+        add_header(r, "Allow", b"GET, HEAD");
+        return Err(error(r, 405, reason));
+    }
+    Ok(())
+}
+
 /// `Cache-Control: no-store`: martd's answers are never to be cached (old browsers cache
 /// XMLHttpRequest GETs).
 pub fn no_store(r: *mut ngx_http_request_t) {

@@ -7,27 +7,11 @@
 //! request's. Not found outside martd locations or when the id is missing or invalid.
 
 use nginx_sys::{
-    ngx_conf_t, ngx_http_add_variable, ngx_http_request_t, ngx_http_variable_value_t, ngx_int_t,
-    ngx_pnalloc, NGX_ERROR, NGX_HTTP_VAR_NOCACHEABLE, NGX_OK,
+    ngx_http_request_t, ngx_http_variable_value_t, ngx_int_t, ngx_pnalloc, NGX_ERROR, NGX_OK,
 };
 
 use crate::conf::Role;
 use crate::listen::loc_conf;
-
-/// Registers the variables (the module's preconfiguration).
-pub unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
-    let mut name = ngx::ngx_string!("martd_channel_id");
-    // SAFETY: `cf` is the live configuration; nginx copies the name.
-    unsafe {
-        let v = ngx_http_add_variable(cf, &mut name, NGX_HTTP_VAR_NOCACHEABLE as usize);
-        if v.is_null() {
-            return NGX_ERROR as ngx_int_t;
-        }
-        (*v).get_handler = Some(channel_id_variable);
-        (*v).data = 0;
-    }
-    NGX_OK as ngx_int_t
-}
 
 /// The channels the main request's martd location names (checked), in request order.
 pub fn request_channels(r: *mut ngx_http_request_t) -> Option<Vec<Vec<u8>>> {
@@ -48,7 +32,7 @@ pub fn request_channels(r: *mut ngx_http_request_t) -> Option<Vec<Vec<u8>>> {
             Some(q.channels.iter().map(|c| c.0.to_vec()).collect())
         }
         Role::Listen | Role::Push => crate::channel_id::channel_ids(m, lcf).ok(),
-        Role::None | Role::ClientJs | Role::Clients => None,
+        Role::None | Role::ClientJs | Role::Clients | Role::Stats => None,
     }
 }
 
@@ -70,7 +54,8 @@ fn channels_of(r: *mut ngx_http_request_t) -> Option<Vec<u8>> {
     Some(ids.join(sep))
 }
 
-unsafe extern "C" fn channel_id_variable(
+/// `$martd_channel_id` (registered with the others by `stats::vars`).
+pub unsafe extern "C" fn channel_id_variable(
     r: *mut ngx_http_request_t,
     v: *mut ngx_http_variable_value_t,
     _data: usize,

@@ -59,7 +59,15 @@ thread_local! {
 
 /// Runs `f` on the worker state; `None` outside a worker using martd.
 pub fn with<R>(f: impl FnOnce(&mut WorkerState) -> R) -> Option<R> {
-    WORKER.with(|w| w.try_borrow_mut().ok()?.as_mut().map(f))
+    WORKER.with(|w| {
+        let mut w = w.try_borrow_mut().ok()?;
+        let st = w.as_mut()?;
+        let r = f(st);
+        // Every change to the worker's listeners is made in here: its long-poll count is
+        // published to its counters on the way out.
+        crate::stats::count::long_polls(st.listeners.len() - st.listeners.streams());
+        Some(r)
+    })
 }
 
 /// Wall-clock milliseconds, as nginx cached them for this event loop iteration.
@@ -118,21 +126,18 @@ pub extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     let (log, pid, index) = unsafe { ((*cycle).log, nginx_sys::ngx_pid, nginx_sys::ngx_worker) };
     let generation = mcf.generation;
     let registered = zone::lock(mcf).map(|mut z| {
-        let alive = |pid: i32| {
-            // SAFETY: signal 0 only checks whether the process exists.
-            unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
-        };
         let nonce = z.root().nonce;
         // Only a configuration with listen locations has listeners to wake: without one, the
         // worker takes no slot and binds no socket (no connection of worker_connections).
         let slot = if mcf.listens {
-            z.store().register_worker(pid, generation, index as u32, &alive).ok()
+            z.store().register_worker(pid, generation, index as u32, &crate::stats::alive).ok()
         } else {
             Some(0)
         };
-        (slot, nonce)
+        let counters = slot.filter(|_| mcf.listens).and_then(|s| z.store().counters(s));
+        (slot, nonce, counters)
     });
-    let Some((slot, nonce)) = registered else {
+    let Some((slot, nonce, counters)) = registered else {
         return NGX_OK as ngx_int_t;
     };
     if slot.is_none() {
@@ -164,8 +169,10 @@ pub extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
             }
         }
     }
+    let slot = slot.filter(|_| !notify_conn.is_null());
+    crate::stats::count::attach(counters.filter(|_| slot.is_some()));
     let state = WorkerState {
-        slot: slot.filter(|_| !notify_conn.is_null()),
+        slot,
         listeners: Listeners::default(),
         detached: DetachedListeners::new(blank_event(detach::takeover_handler, log)),
         mcf,
@@ -339,6 +346,8 @@ fn shutdown() {
     let drained = with(|st| {
         let slot = st.slot.take()?;
         let (releases, handles) = st.listeners.drain_all();
+        // The slot's counters go with it: nothing writes them from now on.
+        crate::stats::count::detach();
         // SAFETY: `mcf` is this worker's cycle's main conf.
         if let Some(mut z) = zone::lock(unsafe { &*st.mcf }) {
             for (removed, n) in &releases {

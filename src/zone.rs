@@ -83,6 +83,8 @@ pub struct ZoneRoot {
     pub generation: u64,
     /// Zone-wide time of the last garbage collection (ms).
     pub last_gc_ms: u64,
+    /// When the zone was made (wall-clock ms): the stats' uptime.
+    pub created_ms: u64,
     pub store: Store<ShmAlloc>,
 }
 
@@ -177,6 +179,9 @@ pub unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
                 nonce: crate::notify::new_nonce(),
                 generation: 0,
                 last_gc_ms: 0,
+                created_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
                 store: Store::new_in(ShmAlloc(pool_nn)),
             };
             match Box::try_new_in(root, ShmAlloc(pool_nn)) {

@@ -284,6 +284,12 @@ impl<A: Allocator + Clone> MessageQueue<A> {
         self.messages.is_empty()
     }
 
+    /// Stored (not transient) messages in the queue, expired ones not yet dropped included:
+    /// what the zone-wide count of stored messages counts.
+    pub fn stored_len(&self) -> usize {
+        self.messages.iter().filter(|m| !m.is_transient()).count()
+    }
+
     /// A worker that had listeners when these were published has now seen every message
     /// after `seen`. Transient messages every such worker has seen are dropped at once.
     pub fn ack_transient_after(&mut self, seen: MsgId) {

@@ -46,7 +46,7 @@ pub unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t
     }
     match lcf.role {
         Role::Listen | Role::Push => authorize::check(r, lcf),
-        Role::None | Role::ClientJs | Role::Clients => NGX_DECLINED as ngx_int_t,
+        Role::None | Role::ClientJs | Role::Clients | Role::Stats => NGX_DECLINED as ngx_int_t,
     }
 }
 

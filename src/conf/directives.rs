@@ -42,7 +42,7 @@ static mut CONCURRENCY_VALUES: [ngx_conf_enum_t; 4] = [
 ];
 
 /// The directive table.
-pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 28] = [
+pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 29] = [
     command(
         ngx_string!("martd_shm_size"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
@@ -260,6 +260,14 @@ pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 28] = [
         0,
         ptr::null_mut(),
     ),
+    command(
+        ngx_string!("martd_stats"),
+        NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
+        cmd_stats,
+        LOC,
+        0,
+        ptr::null_mut(),
+    ),
     ngx_command_t::empty(),
 ];
 
@@ -327,7 +335,7 @@ fn set_role(cf: *mut ngx_conf_t, conf: *mut c_void, role: Role) -> *mut c_char {
         conf_error(cf, &ConfError::BadArgument(name.clone(), v, accepted).to_string())
     };
     match role {
-        Role::ClientJs | Role::Clients => {}
+        Role::ClientJs | Role::Clients | Role::Stats => {}
         Role::Push => match a.get(1).map(|v| v.as_slice()) {
             None => {}
             Some(b"json") if a.len() == 2 => lcf.json = true,
@@ -370,6 +378,7 @@ fn set_role(cf: *mut ngx_conf_t, conf: *mut c_void, role: Role) -> *mut c_char {
             Role::Push => crate::push::push_handler,
             Role::ClientJs => crate::client_js::client_js_handler,
             Role::Clients => crate::clients::clients_handler,
+            Role::Stats => crate::stats::stats_handler,
             _ => crate::listen::listen_handler,
         });
         if role == Role::ClientJs {
@@ -405,6 +414,14 @@ unsafe extern "C" fn cmd_listen(
     conf: *mut c_void,
 ) -> *mut c_char {
     set_role(cf, conf, Role::Listen)
+}
+
+unsafe extern "C" fn cmd_stats(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_role(cf, conf, Role::Stats)
 }
 
 unsafe extern "C" fn cmd_client_js(

@@ -51,6 +51,8 @@ pub struct MainConf {
     pub root: *mut ZoneRoot,
     /// This cycle's number in the zone (see `zone::init_zone`).
     pub generation: u64,
+    /// Indices of the variables martd's handlers set (see `stats::vars`); `-1`: none.
+    pub vars: [ngx_int_t; 3],
 }
 
 /// What a location does.
@@ -64,6 +66,8 @@ pub enum Role {
     ClientJs = 3,
     /// `martd_clients`: registers clients (sessions).
     Clients = 4,
+    /// `martd_stats`: the stats and metrics.
+    Stats = 5,
 }
 
 /// Location-level settings.
@@ -136,6 +140,7 @@ pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             used: false,
             listens: false,
             clients: false,
+            vars: [-1; 3],
             shm_zone: ptr::null_mut(),
             root: ptr::null_mut(),
             generation: 0,
@@ -263,6 +268,21 @@ fn old_zone_of_other_layout(zone: *const ngx_shm_zone_t) -> bool {
             part = (*part).next;
         }
         false
+    }
+}
+
+/// Adds martd's variables.
+pub unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+    // SAFETY: during preconfiguration `cf->ctx` is the http block's `ngx_http_conf_ctx_t`,
+    // whose main confs were created already.
+    let mcf = unsafe {
+        let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
+        &mut *(*(*ctx).main_conf.add(crate::module().ctx_index) as *mut MainConf)
+    };
+    if crate::stats::vars::add(cf, mcf) {
+        nginx_sys::NGX_OK as ngx_int_t
+    } else {
+        nginx_sys::NGX_ERROR as ngx_int_t
     }
 }
 

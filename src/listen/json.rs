@@ -133,7 +133,7 @@ pub fn listen(r: *mut ngx_http_request_t, lcf: &LocConf, transport: Transport) -
     worker::wake(&wake);
     match outcome {
         None => response::json(r, 200, json::EMPTY_BATCH, q.callback),
-        Some(Ok(Now::Reply(Some(body)))) => response::json(r, 200, &body, q.callback),
+        Some(Ok(Now::Reply(Some(body)))) => reply(r, &body, q.callback),
         Some(Ok(Now::Reply(None))) => unavailable(r),
         Some(Ok(Now::Parked(key))) => parked(r, handle, key, lcf),
         Some(Ok(Now::Revived(key))) => {
@@ -188,7 +188,7 @@ fn interval(r: *mut ngx_http_request_t, q: &ListenQuery<'_>) -> ngx_int_t {
     })
     .flatten();
     match body {
-        Some(Some(body)) => response::json(r, 200, &body, q.callback),
+        Some(Some(body)) => reply(r, &body, q.callback),
         Some(None) => unavailable(r),
         None => {
             response::no_store(r);
@@ -197,12 +197,18 @@ fn interval(r: *mut ngx_http_request_t, q: &ListenQuery<'_>) -> ngx_int_t {
     }
 }
 
+/// A reply carrying messages: one delivery in the stats, however many it batches.
+fn reply(r: *mut ngx_http_request_t, body: &[u8], callback: Option<&[u8]>) -> ngx_int_t {
+    crate::stats::count::delivered(1);
+    response::json(r, 200, body, callback)
+}
+
 /// A multi-channel listener's answer after it waited (`None`: nothing, at its timeout or the
 /// worker's shutdown).
 pub fn respond(r: *mut ngx_http_request_t, verdict: Option<Verdict>) -> ngx_int_t {
     let cb = callback(r);
     match verdict {
-        Some(Verdict::Batch(body)) => response::json(r, 200, &body, cb),
+        Some(Verdict::Batch(body)) => reply(r, &body, cb),
         None => response::json(r, 200, json::EMPTY_BATCH, cb),
         Some(Verdict::Conflict) => {
             response::error(r, 409, "another listener took this one-to-one channel")

@@ -162,6 +162,7 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
     let (etag, modified) = request_ids(r);
     let since = Since::from_headers(etag, modified);
     let now = now_ms();
+    let mut counts = None;
     let Some((handle, outcome)) = answer_or_park(r, lcf, |p| {
         match p.z.store().listen(name, since, &p.opts, now, &mut p.wake) {
             Ok(Listen::Message(m)) => {
@@ -169,6 +170,7 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
                 let payload = p.st.listeners.cache.get(m);
                 // A one-to-one channel's message is consumed by its delivery.
                 p.z.store().consume(name, id - 1, id);
+                counts = p.z.store().info(name, now);
                 Ok(Err(payload))
             }
             Ok(Listen::Park(parked)) => {
@@ -180,6 +182,9 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
     }) else {
         return NGX_ERROR as ngx_int_t;
     };
+    if let Some(i) = counts {
+        crate::stats::vars::set_counts(r, i.listeners.into(), i.messages as u64);
+    }
     match outcome {
         None => not_modified(r),
         Some(Ok(Err(Some(payload)))) => deliver(r, &payload),
@@ -359,6 +364,8 @@ fn hold(
 }
 
 fn deliver(r: *mut ngx_http_request_t, payload: &Rc<Payload>) -> ngx_int_t {
+    crate::stats::count::delivered(1);
+    crate::stats::vars::set_message_id(r, payload.id);
     response::message(r, payload)
 }
 

@@ -57,6 +57,16 @@ impl Kind {
             Kind::Stream | Kind::WebSocket => b"text/plain",
         }
     }
+
+    /// The transport the stats count it under.
+    fn listener_kind(self) -> martd_core::stats::ListenerKind {
+        use martd_core::stats::ListenerKind as L;
+        match self {
+            Kind::EventSource => L::EventSource,
+            Kind::Stream => L::Stream,
+            Kind::WebSocket => L::WebSocket,
+        }
+    }
 }
 
 /// A streaming subscriber, owned by its request (freed by the request pool's cleanup), or once
@@ -215,6 +225,9 @@ pub(super) fn open(
     let ctx = unsafe { &mut *ctx };
     let first = keys.first().map_or(0, |k| k.serial);
     let n = keys.len();
+    if n > 0 {
+        crate::stats::count::stream(ctx.kind.listener_kind(), true);
+    }
     ctx.keys = keys;
     let r = ctx.request;
     // SAFETY: `r` is the live request being handled.
@@ -322,6 +335,9 @@ pub fn answer(ctx: *mut StreamCtx, verdict: Option<Verdict>) {
 /// Takes the subscriber's remaining entries out of the worker's listeners and the zone.
 pub(super) fn leave_all(ctx: &mut StreamCtx) {
     let handle = Handle::Stream(ctx as *mut StreamCtx);
+    if !ctx.keys.is_empty() {
+        crate::stats::count::stream(ctx.kind.listener_kind(), false);
+    }
     for key in std::mem::take(&mut ctx.keys) {
         listen::leave_stream_key(key, handle);
     }
@@ -331,7 +347,13 @@ fn deliver(ctx: &mut StreamCtx, p: &Rc<Payload>, channel: Option<&Rc<[u8]>>) {
     let pieces =
         if ctx.json { json_pieces(ctx, p, channel) } else { plain_pieces(ctx, p, channel) };
     match pieces {
-        Some(pieces) => write(ctx, pieces),
+        Some(pieces) => {
+            crate::stats::count::delivered(1);
+            if !ctx.request.is_null() {
+                crate::stats::vars::set_message_id(ctx.request, p.id);
+            }
+            write(ctx, pieces)
+        }
         None => end(ctx),
     }
 }

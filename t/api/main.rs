@@ -20,6 +20,7 @@ mod lifecycle;
 mod linger;
 mod one2one;
 mod realistic;
+mod stats;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};

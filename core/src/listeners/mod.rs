@@ -119,6 +119,8 @@ pub struct Listeners<H> {
     names_keys: std::hash::RandomState,
     pub cache: PayloadCache,
     count: usize,
+    /// Entries of streaming subscribers (one per channel of each), counted in `count` too.
+    streams: usize,
 }
 
 impl<H> Default for Listeners<H> {
@@ -136,6 +138,7 @@ impl<H> Default for Listeners<H> {
             names_keys: Default::default(),
             cache: PayloadCache::default(),
             count: 0,
+            streams: 0,
         }
     }
 }
@@ -169,6 +172,7 @@ impl<H: Copy> Listeners<H> {
     /// left).
     pub fn park_stream(&mut self, name: &[u8], parked: &Parked, handle: H) -> ListenerKey {
         self.count += 1;
+        self.streams += 1;
         self.insert(name, parked, Owner::Stream(handle))
     }
 
@@ -239,7 +243,9 @@ impl<H: Copy> Listeners<H> {
         if !matches {
             return None;
         }
-        ch.parked.remove(at.index);
+        if let Owner::Stream(_) = ch.parked.remove(at.index).owner {
+            self.streams -= 1;
+        }
         let last = ch.parked.is_empty().then_some(ch.seen);
         let removed = Removed { name: ch.name.clone(), serial: at.serial, last };
         if last.is_some() {
@@ -320,6 +326,7 @@ impl<H: Copy> Listeners<H> {
     /// channel (with the number of entries there), and every waiting listener's handle once.
     pub fn drain_all(&mut self) -> (Vec<(Removed, u32)>, Vec<H>) {
         self.count = 0;
+        self.streams = 0;
         self.by_conn.clear();
         self.lingering.clear();
         let mut handles = Vec::new();
@@ -351,6 +358,12 @@ impl<H: Copy> Listeners<H> {
 
     pub fn is_empty(&self) -> bool {
         self.count == 0
+    }
+
+    /// Entries of streaming subscribers (a subscriber of several channels has one per
+    /// channel); `len() - streams()` are the waiting long-polls.
+    pub fn streams(&self) -> usize {
+        self.streams
     }
 
     /// Entries in every channel (a multi-channel listener has one per channel).

@@ -234,6 +234,7 @@ impl<H: Copy> Listeners<H> {
         let horizon = self.horizon;
         let mut channel: Option<Rc<[u8]>> = None;
         let multis = &self.multis;
+        let mut streams_gone = 0;
         local.parked.retain(|_, p| {
             let conflict = ch.evicts(p.park_seq);
             if let Owner::Stream(h) = p.owner {
@@ -249,6 +250,7 @@ impl<H: Copy> Listeners<H> {
                 let Some(run) = run else {
                     out.push((h, if conflict { Verdict::Conflict } else { Verdict::Unavailable }));
                     answered += 1;
+                    streams_gone += 1;
                     return false;
                 };
                 for msg in run {
@@ -293,6 +295,7 @@ impl<H: Copy> Listeners<H> {
             false
         });
         self.count -= answered as usize;
+        self.streams -= streams_gone;
         (answered, triggered)
     }
 
@@ -396,6 +399,7 @@ impl<H: Copy> Listeners<H> {
             match p.owner {
                 Owner::One(h) | Owner::Stream(h) => {
                     self.count -= 1;
+                    self.streams -= usize::from(matches!(p.owner, Owner::Stream(_)));
                     out.push((h, Verdict::Gone));
                 }
                 Owner::Multi(index) if self.is_lingering(index) => {

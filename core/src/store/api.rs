@@ -238,7 +238,9 @@ impl<A: Allocator + Clone> Store<A> {
         };
         // SAFETY: a live channel of the table; the reference ends before `rearm`.
         let ch = unsafe { p.as_mut() };
+        let before = ch.queue.stored_len();
         if ch.one2one() && ch.queue.consume(after, upto) > 0 {
+            self.recount(before, ch.queue.stored_len());
             self.rearm(p);
         }
     }

@@ -15,8 +15,10 @@ impl<A: Allocator + Clone> Store<A> {
         let mut n = 0;
         let mut armed = 0;
         let mut per_slot: HashMap<u32, u32> = HashMap::new();
+        let mut messages = 0;
         self.channels.for_each(|c| {
             n += 1;
+            messages += c.queue.stored_len() as u64;
             assert_eq!(c.hash, self.channels.hash(&c.name));
             let found = self.channels.find(&c.name).expect("found by name");
             assert!(std::ptr::eq(found.as_ptr(), c), "one channel per name");
@@ -34,6 +36,7 @@ impl<A: Allocator + Clone> Store<A> {
             }
         });
         assert_eq!(n, self.channels.len());
+        assert_eq!(messages, self.stats.messages, "the count of stored messages");
         assert_eq!(armed, self.wheel.armed());
         assert_eq!(self.wheel.check(), armed, "the wheel's lists hold the armed channels");
         for w in self.workers.iter() {

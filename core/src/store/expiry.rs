@@ -316,7 +316,9 @@ impl<A: Allocator + Clone> Store<A> {
         self.purge_dead(p);
         // SAFETY: a live channel of the table; no other reference to it exists here.
         let ch = unsafe { p.as_mut() };
+        let before = ch.queue.stored_len();
         ch.queue.expire(now_ms);
+        self.recount(before, ch.queue.stored_len());
         if ch.is_removable(now_ms) {
             self.remove_channel(p);
             self.stats.channels_removed += 1;

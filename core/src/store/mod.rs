@@ -28,6 +28,7 @@ mod channel;
 mod clients;
 mod expiry;
 mod paged;
+mod stats;
 mod table;
 mod workers;
 
@@ -159,6 +160,8 @@ pub struct Stats {
     /// Channels removed by garbage collection (idle, or never published to and left).
     pub channels_removed: u64,
     pub out_of_memory: u64,
+    /// Stored (not transient) messages in every channel.
+    pub messages: u64,
 }
 
 /// The root of the zone.
@@ -176,6 +179,10 @@ pub struct Store<A: Allocator + Clone> {
     /// The next bucket the crashed-worker sweep looks at, while one runs.
     sweep: Option<usize>,
     pub stats: Stats,
+    /// Publishes per second over the last minute.
+    rate: crate::stats::PublishRate,
+    /// The cumulative counts of workers gone.
+    retired: crate::stats::Counts,
 }
 
 impl<A: Allocator + Clone> Store<A> {
@@ -191,6 +198,8 @@ impl<A: Allocator + Clone> Store<A> {
             dead: Vec::new_in(alloc.clone()),
             sweep: None,
             stats: Stats::default(),
+            rate: Default::default(),
+            retired: Default::default(),
             alloc,
         }
     }
@@ -273,6 +282,7 @@ impl<A: Allocator + Clone> Store<A> {
         for w in ch.waiters.iter() {
             self.slot_left(w.slot);
         }
+        self.recount(ch.queue.stored_len(), 0);
         ch
     }
 
@@ -341,6 +351,7 @@ impl<A: Allocator + Clone> Store<A> {
         // SAFETY: a live channel of the table; this reference ends before the wheel or the
         // table touch it again.
         let ch = unsafe { p.as_mut() };
+        let stored_before = ch.queue.stored_len();
         ch.queue.expire(now_ms);
         let listeners = ch.listeners;
         let (buffer_len, timeout_ms) = ch.effective(attrs, opts);
@@ -378,6 +389,7 @@ impl<A: Allocator + Clone> Store<A> {
                 self.remove_channel(p);
             } else {
                 // Expired messages may have gone.
+                self.recount(stored_before, ch.queue.stored_len());
                 self.rearm(p);
             }
             return Err(e.into());
@@ -385,10 +397,12 @@ impl<A: Allocator + Clone> Store<A> {
         let elect = ch.apply_attrs(attrs);
         ch.channel_timeout_ms = opts.channel_timeout_ms;
         ch.last_active_ms = now_ms;
+        self.recount(stored_before, ch.queue.stored_len());
         if spec.is_some() {
             ch.last_id = id;
             self.last_id = id;
             self.stats.published += 1;
+            self.rate.record(now_ms / 1000);
         }
         let info = ch.info(now_ms, listeners);
         if listeners > 0 && (spec.is_some() || elect) {
@@ -580,5 +594,7 @@ mod tests_first;
 mod tests_gc;
 #[cfg(test)]
 mod tests_linger;
+#[cfg(test)]
+mod tests_stats;
 #[cfg(test)]
 mod tests_stream;

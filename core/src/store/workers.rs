@@ -11,11 +11,13 @@
 use std::ptr::NonNull;
 
 use allocator_api2::alloc::Allocator;
+use allocator_api2::boxed::Box;
 use allocator_api2::vec::Vec;
 
 use super::channel::Channel;
 use super::{Store, StoreError, WakeTarget, MAILBOX_CAP};
 use crate::msgid::MsgId;
+use crate::stats::WorkerCounters;
 
 /// A live worker process.
 pub struct WorkerSlot<A: Allocator> {
@@ -28,6 +30,8 @@ pub struct WorkerSlot<A: Allocator> {
     pub(super) mailbox: Vec<u64, A>,
     /// Channels with listeners of this slot.
     pub(super) channels: u32,
+    /// Its stats, written by the worker itself (see [`Store::counters`]).
+    pub(super) counters: Box<WorkerCounters, A>,
 }
 
 /// A slot that is gone while channels still count its listeners.
@@ -126,6 +130,8 @@ impl<A: Allocator + Clone> Store<A> {
             self.unregister_worker(slot);
         }
         self.workers.try_reserve(1).map_err(|_| StoreError::NoMemory)?;
+        let counters = Box::try_new_in(WorkerCounters::default(), self.alloc.clone())
+            .map_err(|_| StoreError::NoMemory)?;
         // Room for every live slot to become a dead one: unregistering never allocates.
         let dead_room = self.workers.len() + 1;
         self.dead.try_reserve(dead_room).map_err(|_| StoreError::NoMemory)?;
@@ -140,6 +146,7 @@ impl<A: Allocator + Clone> Store<A> {
             overflow: false,
             mailbox: Vec::new_in(self.alloc.clone()),
             channels: 0,
+            counters,
         });
         Ok(id)
     }
@@ -152,6 +159,8 @@ impl<A: Allocator + Clone> Store<A> {
             return;
         };
         let w = self.workers.swap_remove(pos);
+        // Its cumulative counts stay in the zone's totals; its listeners are gone.
+        self.retired.add(&w.counters.snapshot(), false);
         if w.channels == 0 {
             return;
         }
