@@ -90,6 +90,11 @@ impl<A: Allocator + Clone> Channel<A> {
         &self.name
     }
 
+    /// Not a channel: a registered client (see `super::clients`).
+    pub(super) fn is_client(&self) -> bool {
+        self.attrs.as_ref().is_some_and(|a| a.client)
+    }
+
     pub fn serial(&self) -> u64 {
         self.serial
     }

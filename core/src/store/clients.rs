@@ -39,9 +39,15 @@ impl<A: Allocator + Clone> Store<A> {
             let alloc = self.alloc.clone();
             let marked = ChannelAttrs { client: true, ..ChannelAttrs::default() };
             match Box::try_new_in(marked, alloc) {
-                Ok(b) => ch.attrs = Some(b),
+                Ok(b) => {
+                    ch.attrs = Some(b);
+                    self.stats.clients += 1;
+                    // Counted by the stats as a registered client, not as a channel.
+                    self.stats.channels_created -= 1;
+                }
                 Err(_) => {
                     self.remove_channel(p);
+                    self.stats.channels_created -= 1;
                     return Err(StoreError::NoMemory);
                 }
             }
@@ -58,7 +64,7 @@ impl<A: Allocator + Clone> Store<A> {
         let p = self.channels.find(&entry_name(id))?;
         // SAFETY: a live entry of the table; the reference ends before the call below.
         let ch = unsafe { &mut *p.as_ptr() };
-        if !ch.attrs.as_ref().is_some_and(|a| a.client) {
+        if !ch.is_client() {
             return None;
         }
         let end = ch.last_active_ms.saturating_add(ch.channel_timeout_ms);
@@ -81,7 +87,7 @@ impl<A: Allocator + Clone> Store<A> {
             return false;
         };
         // SAFETY: a live entry of the table, only read here.
-        if !unsafe { p.as_ref() }.attrs.as_ref().is_some_and(|a| a.client) {
+        if !unsafe { p.as_ref() }.is_client() {
             return false;
         }
         self.remove_channel(p);

@@ -320,8 +320,9 @@ impl<A: Allocator + Clone> Store<A> {
         ch.queue.expire(now_ms);
         self.recount(before, ch.queue.stored_len());
         if ch.is_removable(now_ms) {
+            let channel = !ch.is_client();
             self.remove_channel(p);
-            self.stats.channels_removed += 1;
+            self.stats.channels_removed += u64::from(channel);
         } else {
             let d = ch.deadline();
             self.wheel.schedule(p, d);

@@ -162,6 +162,8 @@ pub struct Stats {
     pub out_of_memory: u64,
     /// Stored (not transient) messages in every channel.
     pub messages: u64,
+    /// Registered clients (entries of the channel table that are not channels).
+    pub clients: u64,
 }
 
 /// The root of the zone.
@@ -279,6 +281,9 @@ impl<A: Allocator + Clone> Store<A> {
     fn remove_channel(&mut self, p: NonNull<Channel<A>>) -> Channel<A> {
         self.wheel.disarm(p);
         let ch = self.channels.remove(p);
+        if ch.is_client() {
+            self.stats.clients -= 1;
+        }
         for w in ch.waiters.iter() {
             self.slot_left(w.slot);
         }

@@ -46,7 +46,7 @@ impl<A: Allocator + Clone> Store<A> {
             workers.push(WorkerStats { slot: w.id, pid: w.pid, counts });
         }
         Snapshot {
-            channels: self.channels.len() as u64,
+            channels: self.channels.len() as u64 - self.stats.clients,
             messages: self.stats.messages,
             published: self.stats.published,
             published_per_second: self.rate.per_second(now_ms / 1000).to_vec(),
@@ -117,7 +117,7 @@ impl<A: Allocator + Clone> Store<A> {
                     if added == room || work >= budget {
                         return Ok(Some(Cursor { bucket, skip: i }));
                     }
-                    if ch.name.starts_with(prefix) {
+                    if ch.name.starts_with(prefix) && !ch.is_client() {
                         out.try_reserve(1).map_err(|_| NoMemory)?;
                         out.push(self.channel_stats_of(ch, now_ms)?);
                         added += 1;

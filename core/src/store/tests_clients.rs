@@ -22,6 +22,7 @@ fn clients_register_renew_expire_and_go() {
     assert_eq!(s.channel_count(), 1);
     s.collect_garbage(T0 + 2_000);
     assert_eq!(s.channel_count(), 0, "an expired client is reclaimed");
+    assert_eq!((s.stats.clients, s.stats.channels_created, s.stats.channels_removed), (0, 0, 0));
     s.check();
     assert_eq!(s.register_client(b"c2", T0, 60_000), Ok(true));
     assert!(s.unregister_client(b"c2"));
@@ -38,6 +39,9 @@ fn a_client_is_not_a_channel_and_sessions_are_a_channel_attribute() {
     s.publish_msg(b"x", &msg(b"m"), &popts(5), T0, &mut vec![]).unwrap();
     assert!(!s.unregister_client(b"\x01x"));
     assert_eq!(s.channel_count(), 2);
+    // The stats count one channel and one client; a listing shows only the channel.
+    let snap = s.stats_snapshot(T0, &|_| true);
+    assert_eq!((snap.channels, s.stats.clients, s.stats.channels_created), (1, 1, 1));
     assert!(!s.needs_session(b"x"));
     let on = AttrUpdate { use_sessions: Some(true), ..AttrUpdate::default() };
     s.publish(b"x", None, &on, &popts(5), T0, &mut vec![]).unwrap();
