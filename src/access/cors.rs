@@ -16,7 +16,7 @@ use nginx_sys::{
     NGX_HTTP_OPTIONS, NGX_OK,
 };
 
-use crate::conf::LocConf;
+use crate::conf::{LocConf, Role};
 use crate::listen::{loc_conf, method};
 use crate::response::{self, Body};
 use crate::transport::request_header;
@@ -110,11 +110,13 @@ pub unsafe fn install_header_filter() {
     }
 }
 
-/// Adds the cross-origin headers to a response of a martd location to an allowed origin.
+/// Adds the cross-origin headers to a response of a martd location to an allowed origin (a
+/// `martd_allow_origin` inherited by other locations of the server does nothing there).
 unsafe extern "C" fn header_filter(r: *mut ngx_http_request_t) -> ngx_int_t {
     let lcf = loc_conf(r);
     // SAFETY: nginx calls header filters with a live request.
     if !lcf.allow_origin.is_null()
+        && lcf.role != Role::None
         && unsafe { (*r).main } == r
         && verdict(r, lcf) == Verdict::Allowed
     {

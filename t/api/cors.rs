@@ -145,6 +145,10 @@ async fn an_allowed_origin_gets_the_headers_on_every_status() {
     let r = c.get("/sub?channel=c1", &[]).await;
     assert_status(&r, 200, "no Origin");
     assert_no_cors(&r, "no Origin");
+    // Another location of the server (not martd's) inherits the directive but is untouched.
+    let r = c.get("/__worker", &o).await;
+    assert_status(&r, 204, "a location that is not martd's");
+    assert_no_cors(&r, "a location that is not martd's");
     drop(s);
     ng.finish();
 }
