@@ -34,8 +34,13 @@ const T0: u64 = 1_700_000_000_000;
 /// channel costs, before anything is freed.
 pub fn full_walk_us(channels: u64, size: usize, ttl_ms: u64, walks: u32) -> Vec<f64> {
     let body = vec![b'm'; size];
-    let spec =
-        MessageSpec { content_type: b"text/plain", event: b"", body: &body, timeout_ms: ttl_ms };
+    let spec = MessageSpec {
+        content_type: b"text/plain",
+        event: b"",
+        body: &body,
+        timeout_ms: ttl_ms,
+        expire_ms: None,
+    };
     let mut map: HashMap<Vec<u8>, OldChannel> = HashMap::new();
     for i in 0..channels {
         let mut queue = MessageQueue::new_in(Global);

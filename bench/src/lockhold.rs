@@ -157,6 +157,7 @@ impl<A: Allocator + Clone> Sim<A> {
             event: b"",
             body: &self.body,
             timeout_ms: self.ttl_ms,
+            expire_ms: None,
         };
         let opts = PublishOpts {
             buffer_len: 10,

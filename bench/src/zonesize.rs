@@ -24,7 +24,13 @@ fn store() -> (Store<SlabCount>, u32) {
 
 fn publish_all(s: &mut Store<SlabCount>, n: u64, size: usize, times: usize, now: u64) {
     let body = vec![b'm'; size];
-    let spec = MessageSpec { content_type: b"text/plain", event: b"", body: &body, timeout_ms: 0 };
+    let spec = MessageSpec {
+        content_type: b"text/plain",
+        event: b"",
+        body: &body,
+        timeout_ms: 0,
+        expire_ms: None,
+    };
     let opts = PublishOpts {
         buffer_len: 10,
         buffer_max: 1000,
