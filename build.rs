@@ -1,6 +1,7 @@
 //! Passes the location of the nginx build that `nginx-sys` used to the integration tests, so
 //! they run the very nginx binary the module was compiled against, and the features of that
-//! nginx (`--with-http_ssl_module` and the like) to the module as `ngx_feature` cfgs; and a
+//! nginx (`--with-http_ssl_module` and the like) to the module as `ngx_feature` cfgs, whether
+//! that nginx chains same-name headers (1.23.0 on) as `ngx_header_chain`; and a
 //! hash of the sources that lay out the shared zone (`core/src`, `src/zone.rs`) as
 //! `MARTD_ZONE_SOURCES`, part of the zone's layout id.
 use std::path::{Path, PathBuf};
@@ -41,6 +42,16 @@ fn main() {
     println!("cargo::rerun-if-env-changed=DEP_NGINX_BUILD_DIR");
     if let Ok(dir) = std::env::var("DEP_NGINX_BUILD_DIR") {
         println!("cargo::rustc-env=MARTD_NGINX_BUILD_DIR={dir}");
+    }
+    // nginx 1.23.0 chains headers of the same name (`ngx_table_elt_t.next`).
+    println!("cargo::rerun-if-env-changed=DEP_NGINX_VERSION_NUMBER");
+    println!("cargo::rustc-check-cfg=cfg(ngx_header_chain)");
+    let version: u64 = std::env::var("DEP_NGINX_VERSION_NUMBER")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    if version >= 1_023_000 {
+        println!("cargo::rustc-cfg=ngx_header_chain");
     }
     println!("cargo::rerun-if-env-changed=DEP_NGINX_FEATURES");
     println!("cargo::rustc-check-cfg=cfg(ngx_feature, values(any()))");

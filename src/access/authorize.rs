@@ -139,13 +139,42 @@ unsafe fn copy_www_authenticate(
                 return None;
             }
             *ho = *h;
-            (*ho).next = ptr::null_mut();
             *link = ho;
-            link = &mut (*ho).next;
-            h = (*h).next;
+            h = next_header(ho, &mut link);
         }
     }
     Some(())
+}
+
+/// Cuts copied header `ho` from the chain it was copied from: the next one of that chain
+/// (nginx 1.23.0 on, which chains same-name headers), and where to link it.
+///
+/// # Safety
+/// `ho` is a live header element of the request.
+#[cfg(ngx_header_chain)]
+unsafe fn next_header(
+    ho: *mut ngx_table_elt_t,
+    link: &mut *mut *mut ngx_table_elt_t,
+) -> *mut ngx_table_elt_t {
+    // SAFETY: as above.
+    unsafe {
+        let next = (*ho).next;
+        (*ho).next = ptr::null_mut();
+        *link = &mut (*ho).next;
+        next
+    }
+}
+
+/// Before nginx 1.23.0 a response has one `WWW-Authenticate` element: nothing follows.
+///
+/// # Safety
+/// Nothing: kept alike the other one.
+#[cfg(not(ngx_header_chain))]
+unsafe fn next_header(
+    _ho: *mut ngx_table_elt_t,
+    _link: &mut *mut *mut ngx_table_elt_t,
+) -> *mut ngx_table_elt_t {
+    ptr::null_mut()
 }
 
 unsafe extern "C" fn subrequest_done(
