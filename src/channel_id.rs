@@ -42,12 +42,10 @@ fn raw(r: *mut ngx_http_request_t, lcf: &LocConf) -> Option<ngx_str_t> {
 /// one is set (each part checked as a channel id; at most `martd_max_channels_per_request`,
 /// none empty, none twice). The error is the one-line reason for a `400`.
 pub fn channel_ids(r: *mut ngx_http_request_t, lcf: &LocConf) -> Result<Vec<Vec<u8>>, String> {
-    let delim = &lcf.channel_id_delimiter;
-    if delim.len == 0 || delim.data.is_null() {
+    let delim = crate::conf::conf_bytes(&lcf.channel_id_delimiter);
+    if delim.is_empty() {
         return channel_id(r, lcf).map(|id| vec![id]).map_err(|e| e.to_string());
     }
-    // SAFETY: configuration strings live as long as the cycle.
-    let delim = unsafe { std::slice::from_raw_parts(delim.data, delim.len) };
     let whole = {
         // The whole list may be longer than one id; each part is checked below.
         let l = LocConf { max_channel_id_length: isize::MAX, ..*lcf };

@@ -42,15 +42,8 @@ fn channels_of(r: *mut ngx_http_request_t) -> Option<Vec<u8>> {
     let ids = request_channels(r)?;
     // SAFETY: as above.
     let lcf = loc_conf(unsafe { (*r).main });
-    let delim = &lcf.channel_id_delimiter;
-    let sep: &[u8] = if lcf.json {
-        b","
-    } else if delim.data.is_null() {
-        b""
-    } else {
-        // SAFETY: configuration strings live as long as the cycle.
-        unsafe { std::slice::from_raw_parts(delim.data, delim.len) }
-    };
+    let sep: &[u8] =
+        if lcf.json { b"," } else { crate::conf::conf_bytes(&lcf.channel_id_delimiter) };
     Some(ids.join(sep))
 }
 

@@ -70,6 +70,16 @@ pub enum Role {
     Stats = 5,
 }
 
+/// The bytes of a configuration string (empty when unset). They live as long as the cycle,
+/// longer than any request of it.
+pub fn conf_bytes(s: &ngx_str_t) -> &'static [u8] {
+    if s.data.is_null() || s.len == 0 {
+        return &[];
+    }
+    // SAFETY: as above: configuration strings are allocated in the cycle's pool.
+    unsafe { std::slice::from_raw_parts(s.data, s.len) }
+}
+
 /// Location-level settings.
 #[repr(C)]
 pub struct LocConf {

@@ -133,7 +133,7 @@ pub(super) fn prepare(
     json: bool,
 ) -> Option<*mut StreamCtx> {
     let separator = match kind {
-        Kind::Stream => str_bytes(&lcf.stream_separator),
+        Kind::Stream => crate::conf::conf_bytes(&lcf.stream_separator),
         Kind::EventSource | Kind::WebSocket => &[][..],
     };
     // SAFETY: `r` is a live request; the core module's location conf is at its `ctx_index`.
@@ -199,15 +199,6 @@ pub(super) fn prepare(
         }
     }
     Some(ctx)
-}
-
-fn str_bytes(s: &ngx_str_t) -> &'static [u8] {
-    if s.data.is_null() || s.len == 0 {
-        return &[];
-    }
-    // SAFETY: configuration strings live as long as the worker's cycle, longer than any
-    // request of it.
-    unsafe { std::slice::from_raw_parts(s.data, s.len) }
 }
 
 /// The subscriber parked under `key`: sends the response header and the backlog, and holds
