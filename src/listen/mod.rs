@@ -328,6 +328,8 @@ pub(crate) fn refused(r: *mut ngx_http_request_t, e: StoreError, channel: &[u8])
             response::error(r, 403, "too many listeners on this channel")
         }
         StoreError::Forbidden => response::error(r, 403, "forbidden"),
+        // Only a push registers tokens.
+        StoreError::TooManyTokens => response::error(r, 507, "too many tokens on this channel"),
         StoreError::NoMemory => crate::push::zone_full(r, channel),
     }
 }

@@ -61,6 +61,8 @@ pub struct Channel<A: Allocator + Clone> {
     pub(super) channel_timeout_ms: u64,
     /// Attributes a publisher set, if any.
     pub(super) attrs: Option<Box<ChannelAttrs, A>>,
+    /// Tokens a publisher registered (see `super::tokens`).
+    pub(super) tokens: Vec<super::tokens::Token<A>, A>,
 }
 
 impl<A: Allocator + Clone> Channel<A> {
@@ -76,7 +78,8 @@ impl<A: Allocator + Clone> Channel<A> {
             last_id: 0,
             listeners: 0,
             timer_list: 0,
-            waiters: Vec::new_in(alloc),
+            waiters: Vec::new_in(alloc.clone()),
+            tokens: Vec::new_in(alloc),
             park_counter: 0,
             evict_below: 0,
             last_requested_ms: 0,
@@ -270,6 +273,10 @@ impl<A: Allocator + Clone> Channel<A> {
         self.listeners = self.listeners.saturating_sub(n);
         if w.count == 0 {
             self.waiters.swap_remove(pos);
+            // Tokens are charged only by counted listeners: none of this slot is left.
+            for t in self.tokens.iter_mut() {
+                t.forget_slot(slot);
+            }
             true
         } else {
             false
@@ -286,7 +293,7 @@ impl<A: Allocator + Clone> Channel<A> {
     /// message, no attribute).
     fn idle_deadline(&self) -> u64 {
         // A channel a publisher made (a message, or attributes) waits its timeout.
-        let made_by_listeners = self.last_id == 0 && self.attrs.is_none();
+        let made_by_listeners = self.last_id == 0 && self.attrs.is_none() && self.tokens.is_empty();
         let wait = if made_by_listeners { LISTENER_ONLY_GRACE_MS } else { self.channel_timeout_ms };
         self.last_active_ms.saturating_add(wait)
     }

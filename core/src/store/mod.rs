@@ -30,6 +30,7 @@ mod expiry;
 mod paged;
 mod stats;
 mod table;
+mod tokens;
 mod workers;
 
 pub use api::{oldest, MultiListen, MultiPeek, Resume};
@@ -64,8 +65,11 @@ pub enum StoreError {
     /// `martd_listener_concurrency first`, or a one-to-one channel, and a listener is
     /// already waiting.
     Conflict,
-    /// The channel has a key and the request did not carry it.
+    /// The channel has a key and the request did not carry it; or a listener's token is not
+    /// one of the channel's.
     Forbidden,
+    /// The channel has as many tokens as it may keep ([`tokens::MAX_TOKENS`]).
+    TooManyTokens,
 }
 
 impl From<NoMemory> for StoreError {
@@ -603,3 +607,5 @@ mod tests_linger;
 mod tests_stats;
 #[cfg(test)]
 mod tests_stream;
+#[cfg(test)]
+mod tests_tokens;
