@@ -1,6 +1,6 @@
 //! The channel attributes a push carries (martd's API): the query arguments `size`, `life`,
-//! `one2one` and `key`, or the headers `X-Martd-Size`, `X-Martd-Life`, `X-Martd-One2one` and
-//! `X-Martd-Key` (an argument wins over its header). Values are checked against the
+//! `one2one`, `use_sessions`, `key`, `expire`, `token` and `token_ttl`, or the same names as
+//! `X-Martd-` headers (an argument wins over its header). Values are checked against the
 //! location's bounds here; the key is hashed with the zone's salt under the zone lock.
 
 use martd_core::api;
@@ -16,12 +16,16 @@ pub struct PushAttrs {
     pub key: Option<Vec<u8>>,
     /// `expire`: this message's own life (ms), not a channel attribute.
     pub expire_ms: Option<u64>,
+    /// `token`: a channel token to register (in clear; hashed under the zone lock), and its
+    /// `token_ttl` (ms; `0`: as long as the channel).
+    pub token: Option<Vec<u8>>,
+    pub token_ttl_ms: u64,
 }
 
 impl PushAttrs {
     /// Whether the push names any attribute.
     pub fn any(&self) -> bool {
-        self.update.any() || self.key.is_some()
+        self.update.any() || self.key.is_some() || self.token.is_some()
     }
 
     /// The update with the key hashed with the zone's `salt`.
@@ -53,7 +57,8 @@ fn value(r: *mut ngx_http_request_t, name: &str, decode: bool) -> Option<Vec<u8>
     match arg(r, name) {
         Some(v) if decode => Some(api::percent_decode(&v)),
         Some(v) => Some(v),
-        None => header(r, &format!("X-Martd-{name}")),
+        // nginx drops header names with `_` by default: `token_ttl` is `X-Martd-Token-Ttl`.
+        None => header(r, &format!("X-Martd-{}", name.replace('_', "-"))),
     }
 }
 
@@ -64,6 +69,15 @@ pub fn key(r: *mut ngx_http_request_t) -> Result<Option<Vec<u8>>, String> {
         api::check_key(k)?;
     }
     Ok(key)
+}
+
+/// The channel token a request carries (`token`, else `X-Martd-Token`), checked.
+pub fn token(r: *mut ngx_http_request_t) -> Result<Option<Vec<u8>>, String> {
+    let token = value(r, "token", true);
+    if let Some(t) = &token {
+        api::check_token(t)?;
+    }
+    Ok(token)
 }
 
 /// The attributes of a push, checked against the location's bounds.
@@ -88,5 +102,11 @@ pub fn from_request(r: *mut ngx_http_request_t, lcf: &LocConf) -> Result<PushAtt
         Some(v) => Some(api::parse_expire(&v, lcf.message_timeout as u64)?),
         None => None,
     };
-    Ok(PushAttrs { update, key: key(r)?, expire_ms })
+    let token = token(r)?;
+    let token_ttl_ms = match value(r, "token_ttl", false) {
+        Some(_) if token.is_none() => return Err("token_ttl without a token".into()),
+        Some(v) => api::parse_token_ttl(&v)?,
+        None => 0,
+    };
+    Ok(PushAttrs { update, key: key(r)?, expire_ms, token, token_ttl_ms })
 }

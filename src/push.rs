@@ -315,8 +315,18 @@ fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
     let now = now_ms();
     let mut wake = Vec::new();
     let result = zone::lock(mcf).map(|mut z| {
-        let update = attrs.hashed(z.root().nonce);
-        z.store().publish(&name, spec, &update, &opts, now, &mut wake)
+        let nonce = z.root().nonce;
+        let update = attrs.hashed(nonce);
+        let store = z.store();
+        if let Some(t) = &attrs.token {
+            // Registered first, with the channel's key checked: a message is never stored
+            // with its token refused.
+            if !store.admits(&name, update.key.as_ref()) {
+                return Err(StoreError::Forbidden);
+            }
+            store.add_token(&name, &hash_key(nonce, t), attrs.token_ttl_ms, now, &opts)?;
+        }
+        store.publish(&name, spec, &update, &opts, now, &mut wake)
     });
     worker::wake(&wake);
     if let Some(Ok(p)) = &result {
@@ -340,6 +350,11 @@ fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
         }
         Some(Err(StoreError::NoMemory)) => zone_full(r, &name),
         Some(Err(StoreError::Forbidden)) => forbidden(r),
+        Some(Err(StoreError::TooManyTokens)) => response::error(
+            r,
+            409,
+            &format!("the channel has {} tokens already", martd_core::store::MAX_TOKENS),
+        ),
         Some(Err(_)) => NGX_ERROR as ngx_int_t,
     }
 }

@@ -130,9 +130,20 @@ impl Locked {
 
 impl Drop for Locked {
     fn drop(&mut self) {
+        HELD.set(false);
         // SAFETY: the mutex was taken in `lock` by this process.
         unsafe { ngx_shmtx_unlock(&mut (*self.pool.as_ptr()).mutex) }
     }
+}
+
+thread_local! {
+    /// This process holds the zone lock (a `Locked` is alive).
+    static HELD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this process holds the zone lock: taking it again would never return.
+pub fn held() -> bool {
+    HELD.get()
 }
 
 /// Locks the zone of `mcf`; `None` when martd has no zone in this configuration.
@@ -143,6 +154,7 @@ pub fn lock(mcf: &MainConf) -> Option<Locked> {
     let pool = NonNull::new(unsafe { (*mcf.shm_zone).shm.addr } as *mut ngx_slab_pool_t)?;
     // SAFETY: the pool's mutex was initialised by nginx when it created the zone.
     unsafe { ngx_shmtx_lock(&mut (*pool.as_ptr()).mutex) };
+    HELD.set(true);
     Some(Locked { pool, root })
 }
 

@@ -84,6 +84,40 @@ pub fn parse_bool(what: &str, v: &[u8]) -> Result<bool, String> {
     }
 }
 
+/// The longest channel token a push registers or a listener presents.
+pub const MAX_TOKEN: usize = 256;
+
+/// The longest life `token_ttl` gives a token: 30 days.
+pub const MAX_TOKEN_TTL_MS: u64 = 30 * 86_400_000;
+
+/// A channel token: 1 to [`MAX_TOKEN`] visible ASCII characters.
+pub fn check_token(v: &[u8]) -> Result<(), String> {
+    if v.is_empty() {
+        return Err("empty token".into());
+    }
+    if v.len() > MAX_TOKEN {
+        return Err(format!("token longer than {MAX_TOKEN} bytes"));
+    }
+    if !v.iter().all(u8::is_ascii_graphic) {
+        return Err("token with a character other than visible ASCII".into());
+    }
+    Ok(())
+}
+
+/// `token_ttl`: 0 (the token lives as long as its channel) to 30 days, in seconds; as
+/// milliseconds.
+pub fn parse_token_ttl(v: &[u8]) -> Result<u64, String> {
+    let n = number(v).ok_or_else(|| format!("invalid token_ttl \"{}\"", shown(v)))?;
+    let ms = n.saturating_mul(1000);
+    if ms > MAX_TOKEN_TTL_MS {
+        return Err(format!(
+            "token_ttl {n} is out of range: 0 to {} seconds",
+            MAX_TOKEN_TTL_MS / 1000
+        ));
+    }
+    Ok(ms)
+}
+
 /// `key`: 1 to [`MAX_KEY_LEN`] bytes.
 pub fn check_key(v: &[u8]) -> Result<(), String> {
     if v.is_empty() {
@@ -147,12 +181,14 @@ pub fn percent_decode(v: &[u8]) -> Vec<u8> {
 pub struct ListenQuery<'a> {
     pub cid: Option<&'a [u8]>,
     pub callback: Option<&'a [u8]>,
+    /// `token`: the channel token the listener presents (`martd_require_token`).
+    pub token: Option<&'a [u8]>,
     /// `(name, etag)` in request order; etag `0` = everything stored.
     pub channels: Vec<(&'a [u8], MsgId)>,
 }
 
-/// Parses the query string of a multi-channel listen: every argument but `cid`, `callback`
-/// and `_` names a channel (the raw name, as `$arg_NAME` would give it) and its value is the
+/// Parses the query string of a multi-channel listen: every argument but `cid`, `callback`,
+/// `token` and `_` names a channel (the raw name, as `$arg_NAME` would give it) and its value is the
 /// etag to listen past (empty or `0`: everything stored).
 pub fn parse_listen_query(
     args: &[u8],
@@ -171,6 +207,7 @@ pub fn parse_listen_query(
                 check_callback(v)?;
                 q.callback = Some(v);
             }
+            b"token" => q.token = Some(v),
             b"_" => {}
             name => {
                 check_channel(name, max_name_len)?;
@@ -233,6 +270,14 @@ mod tests {
         assert!(check_key(b"").is_err());
         assert!(check_key(&[b'k'; 257]).is_err());
         assert!(check_key(b"k").is_ok());
+        assert!(check_token(b"t0k-EN_1").is_ok());
+        assert!(check_token(b"").unwrap_err().contains("empty token"));
+        assert!(check_token(b"a\x01").is_err());
+        assert!(check_token(&[b't'; 257]).unwrap_err().contains("longer than 256"));
+        assert_eq!(parse_token_ttl(b"0"), Ok(0));
+        assert_eq!(parse_token_ttl(b"60"), Ok(60_000));
+        assert!(parse_token_ttl(b"2592001").unwrap_err().contains("out of range"));
+        assert!(parse_token_ttl(b"1h").unwrap_err().contains("invalid token_ttl"));
     }
 
     #[test]
@@ -255,7 +300,9 @@ mod tests {
 
     #[test]
     fn listen_queries() {
-        let q = parse_listen_query(b"cid=c1&a=0&b=17&_=123&callback=cb&c=", 64, 1024).unwrap();
+        let q =
+            parse_listen_query(b"cid=c1&a=0&b=17&_=123&callback=cb&c=&token=t", 64, 1024).unwrap();
+        assert_eq!(q.token, Some(&b"t"[..]));
         assert_eq!(q.cid, Some(&b"c1"[..]));
         assert_eq!(q.callback, Some(&b"cb"[..]));
         assert_eq!(q.channels, vec![(&b"a"[..], 0), (&b"b"[..], 17), (&b"c"[..], 0)]);

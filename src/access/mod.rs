@@ -4,12 +4,14 @@
 //! access phases altogether (see `listen::replay`): nothing here runs twice for it.
 //!
 //! martd's handler is the last one registered in the access phase, so nginx runs it first.
-//! It checks cross-origin requests ([`cors`]), registered clients on `use_sessions` channels
-//! ([`sessions`]), then asks the authorization subrequest ([`authorize`]).
+//! It checks cross-origin requests ([`cors`]), channel tokens ([`tokens`]), registered
+//! clients on `use_sessions` channels ([`sessions`]), then asks the authorization subrequest
+//! ([`authorize`]).
 
 pub mod authorize;
 pub mod cors;
 pub mod sessions;
+pub mod tokens;
 
 use nginx_sys::{
     ngx_http_core_content_phase, ngx_http_core_main_conf_t, ngx_http_core_module,
@@ -39,6 +41,9 @@ pub unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t
     }
     // Once per request: not again when the authorization subrequest brings it back here.
     if lcf.role == Role::Listen && !authorize::started(r) {
+        if let Some(rc) = tokens::check(r, lcf) {
+            return rc;
+        }
         let rc = sessions::check(r, lcf);
         if rc != NGX_DECLINED as ngx_int_t {
             return rc;

@@ -42,7 +42,7 @@ static mut CONCURRENCY_VALUES: [ngx_conf_enum_t; 4] = [
 ];
 
 /// The directive table.
-pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 29] = [
+pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 31] = [
     command(
         ngx_string!("martd_shm_size"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
@@ -146,6 +146,22 @@ pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 29] = [
         ngx_conf_set_num_slot,
         LOC,
         offset_of!(LocConf, max_listeners),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_require_token"),
+        ANY | NGX_CONF_FLAG,
+        ngx_conf_set_flag_slot,
+        LOC,
+        offset_of!(LocConf, require_token),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_max_listeners_per_token"),
+        ANY | NGX_CONF_TAKE1,
+        ngx_conf_set_num_slot,
+        LOC,
+        offset_of!(LocConf, max_listeners_per_token),
         ptr::null_mut(),
     ),
     command(

@@ -103,6 +103,10 @@ pub struct LocConf {
     pub max_channel_id_length: ngx_int_t,
     pub max_listeners: ngx_int_t,
     pub authorized_only: ngx_flag_t,
+    /// `martd_require_token`.
+    pub require_token: ngx_flag_t,
+    /// `martd_max_listeners_per_token` (`0`: no cap).
+    pub max_listeners_per_token: ngx_int_t,
     pub channel_timeout: ngx_msec_t,
     pub detach_listeners: ngx_flag_t,
     pub buffer_length_max: ngx_int_t,
@@ -186,6 +190,8 @@ pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             max_channel_id_length: UNSET,
             max_listeners: UNSET,
             authorized_only: UNSET,
+            require_token: UNSET,
+            max_listeners_per_token: UNSET,
             channel_timeout: UNSET_MSEC,
             detach_listeners: UNSET,
             buffer_length_max: UNSET,
@@ -232,6 +238,8 @@ pub unsafe extern "C" fn merge_loc_conf(
     merge(&mut conf.max_channel_id_length, prev.max_channel_id_length, UNSET, 1024);
     merge(&mut conf.max_listeners, prev.max_listeners, UNSET, 0);
     merge(&mut conf.authorized_only, prev.authorized_only, UNSET, 0);
+    merge(&mut conf.require_token, prev.require_token, UNSET, 0);
+    merge(&mut conf.max_listeners_per_token, prev.max_listeners_per_token, UNSET, 0);
     merge(&mut conf.channel_timeout, prev.channel_timeout, UNSET_MSEC, 300_000);
     merge(&mut conf.detach_listeners, prev.detach_listeners, UNSET, 1);
     merge(&mut conf.buffer_length_max, prev.buffer_length_max, UNSET, 1000);

@@ -60,6 +60,8 @@ pub(super) struct Detached {
     /// The client address the access phases saw (`set_real_ip_from` may have changed it),
     /// restored on the replay, whose access phases are skipped.
     pub(super) addr: Option<Box<ClientAddr>>,
+    /// Its token charge: discharged when the record goes (replayed or closed).
+    pub(super) charge: Option<Box<crate::access::tokens::TokenCharge>>,
 }
 
 /// When a request arrived (`r->start_sec`, `r->start_msec`), in 8 bytes: a detached listener
@@ -100,6 +102,8 @@ pub struct DetachedListeners {
     /// Listeners whose connection detached again while they were still counted (nginx closed
     /// it behind our back); they leave at the next takeover.
     pub(super) orphans: Vec<ListenerKey>,
+    /// Their token charges, discharged there too (not under the zone lock `insert` holds).
+    orphan_charges: Vec<crate::access::tokens::TokenCharge>,
     pub(super) next_seq: u64,
     pub(super) takeover_ev: Box<ngx_event_t>,
     /// nginx's keep-alive read handler (static in nginx; learned from the first takeover).
@@ -114,6 +118,7 @@ impl DetachedListeners {
             by_conn: HashMap::default(),
             pending: Vec::new(),
             orphans: Vec::new(),
+            orphan_charges: Vec::new(),
             next_seq: 0,
             takeover_ev,
             keepalive_handler: None,
@@ -130,6 +135,8 @@ pub struct Prepared {
     timeout: ngx_msec_t,
     start: StartTime,
     addr: Option<Box<ClientAddr>>,
+    /// Its token charge, kept by its record (see `access::tokens`).
+    pub(crate) charge: Option<Box<crate::access::tokens::TokenCharge>>,
 }
 
 impl Prepared {
@@ -242,6 +249,7 @@ pub fn prepare(r: *mut ngx_http_request_t, lcf: &LocConf) -> Option<Prepared> {
             timeout: lcf.listener_timeout,
             start: StartTime::of(r),
             addr: if realip_changed(r) { client_addr(c).map(Box::new) } else { None },
+            charge: None,
         })
     }
 }
@@ -345,10 +353,12 @@ pub fn insert(set: &mut DetachedListeners, p: Prepared, key: ListenerKey) {
             recv: None,
             start: p.start,
             addr: p.addr,
+            charge: p.charge,
         },
     );
-    if let Some(key) = old.and_then(|d| d.key) {
-        set.orphans.push(key);
+    if let Some(mut d) = old {
+        set.orphans.extend(d.key);
+        set.orphan_charges.extend(d.charge.take().map(|c| *c));
     }
     set.pending.push((ck, seq));
     if set.takeover_ev.posted() == 0 {
@@ -379,14 +389,17 @@ pub(super) fn conn_is(d: &Detached) -> bool {
 
 /// Posted after detachments: takes their connections over from nginx's keep-alive handler.
 pub unsafe extern "C" fn takeover_handler(_ev: *mut ngx_event_t) {
-    let Some((pending, orphans)) = worker::with(|st| {
-        (std::mem::take(&mut st.detached.pending), std::mem::take(&mut st.detached.orphans))
+    let Some((pending, orphans, charges)) = worker::with(|st| {
+        let set = &mut st.detached;
+        let taken = std::mem::take(&mut set.orphan_charges);
+        (std::mem::take(&mut set.pending), std::mem::take(&mut set.orphans), taken)
     }) else {
         return;
     };
     for key in orphans {
         listen::leave_key(key);
     }
+    drop(charges);
     for (ck, seq) in pending {
         let lost = worker::with(|st| takeover(&mut st.detached, ck, seq)).flatten();
         if let Some(key) = lost.flatten() {

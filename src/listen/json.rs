@@ -12,7 +12,9 @@ use martd_core::msgid::MsgId;
 use martd_core::store::{Concurrency, MultiListen, MultiPeek};
 use nginx_sys::{ngx_http_arg, ngx_http_request_t, ngx_int_t, ngx_str_t, NGX_ERROR, NGX_OK};
 
-use super::{detach, listen_opts, main_conf, parked, prepare_handle, refused, unavailable};
+use super::{
+    detach, keep_charge, listen_opts, main_conf, parked, prepare_handle, refused, unavailable,
+};
 use crate::conf::LocConf;
 use crate::response;
 use crate::transport::streaming::Kind;
@@ -85,16 +87,24 @@ pub fn listen(r: *mut ngx_http_request_t, lcf: &LocConf, transport: Transport) -
     let conn: u64 = unsafe { (*(*r).connection).number };
     // Answered, it may linger for this connection's next request (see
     // `martd_core::listeners::Listeners::revive`).
+    let token = crate::access::tokens::to_charge(r, lcf);
+    // A listener charged on a token is charged again by each request: it does not linger.
     let linger = (detached.is_some()
         && lcf.concurrency() == Concurrency::Broadcast
-        && lcf.max_listeners == 0)
-        .then_some(conn);
+        && lcf.max_listeners == 0
+        && token.is_none())
+    .then_some(conn);
     let mcf = main_conf(r);
     let now = now_ms();
     let mut wake = Vec::new();
     let outcome = worker::with(|st| {
         let slot = st.slot?;
-        let stale = match st.listeners.revive(conn, &q.channels, handle, linger) {
+        let revive = if token.is_some() {
+            Revive::Absent
+        } else {
+            st.listeners.revive(conn, &q.channels, handle, linger)
+        };
+        let stale = match revive {
             Revive::Revived(key) => {
                 if let Some(d) = detached.take() {
                     detach::insert(&mut st.detached, d, key);
@@ -108,6 +118,12 @@ pub fn listen(r: *mut ngx_http_request_t, lcf: &LocConf, transport: Transport) -
         let mut z = zone::lock(mcf)?;
         if let Some(key) = stale {
             st.listeners.remove(key, |r| z.store().release(&r.name, r.serial, slot, 1, r.last));
+        }
+        if let Some(t) = &token {
+            match t.charge(&mut z, mcf, slot, q.channels.iter().map(|c| c.0)) {
+                Ok(c) => keep_charge(&mut detached, handle, c, &mut z),
+                Err(e) => return Some(Err(e)),
+            }
         }
         let mut consumed: Vec<(&[u8], MsgId, MsgId)> = Vec::new();
         let now_result = match z.store().listen_multi(&q.channels, &opts, now, &mut wake) {

@@ -46,6 +46,7 @@ pub fn listen(
     }
     let now = now_ms();
     let Some((handle, outcome)) = answer_or_park(r, lcf, |p| {
+        p.charge(channels.iter().map(|c| c.0))?;
         let mut consumed: Option<(usize, MsgId)> = None;
         let result = match p.z.store().listen_multi(&channels, &p.opts, now, &mut p.wake) {
             Ok(MultiListen::Messages(found)) => match oldest(&found, now) {

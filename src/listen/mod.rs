@@ -29,6 +29,7 @@ use nginx_sys::{
     NGX_DONE, NGX_ERROR, NGX_HTTP_CLIENT_CLOSED_REQUEST, NGX_HTTP_GET, NGX_OK,
 };
 
+use crate::access::tokens::{self, Charging, TokenCharge};
 use crate::channel_id::channel_ids;
 use crate::conf::{LocConf, MainConf};
 use crate::response::{self, Body};
@@ -68,6 +69,8 @@ pub struct ListenerCtx {
     /// Where it sits in the worker's listeners; `None` once it left.
     key: Option<ListenerKey>,
     timer: ngx_event_t,
+    /// Its token charge (`martd_max_listeners_per_token`), discharged when its request goes.
+    pub(crate) charge: Option<Box<TokenCharge>>,
 }
 
 fn header(elt: *mut ngx_table_elt_t) -> Option<&'static [u8]> {
@@ -128,6 +131,11 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
         return response::error(r, 405, "listeners only GET");
     }
     let lcf = loc_conf(r);
+    if lcf.require_token != 0 {
+        if let Err(reason) = crate::attrs::token(r) {
+            return response::error(r, 400, &reason);
+        }
+    }
     let transport = match transport::select(r, lcf) {
         Ok(t) => t,
         Err(reason) => return response::error(r, 406, reason),
@@ -164,6 +172,7 @@ pub unsafe extern "C" fn listen_handler(r: *mut ngx_http_request_t) -> ngx_int_t
     let now = now_ms();
     let mut counts = None;
     let Some((handle, outcome)) = answer_or_park(r, lcf, |p| {
+        p.charge(std::iter::once(&name[..]))?;
         match p.z.store().listen(name, since, &p.opts, now, &mut p.wake) {
             Ok(Listen::Message(m)) => {
                 let id = m.id;
@@ -227,6 +236,9 @@ pub(crate) struct Parking<'a> {
     detached: Option<detach::Prepared>,
     /// Workers to wake once the lock is released.
     pub wake: Vec<WakeTarget>,
+    /// The token it charges, if its location caps listeners per token.
+    token: Option<Charging>,
+    mcf: &'static MainConf,
 }
 
 impl Parking<'_> {
@@ -237,6 +249,34 @@ impl Parking<'_> {
             detach::insert(&mut self.st.detached, d, key);
         }
         key
+    }
+
+    /// Charges the listener's token on `names` (if its location caps listeners per token),
+    /// kept with its handle: call it first, before the listener can be answered or parked.
+    pub fn charge<'n>(&mut self, names: impl Iterator<Item = &'n [u8]>) -> Result<(), StoreError> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        let charge = token.charge(self.z, self.mcf, self.opts.slot, names)?;
+        keep_charge(&mut self.detached, self.handle, charge, self.z);
+        Ok(())
+    }
+}
+
+/// Keeps a listener's token charge with its handle: a detaching listener's record, or its
+/// held request's context.
+pub(crate) fn keep_charge(
+    detached: &mut Option<detach::Prepared>,
+    handle: Handle,
+    charge: Box<TokenCharge>,
+    z: &mut zone::Locked,
+) {
+    match (detached, handle) {
+        (Some(d), _) => d.charge = Some(charge),
+        // SAFETY: the context of the live request about to park or be answered.
+        (None, Handle::Request(ctx)) => unsafe { (*ctx).charge = Some(charge) },
+        // Streams keep theirs in their own context.
+        (None, _) => (*charge).release_locked(z),
     }
 }
 
@@ -253,10 +293,11 @@ pub(crate) fn answer_or_park<T>(
     let mut wake = Vec::new();
     // A copy of the request that did not detach (answered at once) is freed after the lock.
     let mut unused = None;
+    let token = tokens::to_charge(r, lcf);
     let outcome = worker::with(|st| {
         let opts = listen_opts(lcf, st.slot?);
         let mut z = zone::lock(mcf)?;
-        let mut p = Parking { st, z: &mut z, opts, handle, detached, wake: Vec::new() };
+        let mut p = Parking { st, z: &mut z, opts, handle, detached, wake: Vec::new(), token, mcf };
         let decided = decide(&mut p);
         (wake, unused) = (p.wake, p.detached);
         Some(decided)
@@ -327,9 +368,11 @@ pub(crate) fn refused(r: *mut ngx_http_request_t, e: StoreError, channel: &[u8])
         StoreError::TooManyListeners => {
             response::error(r, 403, "too many listeners on this channel")
         }
+        StoreError::TooManyTokenListeners => {
+            response::error(r, 409, "too many listeners on this token")
+        }
         StoreError::Forbidden => response::error(r, 403, "forbidden"),
-        // Only a push registers tokens.
-        StoreError::TooManyTokens => response::error(r, 507, "too many tokens on this channel"),
+        StoreError::TooManyTokens => response::error(r, 409, "too many tokens on this channel"),
         StoreError::NoMemory => crate::push::zone_full(r, channel),
     }
 }
@@ -428,7 +471,10 @@ fn park_ctx(r: *mut ngx_http_request_t) -> Option<*mut ListenerCtx> {
             return None;
         }
         let ctx = (*cln).data as *mut ListenerCtx;
-        ptr::write(ctx, ListenerCtx { request: r, key: None, timer: std::mem::zeroed() });
+        ptr::write(
+            ctx,
+            ListenerCtx { request: r, key: None, timer: std::mem::zeroed(), charge: None },
+        );
         (*cln).handler = Some(listener_cleanup);
         Some(ctx)
     }
@@ -512,4 +558,6 @@ extern "C" fn listener_cleanup(data: *mut c_void) {
         }
     }
     leave(ctx);
+    // SAFETY: as above; the context is not used after this.
+    drop(unsafe { (*ctx).charge.take() });
 }

@@ -115,6 +115,8 @@ pub struct StreamCtx {
     pub(super) closing: bool,
     /// A WebSocket's reading side.
     pub(super) ws: Option<Box<super::websocket::WsState>>,
+    /// Its token charge (`martd_max_listeners_per_token`), discharged when the context goes.
+    pub(super) charge: Option<Box<crate::access::tokens::TokenCharge>>,
 }
 
 /// A stored message sent when a stream opens, and its channel.
@@ -175,6 +177,7 @@ pub(super) fn prepare(
         done: false,
         closing: false,
         ws: (kind == Kind::WebSocket).then(|| Box::new(super::websocket::WsState::new())),
+        charge: None,
     });
     let ctx = Box::into_raw(ctx);
     // SAFETY: `r` is a live request; the cleanup takes the box back when the pool goes, and

@@ -126,10 +126,18 @@ fn subscribe(
     let mcf = main_conf(r);
     let now = now_ms();
     let mut wake = Vec::new();
+    let token = crate::access::tokens::to_charge(r, lcf);
     let outcome = worker::with(|st| {
         let slot = st.slot?;
         let opts = ListenOpts { stream: true, ..listen_opts(lcf, slot) };
         let mut z = zone::lock(mcf)?;
+        if let Some(t) = &token {
+            match t.charge(&mut z, mcf, slot, channels.iter().map(|c| c.0)) {
+                // SAFETY: `ctx` was made for this live request; dropped with it.
+                Ok(c) => unsafe { (*ctx).charge = Some(c) },
+                Err(e) => return Some(Err((0, e))),
+            }
+        }
         let store = z.store();
         let mut parked = Vec::with_capacity(channels.len());
         for (i, &(name, since)) in channels.iter().enumerate() {

@@ -21,6 +21,7 @@ mod linger;
 mod one2one;
 mod realistic;
 mod stats;
+mod tokens;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -39,6 +39,7 @@ use channel::Waiter;
 pub use channel::{Channel, LISTENER_ONLY_GRACE_MS};
 use expiry::Wheel;
 use table::ChannelTable;
+pub use tokens::MAX_TOKENS;
 pub use workers::WorkerSlot;
 use workers::{notify, DeadSlot};
 
@@ -70,6 +71,8 @@ pub enum StoreError {
     Forbidden,
     /// The channel has as many tokens as it may keep ([`tokens::MAX_TOKENS`]).
     TooManyTokens,
+    /// As many listeners as `martd_max_listeners_per_token` allows wait with this token.
+    TooManyTokenListeners,
 }
 
 impl From<NoMemory> for StoreError {

@@ -58,21 +58,22 @@ fn the_cap_counts_listeners_across_slots_and_forgets_a_slot_that_left() {
     let k = hash_key(1, b"key");
     s.add_token(b"c", &k, 0, T0, &popts(5)).unwrap();
     let p0 = park(&mut s, b"c", 0);
-    s.charge_token(b"c", p0.serial, &k, 0, 2, T0).unwrap();
+    s.charge_token(b"c", &k, 0, 2, T0).unwrap();
     let p1 = park(&mut s, b"c", 1);
-    s.charge_token(b"c", p1.serial, &k, 1, 2, T0).unwrap();
+    s.charge_token(b"c", &k, 1, 2, T0).unwrap();
     // A third listener (any slot) is over the cap; another token is refused outright.
-    assert_eq!(s.charge_token(b"c", p1.serial, &k, 1, 2, T0), Err(StoreError::TooManyListeners));
+    assert_eq!(s.charge_token(b"c", &k, 1, 2, T0), Err(StoreError::TooManyTokenListeners));
     let wrong = hash_key(1, b"wrong");
-    assert_eq!(s.charge_token(b"c", p1.serial, &wrong, 1, 0, T0), Err(StoreError::Forbidden));
+    assert_eq!(s.charge_token(b"c", &wrong, 1, 0, T0), Err(StoreError::Forbidden));
     // One leaves: there is room again.
     s.discharge_token(b"c", p0.serial, &k, 0);
     s.release(b"c", p0.serial, 0, 1, None);
-    s.charge_token(b"c", p1.serial, &k, 1, 2, T0).unwrap();
+    assert_eq!(s.charge_token(b"c", &k, 1, 2, T0), Ok(p1.serial));
+    assert_eq!(s.token_listeners(b"c", &k), 2);
     // Slot 1's last listener goes (answered, or its worker purged after a crash): its
     // charges go with it.
     s.release(b"c", p1.serial, 1, u32::MAX, None);
-    let p0 = park(&mut s, b"c", 0);
-    s.charge_token(b"c", p0.serial, &k, 0, 1, T0).unwrap();
+    park(&mut s, b"c", 0);
+    s.charge_token(b"c", &k, 0, 1, T0).unwrap();
     s.check();
 }

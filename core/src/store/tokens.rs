@@ -89,21 +89,22 @@ impl<A: Allocator + Clone> Store<A> {
         })
     }
 
-    /// Counts one more listener of `slot` on token `hash` of channel incarnation `serial`:
-    /// [`StoreError::Forbidden`] if it is not a live token there, [`StoreError::TooManyListeners`]
-    /// if `max` (`0`: no cap) are counted on it already.
+    /// Counts one more listener of `slot` on token `hash` of channel `name`, and gives the
+    /// channel's serial (to discharge it later): [`StoreError::Forbidden`] if it is not a live
+    /// token there, [`StoreError::TooManyTokenListeners`] if `max` (`0`: no cap) are counted on it
+    /// already.
     pub fn charge_token(
         &mut self,
         name: &[u8],
-        serial: u64,
         hash: &KeyHash,
         slot: u32,
         max: u32,
         now_ms: u64,
-    ) -> Result<(), StoreError> {
-        let Some(mut p) = self.live_channel(name, serial) else {
+    ) -> Result<u64, StoreError> {
+        let Some(mut p) = self.channels.find(name) else {
             return Err(StoreError::Forbidden);
         };
+        self.purge_dead(p);
         // SAFETY: a live channel of the table.
         let ch = unsafe { p.as_mut() };
         let Some(t) = ch.tokens.iter_mut().find(|t| t.live(now_ms) && same_key(&t.hash, hash))
@@ -111,7 +112,7 @@ impl<A: Allocator + Clone> Store<A> {
             return Err(StoreError::Forbidden);
         };
         if max > 0 && t.total() >= max {
-            return Err(StoreError::TooManyListeners);
+            return Err(StoreError::TooManyTokenListeners);
         }
         match t.counts.iter_mut().find(|c| c.0 == slot) {
             Some(c) => c.1 += 1,
@@ -120,7 +121,17 @@ impl<A: Allocator + Clone> Store<A> {
                 t.counts.push((slot, 1));
             }
         }
-        Ok(())
+        Ok(ch.serial)
+    }
+
+    /// Listeners counted on token `hash` of channel `name`, on every slot (`0` when it is not
+    /// a token there).
+    pub fn token_listeners(&self, name: &[u8], hash: &KeyHash) -> u32 {
+        self.channels.find(name).map_or(0, |p| {
+            // SAFETY: a live channel of the table, only read here.
+            let ch = unsafe { p.as_ref() };
+            ch.tokens.iter().find(|t| same_key(&t.hash, hash)).map_or(0, Token::total)
+        })
     }
 
     /// One listener of `slot` counted on token `hash` left.
