@@ -266,6 +266,46 @@ pub fn wake(targets: &[WakeTarget]) {
     });
 }
 
+thread_local! {
+    /// Wake-ups to send once the current handler is done (see [`wake_later`]), and the posted
+    /// event that sends them.
+    static DEFERRED: RefCell<(Vec<WakeTarget>, Option<Box<ngx_event_t>>)> =
+        const { RefCell::new((Vec::new(), None)) };
+}
+
+/// Wakes `targets` from a posted event: for a caller that may be inside the worker state
+/// ([`wake`] needs it), such as the zone guard publishing channel events as it unlocks.
+pub fn wake_later(targets: Vec<WakeTarget>) {
+    // Outside the worker state (a worker exiting, a timer): at once.
+    if WORKER.with(|w| w.try_borrow_mut().is_ok()) {
+        wake(&targets);
+        return;
+    }
+    DEFERRED.with(|d| {
+        let Ok(mut d) = d.try_borrow_mut() else {
+            return;
+        };
+        let (pending, ev) = &mut *d;
+        pending.extend(targets);
+        let ev = ev.get_or_insert_with(|| {
+            // SAFETY: in a worker the cycle and its log are live.
+            let log = unsafe { (*nginx_sys::ngx_cycle).log };
+            blank_event(deferred_wake_handler, log)
+        });
+        if ev.posted() == 0 {
+            // SAFETY: the event is boxed in this thread-local, which outlives the posted queue.
+            unsafe { ngx_post_event(&mut **ev, ptr::addr_of_mut!(ngx_posted_events)) };
+        }
+    });
+}
+
+unsafe extern "C" fn deferred_wake_handler(_ev: *mut ngx_event_t) {
+    let targets = DEFERRED.with(|d| d.try_borrow_mut().map(|mut d| std::mem::take(&mut d.0)));
+    if let Ok(targets) = targets {
+        wake(&targets);
+    }
+}
+
 unsafe extern "C" fn notify_handler(ev: *mut ngx_event_t) {
     // SAFETY: nginx calls this with the read event of our pipe connection.
     let c = unsafe { (*ev).data as *mut ngx_connection_t };

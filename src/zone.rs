@@ -130,9 +130,18 @@ impl Locked {
 
 impl Drop for Locked {
     fn drop(&mut self) {
+        // Channel events noted in this hold go out in it, in order (see
+        // `martd_core::store::events`); the workers they wake are woken once it is released.
+        let mut wake = Vec::new();
+        if self.store().has_events() {
+            self.store().flush_events(crate::worker::now_ms(), &mut wake);
+        }
         HELD.set(false);
         // SAFETY: the mutex was taken in `lock` by this process.
-        unsafe { ngx_shmtx_unlock(&mut (*self.pool.as_ptr()).mutex) }
+        unsafe { ngx_shmtx_unlock(&mut (*self.pool.as_ptr()).mutex) };
+        if !wake.is_empty() {
+            crate::worker::wake_later(wake);
+        }
     }
 }
 
@@ -223,6 +232,16 @@ pub unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
         if r.is_ours() {
             r.generation += 1;
             mcf.generation = r.generation;
+            let events = crate::conf::conf_bytes(&mcf.events_channel);
+            if r.store.set_events_channel((!events.is_empty()).then_some(events)).is_err() {
+                // SAFETY: `cycle` is live during zone init.
+                let log = unsafe { (*nginx_sys::ngx_cycle).log };
+                martd_log!(
+                    NGX_LOG_EMERG,
+                    log,
+                    "no memory in the \"martd\" zone for martd_channel_events_channel"
+                );
+            }
             true
         } else {
             false

@@ -42,7 +42,7 @@ static mut CONCURRENCY_VALUES: [ngx_conf_enum_t; 4] = [
 ];
 
 /// The directive table.
-pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 31] = [
+pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 32] = [
     command(
         ngx_string!("martd_shm_size"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
@@ -146,6 +146,14 @@ pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 31] = [
         ngx_conf_set_num_slot,
         LOC,
         offset_of!(LocConf, max_listeners),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_channel_events_channel"),
+        NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+        ngx_conf_set_str_slot,
+        MAIN,
+        offset_of!(MainConf, events_channel),
         ptr::null_mut(),
     ),
     command(

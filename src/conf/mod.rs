@@ -53,6 +53,8 @@ pub struct MainConf {
     pub generation: u64,
     /// Indices of the variables martd's handlers set (see `stats::vars`); `-1`: none.
     pub vars: [ngx_int_t; 3],
+    /// `martd_channel_events_channel` (empty: none).
+    pub events_channel: ngx_str_t,
 }
 
 /// What a location does.
@@ -158,6 +160,7 @@ pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             shm_zone: ptr::null_mut(),
             root: ptr::null_mut(),
             generation: 0,
+            events_channel: ngx_str_t { len: 0, data: ptr::null_mut() },
         },
     )
 }

@@ -12,6 +12,7 @@ mod client_js;
 mod clients;
 mod config;
 mod cors;
+mod events;
 mod expire;
 mod json_listen;
 mod jsonp;

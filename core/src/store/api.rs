@@ -138,6 +138,10 @@ impl<A: Allocator + Clone> Store<A> {
                         if joined {
                             self.slot_joined(opts.slot);
                         }
+                        if counted {
+                            let n = ch.listeners;
+                            self.note_event(super::ChannelEvent::ListenerJoined, name, n);
+                        }
                         self.rearm(p);
                         if opts.concurrency == Concurrency::Last {
                             self.notify_waiters(p, wake);

@@ -14,10 +14,13 @@ use allocator_api2::boxed::Box;
 use super::attrs::ChannelAttrs;
 use super::{Store, StoreError};
 
+/// The first byte of a client's table name.
+pub(super) const CLIENT_PREFIX: u8 = 0x01;
+
 /// The table name of client `id`.
 fn entry_name(id: &[u8]) -> std::vec::Vec<u8> {
     let mut name = std::vec::Vec::with_capacity(id.len() + 1);
-    name.push(0x01);
+    name.push(CLIENT_PREFIX);
     name.extend_from_slice(id);
     name
 }

@@ -26,6 +26,7 @@ mod api;
 mod attrs;
 mod channel;
 mod clients;
+mod events;
 mod expiry;
 mod paged;
 mod stats;
@@ -37,6 +38,7 @@ pub use api::{oldest, MultiListen, MultiPeek, Resume};
 pub use attrs::AttrUpdate;
 use channel::Waiter;
 pub use channel::{Channel, LISTENER_ONLY_GRACE_MS};
+pub use events::{event_json, ChannelEvent, EVENTS_OPTS};
 use expiry::Wheel;
 use table::ChannelTable;
 pub use tokens::MAX_TOKENS;
@@ -192,6 +194,8 @@ pub struct Store<A: Allocator + Clone> {
     rate: crate::stats::PublishRate,
     /// The cumulative counts of workers gone.
     retired: crate::stats::Counts,
+    /// Channel events, when a channel gets them (see `events`).
+    events: Option<allocator_api2::boxed::Box<events::Events<A>, A>>,
 }
 
 impl<A: Allocator + Clone> Store<A> {
@@ -209,6 +213,7 @@ impl<A: Allocator + Clone> Store<A> {
             stats: Stats::default(),
             rate: Default::default(),
             retired: Default::default(),
+            events: None,
             alloc,
         }
     }
@@ -280,6 +285,7 @@ impl<A: Allocator + Clone> Store<A> {
         let p = self.channels.insert(channel)?;
         self.next_serial += 1;
         self.stats.channels_created += 1;
+        self.note_event(events::ChannelEvent::Created, name, 0);
         Ok((p, true))
     }
 
@@ -295,6 +301,7 @@ impl<A: Allocator + Clone> Store<A> {
             self.slot_left(w.slot);
         }
         self.recount(ch.queue.stored_len(), 0);
+        self.note_event(events::ChannelEvent::Deleted, &ch.name, 0);
         ch
     }
 
@@ -451,7 +458,16 @@ impl<A: Allocator + Clone> Store<A> {
                     s.remove_channel(p);
                     return Err(r.err().unwrap_or(StoreError::NoMemory));
                 }
-                Ok(Ok((_, true))) => s.slot_joined(opts.slot),
+                Ok(Ok((_, joined))) => {
+                    if joined {
+                        s.slot_joined(opts.slot);
+                    }
+                    if counted {
+                        // SAFETY: a live channel of the table, only read here.
+                        let n = unsafe { p.as_ref() }.listeners;
+                        s.note_event(events::ChannelEvent::ListenerJoined, name, n);
+                    }
+                }
                 _ => {}
             }
             s.rearm(p);
@@ -600,6 +616,8 @@ mod tests;
 mod tests_api;
 #[cfg(test)]
 mod tests_clients;
+#[cfg(test)]
+mod tests_events;
 #[cfg(test)]
 mod tests_first;
 #[cfg(test)]

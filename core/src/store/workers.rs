@@ -53,12 +53,17 @@ impl<A: Allocator + Clone> Store<A> {
         };
         // SAFETY: a live channel of the table; the reference ends before the calls below.
         let ch = unsafe { p.as_mut() };
+        let before = ch.listeners;
         let left = ch.release(slot, n);
         if let Some(seen) = last {
             ch.queue.ack_transient_after(seen);
         }
+        let after = ch.listeners;
         if left {
             self.slot_left(slot);
+        }
+        if after < before {
+            self.note_event(super::ChannelEvent::ListenerLeft, name, after);
         }
         self.rearm(p);
     }
@@ -226,8 +231,15 @@ impl<A: Allocator + Clone> Store<A> {
                 return;
             };
             let slot = w.slot;
+            let before = ch.listeners;
             ch.release(slot, u32::MAX);
+            let after = ch.listeners;
             self.slot_left(slot);
+            if after < before {
+                // SAFETY: as above; the name is copied before the event is noted.
+                let name = unsafe { p.as_ref() }.name.to_vec();
+                self.note_event(super::ChannelEvent::ListenerLeft, &name, after);
+            }
         }
     }
 
