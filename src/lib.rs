@@ -22,6 +22,7 @@ use nginx_sys::{ngx_command_t, ngx_http_module_t, ngx_module_t, NGX_HTTP_MODULE}
 mod log;
 mod access;
 mod attrs;
+mod backend;
 mod channel_id;
 mod client_js;
 mod clients;
@@ -62,6 +63,7 @@ pub static mut ngx_http_martd_module: ngx_module_t = ngx_module_t {
     type_: NGX_HTTP_MODULE as _,
     init_process: Some(worker::init_process),
     exit_process: Some(worker::exit_process),
+    exit_master: Some(backend::persist::exit_master),
     ..ngx_module_t::default()
 };
 

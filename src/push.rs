@@ -124,7 +124,7 @@ pub unsafe extern "C" fn push_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         if m == NGX_HTTP_GET as usize {
             Ok(z.store().info(&name, now))
         } else {
-            let key = key.map(|k| hash_key(z.root().nonce, &k));
+            let key = key.map(|k| hash_key(z.root().salt, &k));
             z.store().delete(&name, key.as_ref(), now, &mut wake)
         }
     });
@@ -227,6 +227,24 @@ fn read_body(r: *mut ngx_http_request_t, limit: u64) -> Result<Vec<u8>, BodyErro
     Ok(out)
 }
 
+/// The answer to a publish the store took (`has_spec`: with a message).
+fn published_response(
+    r: *mut ngx_http_request_t,
+    lcf: &LocConf,
+    has_spec: bool,
+    p: &martd_core::store::Published,
+) -> ngx_int_t {
+    if lcf.json {
+        return response::json(r, 200, &martd_core::json::published(p.id, p.listeners), None);
+    }
+    let status = match (has_spec, p.listeners) {
+        (false, _) => 200,
+        (true, 0) => 202,
+        (true, _) => 201,
+    };
+    info_response(r, lcf, status, &p.info)
+}
+
 extern "C" fn publish_body(r: *mut ngx_http_request_t) {
     let rc = publish(r);
     // SAFETY: the body handler owns the request's final step.
@@ -315,7 +333,7 @@ fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
     let now = now_ms();
     let mut wake = Vec::new();
     let result = zone::lock(mcf).map(|mut z| {
-        let nonce = z.root().nonce;
+        let nonce = z.root().salt;
         let update = attrs.hashed(nonce);
         let store = z.store();
         if let Some(t) = &attrs.token {
@@ -326,30 +344,39 @@ fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
             }
             store.add_token(&name, &hash_key(nonce, t), attrs.token_ttl_ms, now, &opts)?;
         }
-        store.publish(&name, spec, &update, &opts, now, &mut wake)
+        let published = store.publish(&name, spec, &update, &opts, now, &mut wake)?;
+        // `martd_persist ... sync=always`: answered once it is on disk.
+        let wait = match worker::with(|st| st.slot).flatten() {
+            Some(slot) if mcf.persist_sync_ms == 0 => store.journal_wait(slot),
+            _ => None,
+        };
+        Ok((published, wait))
     });
     worker::wake(&wake);
-    if let Some(Ok(p)) = &result {
+    if let Some(Ok((p, _))) = &result {
         if spec.is_some() {
             vars::set_message_id(r, p.id);
         }
         vars::set_counts(r, p.info.listeners.into(), p.info.messages as u64);
     }
+    let has_spec = spec.is_some();
+    let result = match result {
+        Some(Ok((p, Some(pos)))) => {
+            let answer = move |r| published_response(r, lcf, has_spec, &p);
+            return crate::backend::persist::answer_when_durable(r, pos, Box::new(answer));
+        }
+        Some(Ok((p, None))) => Some(Ok(p)),
+        Some(Err(e)) => Some(Err(e)),
+        None => None,
+    };
     match result {
         None => NGX_ERROR as ngx_int_t,
-        Some(Ok(p)) if lcf.json => {
-            response::json(r, 200, &martd_core::json::published(p.id, p.listeners), None)
-        }
-        Some(Ok(p)) => {
-            let status = match (spec, p.listeners) {
-                (None, _) => 200,
-                (Some(_), 0) => 202,
-                (Some(_), _) => 201,
-            };
-            info_response(r, lcf, status, &p.info)
-        }
+        Some(Ok(p)) => published_response(r, lcf, has_spec, &p),
         Some(Err(StoreError::NoMemory)) => zone_full(r, &name),
         Some(Err(StoreError::Forbidden)) => forbidden(r),
+        Some(Err(e @ (StoreError::Behind | StoreError::DiskFailing))) => {
+            crate::backend::persist::refused(r, e)
+        }
         Some(Err(StoreError::TooManyTokens)) => response::error(
             r,
             409,

@@ -191,6 +191,8 @@ pub extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         // SAFETY: the boxed event lives in the thread-local state for the worker's life.
         unsafe { ngx_add_timer(&mut *st.gc_ev, GC_INTERVAL_MS as _) };
     });
+    // The first worker up starts `martd_persist`'s writer (see `backend::persist`).
+    crate::backend::persist::tick(mcf);
     NGX_OK as ngx_int_t
 }
 
@@ -222,6 +224,10 @@ fn listen_socket(fd: c_int, log: *mut nginx_sys::ngx_log_t) -> *mut ngx_connecti
 /// `exit_process`: leaves the zone.
 pub extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
     shutdown();
+    if let Some(mcf) = with(|st| st.mcf) {
+        // SAFETY: `mcf` is this worker's cycle's main conf, alive until the worker exits.
+        crate::backend::persist::stop(unsafe { &*mcf });
+    }
     let st = WORKER.with(|w| w.borrow_mut().take());
     if let Some(mut st) = st {
         if !st.notify_conn.is_null() {
@@ -319,6 +325,10 @@ unsafe extern "C" fn notify_handler(ev: *mut ngx_event_t) {
     }
     // SAFETY: `fd` is the socket the connection wraps.
     notify::drain(unsafe { (*c).fd });
+    if let Some(mcf) = with(|st| st.mcf) {
+        // SAFETY: `mcf` is this worker's cycle's main conf.
+        crate::backend::persist::answer_durable(unsafe { &*mcf });
+    }
     process_mailbox();
 }
 
@@ -435,9 +445,14 @@ unsafe extern "C" fn gc_handler(ev: *mut ngx_event_t) {
             }
         }
         st.gc_more = more;
+        crate::backend::persist::tick(mcf);
         let lingering_more = release_lingering(st, mcf, now);
         (st.slot.is_some(), more || lingering_more)
     });
+    if let Some(mcf) = with(|st| st.mcf) {
+        // SAFETY: `mcf` is this worker's cycle's main conf.
+        crate::backend::persist::answer_durable(unsafe { &*mcf });
+    }
     let (registered, more) = state.unwrap_or((false, false));
     if registered {
         process_mailbox();

@@ -85,6 +85,11 @@ pub struct ZoneRoot {
     pub last_gc_ms: u64,
     /// When the zone was made (wall-clock ms): the stats' uptime.
     pub created_ms: u64,
+    /// Salts the hashes of keys and tokens: drawn with the zone, or restored with its
+    /// channels from `martd_persist`'s file (their hashes stay valid).
+    pub salt: u64,
+    /// The worker process that writes `martd_persist`'s file (`0`: none).
+    pub persister: i32,
     pub store: Store<ShmAlloc>,
 }
 
@@ -183,6 +188,7 @@ pub unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
     };
     // SAFETY: the pool is mapped; the mutex is initialised by nginx.
     unsafe { ngx_shmtx_lock(&mut (*pool).mutex) };
+    let mut fresh = false;
     let root = if !data.is_null() {
         // SAFETY: `data` is the previous cycle's main conf, alive during this call.
         let old = unsafe { &*(data as *const MainConf) };
@@ -194,10 +200,13 @@ pub unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
         if unsafe { (*shm_zone).shm.exists } != 0 && !existing.is_null() {
             existing
         } else {
+            let nonce = crate::notify::new_nonce();
             let root = ZoneRoot {
                 magic: MAGIC,
                 layout: LAYOUT,
-                nonce: crate::notify::new_nonce(),
+                nonce,
+                salt: nonce,
+                persister: 0,
                 generation: 0,
                 last_gc_ms: 0,
                 created_ms: std::time::SystemTime::now()
@@ -207,6 +216,7 @@ pub unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
             };
             match Box::try_new_in(root, ShmAlloc(pool_nn)) {
                 Ok(b) => {
+                    fresh = true;
                     let (p, _) = Box::into_raw_with_allocator(b);
                     // SAFETY: the pool header is ours to annotate; nginx reads `log_ctx` when
                     // it logs slab errors and `log_nomem` to decide whether to.
@@ -232,6 +242,11 @@ pub unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
         if r.is_ours() {
             r.generation += 1;
             mcf.generation = r.generation;
+            if crate::backend::persist::configure(mcf, r, fresh).is_err() {
+                // SAFETY: `cycle` is live during zone init.
+                let log = unsafe { (*nginx_sys::ngx_cycle).log };
+                martd_log!(NGX_LOG_EMERG, log, "no memory in the \"martd\" zone for martd_persist");
+            }
             let events = crate::conf::conf_bytes(&mcf.events_channel);
             if r.store.set_events_channel((!events.is_empty()).then_some(events)).is_err() {
                 // SAFETY: `cycle` is live during zone init.

@@ -20,6 +20,7 @@ pub mod json;
 pub mod key;
 pub mod listeners;
 pub mod msgid;
+pub mod persist;
 pub mod queue;
 pub mod stats;
 pub mod store;

@@ -45,6 +45,11 @@ impl<A: Allocator> Message<A> {
         &self.data[self.ct_len as usize + self.event_len as usize..]
     }
 
+    /// Wall-clock milliseconds after which it is gone (`u64::MAX`: never).
+    pub fn expires_ms(&self) -> u64 {
+        self.expires_ms
+    }
+
     pub fn is_transient(&self) -> bool {
         self.pending != STORED
     }
@@ -131,6 +136,23 @@ impl<A: Allocator + Clone> MessageQueue<A> {
             event_len: event.len() as u16,
             data,
         })
+    }
+
+    /// A stored message read back from disk (see `crate::persist`), as it was.
+    pub fn restore_message(
+        &self,
+        m: &crate::persist::SavedMessage<'_>,
+    ) -> Result<Message<A>, NoMemory> {
+        let spec = MessageSpec {
+            content_type: m.content_type,
+            event: m.event,
+            body: m.body,
+            timeout_ms: 0,
+            expire_ms: None,
+        };
+        let mut msg = self.make_message(&spec, m.id, m.time.saturating_mul(1000), None)?;
+        msg.expires_ms = m.expires_ms;
+        Ok(msg)
     }
 
     /// Appends `msg`, dropping the oldest messages so that at most `max_len` stay.

@@ -44,7 +44,7 @@ pub fn check(r: *mut ngx_http_request_t, lcf: &LocConf) -> Option<ngx_int_t> {
     let Some(mut z) = zone::lock(main_conf(r)) else {
         return Some(NGX_ERROR as ngx_int_t);
     };
-    let hash = hash_key(z.root().nonce, &token);
+    let hash = hash_key(z.root().salt, &token);
     let store = z.store();
     let valid = names.iter().all(|n| store.token_valid(n, &hash, now));
     drop(z);
@@ -81,7 +81,7 @@ impl Charging {
         slot: u32,
         names: impl Iterator<Item = &'a [u8]>,
     ) -> Result<Box<TokenCharge>, StoreError> {
-        let hash = hash_key(z.root().nonce, &self.token);
+        let hash = hash_key(z.root().salt, &self.token);
         let now = now_ms();
         let store = z.store();
         let mut on: Vec<(Box<[u8]>, u64)> = Vec::new();

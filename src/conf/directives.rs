@@ -42,7 +42,7 @@ static mut CONCURRENCY_VALUES: [ngx_conf_enum_t; 4] = [
 ];
 
 /// The directive table.
-pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 32] = [
+pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 33] = [
     command(
         ngx_string!("martd_shm_size"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
@@ -146,6 +146,14 @@ pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 32] = [
         ngx_conf_set_num_slot,
         LOC,
         offset_of!(LocConf, max_listeners),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_persist"),
+        NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1 | NGX_CONF_TAKE2,
+        cmd_persist,
+        MAIN,
+        0,
         ptr::null_mut(),
     ),
     command(
@@ -341,6 +349,60 @@ unsafe extern "C" fn cmd_shm_size(
     mcf.shm_size = size;
     // An explicit zone size makes martd active in this http block (zone, worker registration,
     // the preaccess handler) even before a location uses it.
+    mcf.used = true;
+    NGX_CONF_OK
+}
+
+/// `martd_persist path [sync=always|sync=TIME];`
+unsafe extern "C" fn cmd_persist(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: `conf` is this module's main conf, created by `create_main_conf`.
+    let mcf = unsafe { &mut *(conf as *mut MainConf) };
+    if mcf.persist_path.len != 0 {
+        return c"is duplicate".as_ptr() as *mut c_char;
+    }
+    let a = args(cf);
+    if let Some(opt) = a.get(2) {
+        let Some(v) = opt.strip_prefix(b"sync=") else {
+            let shown = String::from_utf8_lossy(opt).into_owned();
+            return conf_error(cf, &format!("invalid parameter \"{shown}\""));
+        };
+        if v == b"always" {
+            mcf.persist_sync_ms = 0;
+        } else {
+            let mut s = ngx_str_t { len: v.len(), data: v.as_ptr() as *mut u8 };
+            // SAFETY: `s` points at the argument, alive for the call; only read.
+            let ms = unsafe { nginx_sys::ngx_parse_time(&mut s, 0) };
+            if ms <= 0 {
+                let shown = String::from_utf8_lossy(v).into_owned();
+                return conf_error(cf, &format!("invalid sync time \"{shown}\": always or a time"));
+            }
+            mcf.persist_sync_ms = ms as nginx_sys::ngx_msec_t;
+        }
+    }
+    let Some(path) = a.get(1) else {
+        return c"needs a path".as_ptr() as *mut c_char;
+    };
+    // SAFETY: the configuration pool lives as long as the configuration; the copy is made
+    // there (an absolute path is kept as given, a relative one is joined to the prefix).
+    let name = unsafe {
+        let data = nginx_sys::ngx_pnalloc((*cf).pool, path.len()) as *mut u8;
+        if data.is_null() {
+            return NGX_CONF_ERROR;
+        }
+        ptr::copy_nonoverlapping(path.as_ptr(), data, path.len());
+        let mut name = ngx_str_t { len: path.len(), data };
+        if nginx_sys::ngx_conf_full_name((*cf).cycle, &mut name, 0) != 0 {
+            return c"could not make a full path".as_ptr() as *mut c_char;
+        }
+        name
+    };
+    mcf.persist_path = name;
+    // SAFETY: `cf` is live during the directive handler.
+    mcf.persist_cycle = unsafe { (*cf).cycle };
     mcf.used = true;
     NGX_CONF_OK
 }

@@ -55,6 +55,12 @@ pub struct MainConf {
     pub vars: [ngx_int_t; 3],
     /// `martd_channel_events_channel` (empty: none).
     pub events_channel: ngx_str_t,
+    /// `martd_persist`: the file (full path; empty: off), and how often it is synced
+    /// (`0`: `sync=always`).
+    pub persist_path: ngx_str_t,
+    pub persist_sync_ms: ngx_msec_t,
+    /// The cycle `martd_persist` was read in (its core conf names the workers' user).
+    pub persist_cycle: *mut nginx_sys::ngx_cycle_t,
 }
 
 /// What a location does.
@@ -161,6 +167,9 @@ pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             root: ptr::null_mut(),
             generation: 0,
             events_channel: ngx_str_t { len: 0, data: ptr::null_mut() },
+            persist_path: ngx_str_t { len: 0, data: ptr::null_mut() },
+            persist_sync_ms: 1000,
+            persist_cycle: ptr::null_mut(),
         },
     )
 }

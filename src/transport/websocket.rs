@@ -274,7 +274,7 @@ fn publish(ctx: &mut StreamCtx, text: bool, data: &[u8]) {
         expire_ms: None,
     };
     let result = crate::zone::lock(mcf).map(|mut z| {
-        let key = p.key.as_ref().map(|k| hash_key(z.root().nonce, k));
+        let key = p.key.as_ref().map(|k| hash_key(z.root().salt, k));
         // The key goes with the message only to a channel that has one: a subscriber's key
         // never gives a channel a key.
         let keyed = !z.store().admits(&p.channel, None);

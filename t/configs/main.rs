@@ -14,6 +14,7 @@ mod access_examples;
 mod authorize;
 mod cache;
 mod client_gone;
+mod persist;
 mod realip;
 mod redirect;
 mod reload;

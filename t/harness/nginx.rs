@@ -442,11 +442,23 @@ impl Nginx {
         ))
     }
 
+    /// Start again after `stop` (on the same prefix, a new shared zone).
+    pub fn restart_after_stop(&mut self) {
+        self.launch();
+    }
+
     /// Stop, then start again on the same prefix (a new shared zone).
     pub fn restart(&mut self) {
         if let Err(e) = self.stop() {
             panic!("{e}\n{}", self.log_tail(30));
         }
+        self.launch();
+    }
+
+    /// SIGKILL for the master and every worker at once (a machine crash, as far as nginx can
+    /// tell), then start again on the same prefix.
+    pub fn crash_and_start(&mut self) {
+        self.kill_all();
         self.launch();
     }
 

@@ -246,6 +246,8 @@ impl<A: Allocator + Clone> Store<A> {
         if ch.one2one() && ch.queue.consume(after, upto) > 0 {
             self.recount(before, ch.queue.stored_len());
             self.rearm(p);
+            let rec = crate::persist::Record::Consume { channel: name, after, upto };
+            self.journal_append(&rec);
         }
     }
 

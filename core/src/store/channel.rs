@@ -215,6 +215,17 @@ impl<A: Allocator + Clone> Channel<A> {
         Ok(())
     }
 
+    /// Sets the attributes read back from disk (room made by [`Channel::reserve_attrs`]).
+    pub(super) fn restore_attrs(&mut self, saved: &crate::persist::SavedAttrs) {
+        if let Some(a) = self.attrs.as_deref_mut() {
+            a.size = saved.size;
+            a.life_ms = saved.life_ms;
+            a.one2one = saved.one2one;
+            a.key = saved.key;
+            a.use_sessions = saved.use_sessions;
+        }
+    }
+
     /// Applies `update` (room made by [`Channel::reserve_attrs`]). Returns whether one-to-one delivery was switched
     /// on while listeners waited: an election starts (see [`super::Store::elect`]) and the
     /// workers must be woken.

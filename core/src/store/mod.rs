@@ -28,6 +28,7 @@ mod channel;
 mod clients;
 mod events;
 mod expiry;
+mod journal;
 mod paged;
 mod stats;
 mod table;
@@ -40,6 +41,7 @@ use channel::Waiter;
 pub use channel::{Channel, LISTENER_ONLY_GRACE_MS};
 pub use events::{event_json, ChannelEvent, EVENTS_OPTS};
 use expiry::Wheel;
+pub use journal::Journal;
 use table::ChannelTable;
 pub use tokens::MAX_TOKENS;
 pub use workers::WorkerSlot;
@@ -75,6 +77,10 @@ pub enum StoreError {
     TooManyTokens,
     /// As many listeners as `martd_max_listeners_per_token` allows wait with this token.
     TooManyTokenListeners,
+    /// `martd_persist`: the journal holds as much as it may before the disk takes it.
+    Behind,
+    /// `martd_persist`: the disk could not be written.
+    DiskFailing,
 }
 
 impl From<NoMemory> for StoreError {
@@ -196,6 +202,8 @@ pub struct Store<A: Allocator + Clone> {
     retired: crate::stats::Counts,
     /// Channel events, when a channel gets them (see `events`).
     events: Option<allocator_api2::boxed::Box<events::Events<A>, A>>,
+    /// `martd_persist`'s journal, when on (see `journal`).
+    journal: Option<allocator_api2::boxed::Box<journal::Journal<A>, A>>,
 }
 
 impl<A: Allocator + Clone> Store<A> {
@@ -214,6 +222,7 @@ impl<A: Allocator + Clone> Store<A> {
             rate: Default::default(),
             retired: Default::default(),
             events: None,
+            journal: None,
             alloc,
         }
     }
@@ -302,6 +311,9 @@ impl<A: Allocator + Clone> Store<A> {
         }
         self.recount(ch.queue.stored_len(), 0);
         self.note_event(events::ChannelEvent::Deleted, &ch.name, 0);
+        if !ch.is_client() {
+            self.journal_append(&crate::persist::Record::Delete { channel: &ch.name });
+        }
         ch
     }
 
@@ -356,6 +368,10 @@ impl<A: Allocator + Clone> Store<A> {
         now_ms: u64,
         wake: &mut std::vec::Vec<WakeTarget>,
     ) -> Result<Published, StoreError> {
+        if self.journal.is_some() {
+            let body = spec.map_or(0, |m| m.content_type.len() + m.event.len() + m.body.len());
+            self.journal_room(2 * name.len() + body + 256)?;
+        }
         let (mut p, created) = match self.channels.find(name) {
             Some(p) => {
                 // SAFETY: a live channel of the table, only read here.
@@ -423,6 +439,14 @@ impl<A: Allocator + Clone> Store<A> {
             self.stats.published += 1;
             self.rate.record(now_ms / 1000);
         }
+        if self.journal.is_some() {
+            // SAFETY: a live channel of the table, only read while the journal is written.
+            let ch = unsafe { p.as_ref() };
+            let stored = (spec.is_some() && keep).then_some(id);
+            self.journal_publish(ch, attrs.any(), stored, buffer_len);
+        }
+        // SAFETY: as above.
+        let ch = unsafe { p.as_mut() };
         let info = ch.info(now_ms, listeners);
         if listeners > 0 && (spec.is_some() || elect) {
             self.notify_waiters(p, wake);
@@ -622,6 +646,8 @@ mod tests_events;
 mod tests_first;
 #[cfg(test)]
 mod tests_gc;
+#[cfg(test)]
+mod tests_journal;
 #[cfg(test)]
 mod tests_linger;
 #[cfg(test)]

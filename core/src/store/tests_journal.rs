@@ -1,0 +1,103 @@
+//! The journal: what publishes, attributes, deletes and one-to-one deliveries append, and a
+//! store rebuilt from it (restore) or from a compacted dump holding the same channels.
+
+use super::tests::{lopts, msg, popts, store_with_workers};
+use super::*;
+use crate::msgid::Since;
+use crate::persist::{encode, Reader, Record, VERSION};
+use std::vec::Vec;
+
+const T0: u64 = 1_700_000_000_000;
+
+/// Channel name -> (ids, bodies) of what a store keeps.
+type Contents = Vec<(Vec<u8>, Vec<(u64, Vec<u8>)>)>;
+
+fn contents<A: Allocator + Clone>(s: &Store<A>, now: u64) -> Contents {
+    let mut out = vec![];
+    s.channels.for_each(|ch| {
+        let msgs = ch.messages_after(0, now, false).map(|m| (m.id, m.body().to_vec())).collect();
+        out.push((ch.name.to_vec(), msgs));
+    });
+    out.sort();
+    out
+}
+
+fn file_of<A: Allocator + Clone>(s: &Store<A>) -> Vec<u8> {
+    let mut file = vec![];
+    encode(&Record::Header { version: VERSION, salt: 5, last_id: 0 }, &mut file);
+    file.extend_from_slice(s.journal_pending().expect("journal on").0);
+    file
+}
+
+fn restored(file: &[u8], now: u64) -> Store<allocator_api2::alloc::Global> {
+    let mut s = Store::new_in(allocator_api2::alloc::Global);
+    for rec in Reader::new(file) {
+        s.restore(&rec, now).unwrap();
+    }
+    s
+}
+
+#[test]
+fn a_store_is_rebuilt_from_its_journal_and_from_a_dump() {
+    let (mut s, slots) = store_with_workers(1);
+    s.enable_journal(1 << 20).unwrap();
+    let mut wake = vec![];
+    for i in 0..5u8 {
+        s.publish_msg(b"a", &msg(&[b'a', i]), &popts(3), T0 + u64::from(i), &mut wake).unwrap();
+    }
+    let keyed = AttrUpdate { key: Some([7; 32]), size: Some(2), ..Default::default() };
+    s.publish(b"k", Some(&msg(b"k1")), &keyed, &popts(5), T0, &mut wake).unwrap();
+    s.publish(b"k", Some(&msg(b"k2")), &keyed, &popts(5), T0, &mut wake).unwrap();
+    s.publish(b"k", Some(&msg(b"k3")), &keyed, &popts(5), T0, &mut wake).unwrap();
+    s.publish_msg(b"gone", &msg(b"x"), &popts(3), T0, &mut wake).unwrap();
+    s.delete(b"gone", None, T0, &mut wake).unwrap();
+    let one = AttrUpdate { one2one: Some(true), ..Default::default() };
+    s.publish(b"o", Some(&msg(b"o1")), &one, &popts(5), T0, &mut wake).unwrap();
+    s.publish(b"o", Some(&msg(b"o2")), &one, &popts(5), T0, &mut wake).unwrap();
+    // A one-to-one delivery consumes its message.
+    let id = match s.listen(b"o", Since::Oldest, &lopts(slots[0]), T0, &mut wake).unwrap() {
+        Listen::Message(m) => m.id,
+        Listen::Park(_) => panic!("a message"),
+    };
+    s.consume(b"o", id - 1, id);
+    let file = file_of(&s);
+    let r = restored(&file, T0 + 10);
+    assert_eq!(contents(&r, T0 + 10), contents(&s, T0 + 10));
+    assert_eq!(r.last_id(), s.last_id());
+    assert!(r.admits(b"k", Some(&[7; 32])) && !r.admits(b"k", None), "the key came back");
+    // A dump of it restores the same again (what a compaction writes).
+    let mut dump = vec![];
+    r.dump(5, T0 + 10, &mut dump);
+    assert!(dump.len() < file.len(), "compacted");
+    let r2 = restored(&dump, T0 + 10);
+    assert_eq!(contents(&r2, T0 + 10), contents(&s, T0 + 10));
+    assert_eq!(r2.last_id(), s.last_id());
+    // Written, the journal empties; messages expired by restore time stay out.
+    let n = s.journal_pending().unwrap().0.len();
+    assert!(s.journal_written(n, true).is_empty());
+    assert_eq!(s.journal_pending().unwrap().0.len(), 0);
+    r.check();
+    r2.check();
+}
+
+#[test]
+fn a_full_journal_refuses_publishes_and_a_failing_disk_too() {
+    let (mut s, _) = store_with_workers(1);
+    s.enable_journal(300).unwrap();
+    let mut wake = vec![];
+    s.publish_msg(b"a", &msg(b"small"), &popts(3), T0, &mut wake).unwrap();
+    let big = vec![b'x'; 400];
+    assert_eq!(
+        s.publish_msg(b"a", &msg(&big), &popts(3), T0, &mut wake).err(),
+        Some(StoreError::Behind)
+    );
+    let n = s.journal_pending().unwrap().0.len();
+    s.journal_failed();
+    assert_eq!(
+        s.publish_msg(b"a", &msg(b"y"), &popts(3), T0, &mut wake).err(),
+        Some(StoreError::DiskFailing)
+    );
+    s.journal_written(n, true);
+    s.publish_msg(b"a", &msg(b"z"), &popts(3), T0, &mut wake).unwrap();
+    s.check();
+}

@@ -1,0 +1,170 @@
+//! `martd_persist`: channels, messages, ids, attributes and keys survive a clean stop and
+//! start, a SIGKILL of every nginx process (`sync=always`), and a damaged file (every valid
+//! record before the damage); the file is compacted; a file that cannot be written refuses
+//! publishes with `507` and a reason.
+
+use super::*;
+
+fn persist_conf(sync: &str) -> Conf {
+    Conf::new(
+        "        location = /pub { martd_push; }
+        location = /sub { martd_listen; }",
+    )
+    .http(&format!("martd_persist persist {sync};"))
+}
+
+fn etag(r: &Resp) -> String {
+    r.header("etag").expect("an Etag").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_survive_a_stop_and_start() {
+    let mut ng = Nginx::start(persist_conf("sync=1s"));
+    let mut c = Conn::open(ng.port).await;
+    for m in ["one", "two", "three"] {
+        let r = c.publish("a", m).await;
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    let r = c.send("POST", "/pub?channel=k&key=sesame&size=2", &[], "k1").await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    c.send("POST", "/pub?channel=k&key=sesame", &[], "k2").await;
+    c.send("POST", "/pub?channel=k&key=sesame", &[], "k3").await;
+    let first = c.get("/sub?channel=a", &[]).await;
+    assert_eq!(first.text(), "one");
+    let before: Vec<String> = {
+        let mut ids = vec![etag(&first)];
+        let mut e = etag(&first);
+        for _ in 0..2 {
+            let r = c.get("/sub?channel=a", &[("If-None-Match", &e)]).await;
+            e = etag(&r);
+            ids.push(e.clone());
+        }
+        ids
+    };
+    ng.restart();
+    let mut c = Conn::open(ng.port).await;
+    let r = c.get("/sub?channel=a", &[]).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "one"));
+    assert_eq!(etag(&r), before[0], "the same id after the restart");
+    let r = c.get("/sub?channel=a", &[("If-None-Match", &before[1])]).await;
+    assert_eq!((r.text().as_str(), etag(&r)), ("three", before[2].clone()));
+    // The attributes and the key came back: size 2 kept k2 and k3; no key, no push.
+    let r = c.get("/sub?channel=k", &[]).await;
+    assert_eq!(r.text(), "k2");
+    assert_eq!(c.info("k").await.map(|i| i.messages), Some(2));
+    assert_eq!(c.send("POST", "/pub?channel=k", &[], "x").await.status, 403);
+    assert_eq!(c.send("POST", "/pub?channel=k&key=sesame", &[], "k4").await.status, 202);
+    // Ids go on increasing.
+    let r = c.publish("a", "four").await;
+    assert_eq!(r.status, 202);
+    let r = c.get("/sub?channel=a", &[("If-None-Match", &before[2])]).await;
+    assert_eq!(r.text(), "four");
+    assert!(
+        etag(&r).trim_matches('"').parse::<u64>().unwrap()
+            > before[2].trim_matches('"').parse::<u64>().unwrap()
+    );
+    // A delete is remembered too.
+    assert_eq!(c.send("DELETE", "/pub?channel=a", &[], "").await.status, 200);
+    ng.restart();
+    let mut c = Conn::open(ng.port).await;
+    assert!(c.info("a").await.is_none(), "deleted before the restart");
+    assert_eq!(c.info("k").await.map(|i| i.messages), Some(2));
+    ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_survive_a_crash_of_every_process() {
+    let mut ng = Nginx::start(persist_conf("sync=always"));
+    let (mut a, mut b) = Conn::pair(ng.port).await;
+    for i in 0..40 {
+        let c = if i % 2 == 0 { &mut a } else { &mut b };
+        let r = c.send("POST", "/pub?channel=c&size=100", &[], format!("m{i}")).await;
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    ng.crash_and_start();
+    let mut c = Conn::open(ng.port).await;
+    assert_eq!(c.info("c").await.map(|i| i.messages), Some(40));
+    let mut got = vec![];
+    let mut e = String::from("\"0\"");
+    for _ in 0..40 {
+        let r = c.get("/sub?channel=c", &[("If-None-Match", &e)]).await;
+        assert_eq!(r.status, 200);
+        e = etag(&r);
+        got.push(r.text());
+    }
+    assert_eq!(got, (0..40).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_file_keeps_what_is_before_the_damage() {
+    let mut ng = Nginx::start(persist_conf("sync=always"));
+    let mut c = Conn::open(ng.port).await;
+    for m in ["a1", "a2", "a3"] {
+        c.publish("d", m).await;
+    }
+    ng.stop().unwrap();
+    let path = ng.prefix().join("persist/martd.journal");
+    let mut bytes = std::fs::read(&path).unwrap();
+    // The last record loses its last byte, as after a power cut in mid-write.
+    bytes.pop();
+    bytes.extend_from_slice(b"\x07garbage");
+    std::fs::write(&path, &bytes).unwrap();
+    ng.allow_log("skipped its last");
+    ng.restart_after_stop();
+    let mut c = Conn::open(ng.port).await;
+    assert_eq!(c.info("d").await.map(|i| i.messages), Some(2));
+    let log = std::fs::read_to_string(ng.log_path()).unwrap();
+    assert!(
+        log.contains("a record whose checksum does not match") || log.contains("cut short"),
+        "{log}"
+    );
+    // The file goes on from the damage: new messages survive the next restart.
+    c.publish("d", "a4").await;
+    ng.restart();
+    let mut c = Conn::open(ng.port).await;
+    assert_eq!(c.info("d").await.map(|i| i.messages), Some(3));
+    ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_is_compacted_and_a_file_that_cannot_be_written_refuses_publishes() {
+    let mut ng = Nginx::start(persist_conf("sync=1s"));
+    let mut c = Conn::open(ng.port).await;
+    let body = "x".repeat(1000);
+    for _ in 0..3000 {
+        let r = c.send("POST", "/pub?channel=big&size=5", &[], body.clone()).await;
+        assert!(r.status == 202 || r.status == 201, "{}", r.text());
+    }
+    let path = ng.prefix().join("persist/martd.journal");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if len > 0 && len < 2_200_000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not compacted: {len} bytes for 3 MB published");
+        sleep_ms(100).await;
+    }
+    ng.restart();
+    let mut c = Conn::open(ng.port).await;
+    assert_eq!(c.info("big").await.map(|i| i.messages), Some(5));
+    ng.finish();
+    // A file that cannot be written: publishes get 507 with a reason, nothing is stored.
+    let mut ng = Nginx::start(
+        Conf::new("        location = /pub { martd_push; }").http("martd_persist /dev/full;"),
+    );
+    ng.allow_log("not a regular file");
+    let mut c = Conn::open(ng.port).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = c.publish("f", "m").await;
+        if r.status == 507 {
+            assert!(r.text().contains("cannot write"), "{}", r.text());
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {}", r.status);
+        sleep_ms(100).await;
+    }
+    ng.finish();
+}
