@@ -168,3 +168,51 @@ async fn the_file_is_compacted_and_a_file_that_cannot_be_written_refuses_publish
     }
     ng.finish();
 }
+
+/// The worker running `martd_persist`'s writer thread.
+fn writer_worker(ng: &Nginx) -> Option<u32> {
+    ng.worker_pids().into_iter().find(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+            tasks.flatten().any(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "martd-persist")
+            })
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_worker_takes_over_when_the_writer_is_killed() {
+    let mut ng = Nginx::start(persist_conf("sync=always"));
+    ng.allow_log("exited on signal 9");
+    let mut c = Conn::open(ng.port).await;
+    for i in 0..10 {
+        let r = c.send("POST", "/pub?channel=w&size=100", &[], format!("m{i}")).await;
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let writer = loop {
+        if let Some(w) = writer_worker(&ng) {
+            break w;
+        }
+        assert!(Instant::now() < deadline, "no worker runs the writer thread");
+        sleep_ms(50).await;
+    };
+    ng.kill_worker(writer, libc::SIGKILL);
+    ng.wait_respawn(writer);
+    // Acknowledged only once on disk: a worker that lives (or the new one) writes them.
+    for i in 10..20 {
+        let mut c = Conn::open(ng.port).await;
+        let r = c.send("POST", "/pub?channel=w&size=100", &[], format!("m{i}")).await;
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while writer_worker(&ng).is_none() {
+        assert!(Instant::now() < deadline, "nobody took the writer over");
+        sleep_ms(50).await;
+    }
+    ng.crash_and_start();
+    let mut c = Conn::open(ng.port).await;
+    assert_eq!(c.info("w").await.map(|i| i.messages), Some(20));
+    ng.finish();
+}
