@@ -374,7 +374,7 @@ fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
         Some(Ok(p)) => published_response(r, lcf, has_spec, &p),
         Some(Err(StoreError::NoMemory)) => zone_full(r, &name),
         Some(Err(StoreError::Forbidden)) => forbidden(r),
-        Some(Err(e @ (StoreError::Behind | StoreError::DiskFailing))) => {
+        Some(Err(e @ (StoreError::Behind | StoreError::DiskFailing | StoreError::Superseded))) => {
             crate::backend::persist::refused(r, e)
         }
         Some(Err(StoreError::TooManyTokens)) => response::error(

@@ -100,6 +100,7 @@ pub fn configure(mcf: &MainConf, root: &mut ZoneRoot, fresh: bool) -> Result<(),
     };
     prepare_dir(mcf);
     if fresh {
+        hand_over(&path);
         restore(&path, root);
     }
     root.store.enable_journal(journal_cap(mcf)).map_err(|_| ())
@@ -115,6 +116,46 @@ fn master_log(level: Level, msg: &str) {
     // SAFETY: the cycle and its log are live in the master and workers.
     let log = unsafe { (*nginx_sys::ngx_cycle).log };
     martd_log!(level, log, "{}", msg);
+}
+
+/// A reload that makes a new zone (another `martd_shm_size`): the running zone's journal goes
+/// to the file first, and that zone takes no more publishes (its workers answer `503`; the
+/// publisher tries again and reaches the new ones), so the new zone, filled from the file,
+/// has every message published so far and ids never go two ways.
+fn hand_over(path: &str) {
+    // SAFETY: during a reload `ngx_cycle` is still the running cycle, its zone mapped here; at
+    // the first start it is nginx's bare init cycle (no configuration, no modules).
+    let old_cycle = unsafe { nginx_sys::ngx_cycle };
+    // SAFETY: as above; the module array has `modules_n` entries.
+    let ours = unsafe {
+        !old_cycle.is_null()
+            && !(*old_cycle).conf_ctx.is_null()
+            && !(*old_cycle).modules.is_null()
+            && (0..(*old_cycle).modules_n)
+                .any(|i| std::ptr::eq(*(*old_cycle).modules.add(i), crate::module()))
+    };
+    if !ours {
+        return;
+    }
+    let Some(old) = crate::notify::main_conf(old_cycle) else { return };
+    if old.root.is_null() || path_of(old).as_deref() != Some(path) {
+        return;
+    }
+    let Some(mut z) = zone::lock(old) else { return };
+    z.store().journal_supersede();
+    let Some((bytes, _)) = z.store().journal_pending() else { return };
+    let result = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_data()));
+    match result {
+        Ok(()) => {
+            let n = bytes.len();
+            z.store().journal_written(n, true);
+        }
+        Err(e) => master_log(NGX_LOG_ERR, &format!("martd_persist \"{path}\": {e}")),
+    }
 }
 
 /// Replays the file at `path` into the new zone's store.
@@ -420,7 +461,42 @@ pub fn answer_when_durable(
     // SAFETY: `r` is live; the extra count keeps it until `answer_durable` finalizes it.
     unsafe { (*(*r).main).set_count((*(*r).main).count() + 1) };
     DURABLE_WAIT.with(|w| w.borrow_mut().push((r, pos, answer)));
+    arm_durable_timer(crate::listen::main_conf(r));
     nginx_sys::NGX_DONE as nginx_sys::ngx_int_t
+}
+
+thread_local! {
+    /// Looks at held publishes every few ms, besides the writer's wake-ups. It is not
+    /// cancelable: a worker shutting down gracefully (a reload) waits for its held publishes.
+    static DURABLE_TIMER: std::cell::RefCell<Option<(Box<nginx_sys::ngx_event_t>, &'static MainConf)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// How often held publishes are looked at without a wake-up.
+const DURABLE_POLL_MS: nginx_sys::ngx_msec_t = 10;
+
+fn arm_durable_timer(mcf: &'static MainConf) {
+    DURABLE_TIMER.with(|t| {
+        let Ok(mut t) = t.try_borrow_mut() else { return };
+        let (ev, _) = t.get_or_insert_with(|| {
+            // SAFETY: in a worker the cycle and its log are live.
+            let log = unsafe { (*nginx_sys::ngx_cycle).log };
+            (crate::worker::blank_event(durable_timer_handler, log), mcf)
+        });
+        if ev.timer_set() == 0 {
+            // SAFETY: the event is boxed in this thread-local, which outlives the timer.
+            unsafe { nginx_sys::ngx_add_timer(&mut **ev, DURABLE_POLL_MS) };
+        }
+    });
+}
+
+unsafe extern "C" fn durable_timer_handler(_ev: *mut nginx_sys::ngx_event_t) {
+    let mcf = DURABLE_TIMER.with(|t| t.try_borrow().ok().and_then(|t| t.as_ref().map(|x| x.1)));
+    let Some(mcf) = mcf else { return };
+    answer_durable(mcf);
+    if DURABLE_WAIT.with(|w| !w.borrow().is_empty()) {
+        arm_durable_timer(mcf);
+    }
 }
 
 /// Answers the publishes whose messages are on disk now (a wake-up from the writer, or the
@@ -460,6 +536,9 @@ pub fn refused(
             507,
             "martd_persist cannot write to disk (see the error log); nothing was stored",
         ),
+        martd_core::store::StoreError::Superseded => {
+            crate::response::error(r, 503, "nginx is reloading into a new zone: try again")
+        }
         _ => crate::response::error(
             r,
             503,

@@ -216,3 +216,45 @@ async fn another_worker_takes_over_when_the_writer_is_killed() {
     assert_eq!(c.info("w").await.map(|i| i.messages), Some(20));
     ng.finish();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_in_the_middle_of_publishing_lose_nothing() {
+    let mut ng = Nginx::start(persist_conf("sync=always"));
+    // Publishers on their own connections keep going while nginx reloads twice, the second
+    // time with another zone size (a new zone: filled from the file).
+    let port = ng.port;
+    let publisher = tokio::spawn(async move {
+        let (mut sent, mut retried) = (0, 0);
+        for i in 0..300 {
+            // A worker of the zone being replaced answers 503: the publisher tries again,
+            // on a new connection (a new worker).
+            loop {
+                let Ok(mut c) = Conn::try_open(port).await else { continue };
+                let r = c.send("POST", "/pub?channel=r&size=1000", &[], format!("m{i}")).await;
+                if r.status == 503 && r.text().contains("reloading into a new zone") {
+                    retried += 1;
+                    assert!(retried < 10_000, "503 for too long");
+                    continue;
+                }
+                assert!(r.status == 202 || r.status == 201, "{}", r.text());
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    });
+    sleep_ms(200).await;
+    ng.reload();
+    ng.set_conf(
+        persist_conf("sync=always").http("martd_persist persist sync=always; martd_shm_size 48m;"),
+    );
+    ng.reload();
+    let sent = within(Duration::from_secs(60), "publishers", publisher).await.unwrap();
+    assert_eq!(sent, 300);
+    let mut c = Conn::open(ng.port).await;
+    assert_eq!(c.info("r").await.map(|i| i.messages), Some(300), "across both reloads");
+    ng.crash_and_start();
+    let mut c = Conn::open(ng.port).await;
+    assert_eq!(c.info("r").await.map(|i| i.messages), Some(300), "and a crash");
+    ng.finish();
+}

@@ -29,6 +29,8 @@ pub struct Journal<A: Allocator> {
     pub lost: u64,
     /// Worker slots with publishes waiting for `durable` (see `Store::journal_wait`).
     waiting: Vec<u32, A>,
+    /// A reload made a new zone, filled from the file: this one takes no more publishes.
+    pub superseded: bool,
 }
 
 impl<A: Allocator + Clone> Store<A> {
@@ -46,6 +48,7 @@ impl<A: Allocator + Clone> Store<A> {
             failing: false,
             lost: 0,
             waiting: Vec::new_in(self.alloc.clone()),
+            superseded: false,
         };
         self.journal =
             Some(Box::try_new_in(j, self.alloc.clone()).map_err(|_| StoreError::NoMemory)?);
@@ -66,6 +69,9 @@ impl<A: Allocator + Clone> Store<A> {
         let Some(j) = self.journal.as_mut() else {
             return Ok(());
         };
+        if j.superseded {
+            return Err(StoreError::Superseded);
+        }
         if j.failing {
             return Err(StoreError::DiskFailing);
         }
@@ -110,6 +116,13 @@ impl<A: Allocator + Clone> Store<A> {
             return j.waiting.drain(..).collect();
         }
         std::vec::Vec::new()
+    }
+
+    /// A new zone took over (see `Journal::superseded`).
+    pub fn journal_supersede(&mut self) {
+        if let Some(j) = self.journal.as_mut() {
+            j.superseded = true;
+        }
     }
 
     /// The writer could not write: publishes are refused until it can again.

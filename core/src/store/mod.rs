@@ -19,9 +19,9 @@ use allocator_api2::vec::Vec;
 
 use crate::info::ChannelInfo;
 use crate::key::KeyHash;
-use crate::msgid::{next_id, MsgId};
 #[cfg(test)]
 use crate::msgid::Since;
+use crate::msgid::{next_id, MsgId};
 use crate::queue::{Message, MessageSpec, NoMemory};
 
 mod api;
@@ -83,6 +83,8 @@ pub enum StoreError {
     Behind,
     /// `martd_persist`: the disk could not be written.
     DiskFailing,
+    /// `martd_persist`: a reload made a new zone; this one takes no more publishes.
+    Superseded,
 }
 
 impl From<NoMemory> for StoreError {
