@@ -61,6 +61,10 @@ pub struct MainConf {
     pub persist_sync_ms: ngx_msec_t,
     /// The cycle `martd_persist` was read in (its core conf names the workers' user).
     pub persist_cycle: *mut nginx_sys::ngx_cycle_t,
+    /// The directory, opened by the master (inherited by the workers); `-1`: none.
+    pub persist_dir_fd: libc::c_int,
+    /// The workers' user, to own files the master makes (`uid_t::MAX`: not root).
+    pub persist_user: libc::uid_t,
 }
 
 /// What a location does.
@@ -170,6 +174,8 @@ pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             persist_path: ngx_str_t { len: 0, data: ptr::null_mut() },
             persist_sync_ms: 1000,
             persist_cycle: ptr::null_mut(),
+            persist_dir_fd: -1,
+            persist_user: libc::uid_t::MAX,
         },
     )
 }

@@ -258,3 +258,30 @@ async fn reloads_in_the_middle_of_publishing_lose_nothing() {
     assert_eq!(c.info("r").await.map(|i| i.messages), Some(300), "and a crash");
     ng.finish();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_directory_works_under_a_path_the_workers_cannot_walk() {
+    // A prefix in /root, say: the master (root) opens the directory, the workers (nobody)
+    // write through that descriptor.
+    let mut ng = Nginx::start(Conf::new("        location = /pub { martd_push; }"));
+    let private = ng.prefix().join("private");
+    std::fs::create_dir_all(&private).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    ng.set_conf(
+        Conf::new(
+            "        location = /pub { martd_push; }
+        location = /sub { martd_listen; }",
+        )
+        .http("martd_persist private/inner sync=always;"),
+    );
+    ng.reload();
+    let mut c = Conn::open(ng.port).await;
+    let r = c.publish("p", "kept").await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    ng.restart();
+    let mut c = Conn::open(ng.port).await;
+    let r = c.get("/sub?channel=p", &[]).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "kept"));
+    ng.finish();
+}
