@@ -8,6 +8,7 @@ pub mod json;
 pub mod nginx;
 pub mod proto;
 pub mod raw;
+pub mod redis;
 pub mod stream;
 pub mod tls;
 

@@ -231,6 +231,25 @@ impl<A: Allocator + Clone> Store<A> {
         }
     }
 
+    /// A message another node published (its id given by the shared engine, in order):
+    /// stored as `restore` would, and the workers with listeners on its channel are told
+    /// (`wake`). `false`: not newer than what the channel has (a repeat), nothing changed.
+    pub fn insert_remote(
+        &mut self,
+        m: &SavedMessage<'_>,
+        now_ms: u64,
+        wake: &mut std::vec::Vec<super::WakeTarget>,
+    ) -> Result<bool, StoreError> {
+        let inserted = self.restore(&Record::Message(m.clone()), now_ms)?;
+        if inserted {
+            self.stats.published += 1;
+            if let Some(p) = self.channels.find(m.channel) {
+                self.notify_waiters(p, wake);
+            }
+        }
+        Ok(inserted)
+    }
+
     /// Every channel's attributes and stored messages as records, after a header with
     /// `salt` (what a compaction writes).
     pub fn dump(&self, salt: u64, now_ms: u64, out: &mut std::vec::Vec<u8>) {

@@ -101,3 +101,33 @@ fn a_full_journal_refuses_publishes_and_a_failing_disk_too() {
     s.publish_msg(b"a", &msg(b"z"), &popts(3), T0, &mut wake).unwrap();
     s.check();
 }
+
+#[test]
+fn remote_messages_come_in_order_and_wake_the_listeners() {
+    let (mut s, slots) = store_with_workers(2);
+    let mut wake = vec![];
+    let parked = s.listen(b"r", Since::After(u64::MAX), &lopts(slots[1]), T0, &mut wake);
+    assert!(matches!(parked, Ok(Listen::Park(_))));
+    let m = |id, body: &'static [u8]| crate::persist::SavedMessage {
+        channel: b"r",
+        channel_timeout_ms: 300_000,
+        id,
+        time: T0 / 1000,
+        expires_ms: u64::MAX,
+        keep: 10,
+        content_type: b"text/plain",
+        event: b"",
+        body,
+    };
+    assert_eq!(s.insert_remote(&m(T0 * 1000 + 5, b"one"), T0, &mut wake), Ok(true));
+    assert_eq!(wake.len(), 1, "the listener's worker is woken");
+    assert_eq!(wake[0].slot, slots[1]);
+    // A repeat (the same id, or an older one) changes nothing.
+    assert_eq!(s.insert_remote(&m(T0 * 1000 + 5, b"one"), T0, &mut wake), Ok(false));
+    assert_eq!(s.insert_remote(&m(T0 * 1000 + 1, b"old"), T0, &mut wake), Ok(false));
+    assert_eq!(s.insert_remote(&m(T0 * 1000 + 9, b"two"), T0, &mut wake), Ok(true));
+    assert_eq!(s.last_id(), T0 * 1000 + 9);
+    let got: Vec<_> = contents(&s, T0).into_iter().flat_map(|c| c.1).map(|m| m.1).collect();
+    assert_eq!(got, vec![b"one".to_vec(), b"two".to_vec()]);
+    s.check();
+}
