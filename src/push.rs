@@ -13,6 +13,7 @@ use nginx_sys::{
 };
 
 use crate::attrs;
+use crate::backend::held;
 use crate::channel_id::channel_id;
 use crate::conf::LocConf;
 use crate::listen::{main_conf, method};
@@ -227,6 +228,76 @@ fn read_body(r: *mut ngx_http_request_t, limit: u64) -> Result<Vec<u8>, BodyErro
     Ok(out)
 }
 
+/// `martd_redis_url`: the message goes to Redis through the zone's outbox; the publisher is
+/// answered once Redis gave it its id and this node stored it (see `backend::redis`).
+fn publish_through_redis(
+    r: *mut ngx_http_request_t,
+    lcf: &'static LocConf,
+    name: &[u8],
+    attrs: &attrs::PushAttrs,
+    spec: &MessageSpec<'_>,
+    opts: &PublishOpts,
+    now: u64,
+) -> ngx_int_t {
+    let mcf = main_conf(r);
+    let Some(slot) = worker::with(|st| st.slot).flatten() else {
+        return response::error(r, 503, "this worker takes no publishes (shutting down)");
+    };
+    let life = attrs.expire_ms.or(attrs.update.life_ms).unwrap_or(opts.timeout_ms);
+    let keep = if opts.store {
+        attrs.update.size.map_or(opts.buffer_len, |s| (s as usize).min(opts.buffer_max))
+    } else {
+        0
+    };
+    let message = martd_core::persist::SavedMessage {
+        channel: name,
+        channel_timeout_ms: opts.channel_timeout_ms,
+        id: 0,
+        time: now / 1000,
+        expires_ms: if life == 0 { u64::MAX } else { now.saturating_add(life) },
+        keep: keep.min(u32::MAX as usize) as u32,
+        content_type: spec.content_type,
+        event: spec.event,
+        body: spec.body,
+    };
+    let mut record = Vec::new();
+    martd_core::persist::encode(&martd_core::persist::Record::Message(message), &mut record);
+    let queued = zone::lock(mcf).map(|mut z| {
+        let key = attrs.hashed(z.root().salt).key;
+        if !z.store().admits(name, key.as_ref()) {
+            return Err(StoreError::Forbidden);
+        }
+        z.store().outbox_push(slot, name, &record)
+    });
+    let seq = match queued {
+        None => return NGX_ERROR as ngx_int_t,
+        Some(Err(StoreError::Forbidden)) => return forbidden(r),
+        Some(Err(StoreError::NoMemory)) => return zone_full(r, name),
+        Some(Err(e)) => return held::refused(r, e),
+        Some(Ok(seq)) => seq,
+    };
+    let channel = name.to_vec();
+    let answer = move |r: *mut ngx_http_request_t, done: Option<martd_core::store::Done>| {
+        let Some(d) = done.filter(|d| d.id > 0) else {
+            return held::refused(r, StoreError::Unavailable);
+        };
+        vars::set_message_id(r, d.id);
+        if lcf.json {
+            return response::json(r, 200, &martd_core::json::published(d.id, d.listeners), None);
+        }
+        let info = zone::lock(main_conf(r)).and_then(|mut z| z.store().info(&channel, now_ms()));
+        match info {
+            Some(info) => info_response(r, lcf, if d.listeners > 0 { 201 } else { 202 }, &info),
+            None => response::error(r, if d.listeners > 0 { 201 } else { 202 }, "published"),
+        }
+    };
+    let wait = held::Wait::Redis { seq, deadline_ms: now.saturating_add(REDIS_ANSWER_MS) };
+    held::hold(r, wait, Box::new(answer))
+}
+
+/// How long a publish waits for Redis before it is answered `503`.
+const REDIS_ANSWER_MS: u64 = 10_000;
+
 /// The answer to a publish the store took (`has_spec`: with a message).
 fn published_response(
     r: *mut ngx_http_request_t,
@@ -331,6 +402,9 @@ fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
     let attributes_only = body.is_empty() && (lcf.json || attrs.any());
     let spec = (!attributes_only).then_some(&spec);
     let now = now_ms();
+    if let (Some(spec), true) = (spec, mcf.redis_url.len > 0) {
+        return publish_through_redis(r, lcf, &name, &attrs, spec, &opts, now);
+    }
     let mut wake = Vec::new();
     let result = zone::lock(mcf).map(|mut z| {
         let nonce = z.root().salt;
@@ -362,8 +436,8 @@ fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
     let has_spec = spec.is_some();
     let result = match result {
         Some(Ok((p, Some(pos)))) => {
-            let answer = move |r| published_response(r, lcf, has_spec, &p);
-            return crate::backend::persist::answer_when_durable(r, pos, Box::new(answer));
+            let answer = move |r, _| published_response(r, lcf, has_spec, &p);
+            return held::hold(r, held::Wait::Durable(pos), Box::new(answer));
         }
         Some(Ok((p, None))) => Some(Ok(p)),
         Some(Err(e)) => Some(Err(e)),
@@ -374,9 +448,12 @@ fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
         Some(Ok(p)) => published_response(r, lcf, has_spec, &p),
         Some(Err(StoreError::NoMemory)) => zone_full(r, &name),
         Some(Err(StoreError::Forbidden)) => forbidden(r),
-        Some(Err(e @ (StoreError::Behind | StoreError::DiskFailing | StoreError::Superseded))) => {
-            crate::backend::persist::refused(r, e)
-        }
+        Some(Err(
+            e @ (StoreError::Behind
+            | StoreError::DiskFailing
+            | StoreError::Superseded
+            | StoreError::Unavailable),
+        )) => crate::backend::held::refused(r, e),
         Some(Err(StoreError::TooManyTokens)) => response::error(
             r,
             409,

@@ -191,8 +191,9 @@ pub extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         // SAFETY: the boxed event lives in the thread-local state for the worker's life.
         unsafe { ngx_add_timer(&mut *st.gc_ev, GC_INTERVAL_MS as _) };
     });
-    // The first worker up starts `martd_persist`'s writer (see `backend::persist`).
+    // The first worker up starts `martd_persist`'s writer and `martd_redis_url`'s thread.
     crate::backend::persist::tick(mcf);
+    crate::backend::redis::tick(mcf);
     NGX_OK as ngx_int_t
 }
 
@@ -226,6 +227,8 @@ pub extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
     shutdown();
     if let Some(mcf) = with(|st| st.mcf) {
         // SAFETY: `mcf` is this worker's cycle's main conf, alive until the worker exits.
+        crate::backend::redis::stop(unsafe { &*mcf });
+        // SAFETY: as above.
         crate::backend::persist::stop(unsafe { &*mcf });
     }
     let st = WORKER.with(|w| w.borrow_mut().take());
@@ -327,7 +330,7 @@ unsafe extern "C" fn notify_handler(ev: *mut ngx_event_t) {
     notify::drain(unsafe { (*c).fd });
     if let Some(mcf) = with(|st| st.mcf) {
         // SAFETY: `mcf` is this worker's cycle's main conf.
-        crate::backend::persist::answer_durable(unsafe { &*mcf });
+        crate::backend::held::answer_held(unsafe { &*mcf });
     }
     process_mailbox();
 }
@@ -446,12 +449,13 @@ unsafe extern "C" fn gc_handler(ev: *mut ngx_event_t) {
         }
         st.gc_more = more;
         crate::backend::persist::tick(mcf);
+        crate::backend::redis::tick(mcf);
         let lingering_more = release_lingering(st, mcf, now);
         (st.slot.is_some(), more || lingering_more)
     });
     if let Some(mcf) = with(|st| st.mcf) {
         // SAFETY: `mcf` is this worker's cycle's main conf.
-        crate::backend::persist::answer_durable(unsafe { &*mcf });
+        crate::backend::held::answer_held(unsafe { &*mcf });
     }
     let (registered, more) = state.unwrap_or((false, false));
     if registered {

@@ -90,6 +90,8 @@ pub struct ZoneRoot {
     pub salt: u64,
     /// The worker process that writes `martd_persist`'s file (`0`: none).
     pub persister: i32,
+    /// The worker process that talks to `martd_redis_url`'s Redis (`0`: none).
+    pub redis_owner: i32,
     pub store: Store<ShmAlloc>,
 }
 
@@ -207,6 +209,7 @@ pub unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
                 nonce,
                 salt: nonce,
                 persister: 0,
+                redis_owner: 0,
                 generation: 0,
                 last_gc_ms: 0,
                 created_ms: std::time::SystemTime::now()
@@ -246,6 +249,15 @@ pub unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
                 // SAFETY: `cycle` is live during zone init.
                 let log = unsafe { (*nginx_sys::ngx_cycle).log };
                 martd_log!(NGX_LOG_EMERG, log, "no memory in the \"martd\" zone for martd_persist");
+            }
+            if crate::backend::redis::configure(mcf, r).is_err() {
+                // SAFETY: `cycle` is live during zone init.
+                let log = unsafe { (*nginx_sys::ngx_cycle).log };
+                martd_log!(
+                    NGX_LOG_EMERG,
+                    log,
+                    "no memory in the \"martd\" zone for martd_redis_url"
+                );
             }
             let events = crate::conf::conf_bytes(&mcf.events_channel);
             if r.store.set_events_channel((!events.is_empty()).then_some(events)).is_err() {

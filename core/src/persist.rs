@@ -262,6 +262,15 @@ fn decode(payload: &[u8]) -> Option<Record<'_>> {
     f.0.is_empty().then_some(rec)
 }
 
+/// One framed record on its own (no header needed): a message as it travels between nodes.
+pub fn decode_one(bytes: &[u8]) -> Option<Record<'_>> {
+    let head = bytes.get(..8)?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    let payload = bytes.get(8..8 + len)?;
+    (bytes.len() == 8 + len && crc32fast::hash(payload) == crc).then(|| decode(payload)).flatten()
+}
+
 impl<'a> Iterator for Reader<'a> {
     type Item = Record<'a>;
 

@@ -42,7 +42,7 @@ static mut CONCURRENCY_VALUES: [ngx_conf_enum_t; 4] = [
 ];
 
 /// The directive table.
-pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 33] = [
+pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 35] = [
     command(
         ngx_string!("martd_shm_size"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
@@ -154,6 +154,22 @@ pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 33] = [
         cmd_persist,
         MAIN,
         0,
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_redis_url"),
+        NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+        cmd_redis_url,
+        MAIN,
+        0,
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_redis_namespace"),
+        NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+        ngx_conf_set_str_slot,
+        MAIN,
+        offset_of!(MainConf, redis_namespace),
         ptr::null_mut(),
     ),
     command(
@@ -349,6 +365,36 @@ unsafe extern "C" fn cmd_shm_size(
     mcf.shm_size = size;
     // An explicit zone size makes martd active in this http block (zone, worker registration,
     // the preaccess handler) even before a location uses it.
+    mcf.used = true;
+    NGX_CONF_OK
+}
+
+/// `martd_redis_url redis://[user:password@]host:port[/db];`
+unsafe extern "C" fn cmd_redis_url(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: `conf` is this module's main conf, created by `create_main_conf`.
+    let mcf = unsafe { &mut *(conf as *mut MainConf) };
+    if mcf.redis_url.len != 0 {
+        return c"is duplicate".as_ptr() as *mut c_char;
+    }
+    let a = args(cf);
+    let Some(url) = a.get(1) else { return NGX_CONF_ERROR };
+    let text = String::from_utf8_lossy(url).into_owned();
+    if let Err(why) = crate::backend::redis::check_url(&text) {
+        return conf_error(cf, &format!("invalid redis url \"{text}\": {why}"));
+    }
+    // SAFETY: the configuration pool lives as long as the configuration.
+    unsafe {
+        let data = nginx_sys::ngx_pnalloc((*cf).pool, url.len()) as *mut u8;
+        if data.is_null() {
+            return NGX_CONF_ERROR;
+        }
+        ptr::copy_nonoverlapping(url.as_ptr(), data, url.len());
+        mcf.redis_url = ngx_str_t { len: url.len(), data };
+    }
     mcf.used = true;
     NGX_CONF_OK
 }

@@ -65,6 +65,9 @@ pub struct MainConf {
     pub persist_dir_fd: libc::c_int,
     /// The workers' user, to own files the master makes (`uid_t::MAX`: not root).
     pub persist_user: libc::uid_t,
+    /// `martd_redis_url` (empty: off) and `martd_redis_namespace`.
+    pub redis_url: ngx_str_t,
+    pub redis_namespace: ngx_str_t,
 }
 
 /// What a location does.
@@ -176,6 +179,8 @@ pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             persist_cycle: ptr::null_mut(),
             persist_dir_fd: -1,
             persist_user: libc::uid_t::MAX,
+            redis_url: ngx_str_t { len: 0, data: ptr::null_mut() },
+            redis_namespace: ngx_str_t { len: 0, data: ptr::null_mut() },
         },
     )
 }

@@ -374,9 +374,10 @@ pub(crate) fn refused(r: *mut ngx_http_request_t, e: StoreError, channel: &[u8])
         StoreError::Forbidden => response::error(r, 403, "forbidden"),
         StoreError::TooManyTokens => response::error(r, 409, "too many tokens on this channel"),
         // Only publishes write the journal.
-        StoreError::Behind | StoreError::DiskFailing | StoreError::Superseded => {
-            crate::backend::persist::refused(r, e)
-        }
+        StoreError::Behind
+        | StoreError::DiskFailing
+        | StoreError::Superseded
+        | StoreError::Unavailable => crate::backend::held::refused(r, e),
         StoreError::NoMemory => crate::push::zone_full(r, channel),
     }
 }

@@ -17,6 +17,7 @@ mod client_gone;
 mod persist;
 mod realip;
 mod redirect;
+mod redis;
 mod reload;
 mod stale_handle;
 mod streams;

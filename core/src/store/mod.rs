@@ -32,6 +32,7 @@ mod events;
 mod expiry;
 mod journal;
 mod listen;
+mod outbox;
 mod paged;
 mod stats;
 mod table;
@@ -44,6 +45,7 @@ pub use channel::{Channel, LISTENER_ONLY_GRACE_MS};
 pub use events::{event_json, ChannelEvent, EVENTS_OPTS};
 use expiry::Wheel;
 pub use journal::Journal;
+pub use outbox::{Done, Outbox, Outgoing};
 use table::ChannelTable;
 pub use tokens::MAX_TOKENS;
 pub use workers::WorkerSlot;
@@ -85,6 +87,8 @@ pub enum StoreError {
     DiskFailing,
     /// `martd_persist`: a reload made a new zone; this one takes no more publishes.
     Superseded,
+    /// `martd_redis_url`: the engine the nodes share cannot be reached.
+    Unavailable,
 }
 
 impl From<NoMemory> for StoreError {
@@ -208,6 +212,8 @@ pub struct Store<A: Allocator + Clone> {
     events: Option<allocator_api2::boxed::Box<events::Events<A>, A>>,
     /// `martd_persist`'s journal, when on (see `journal`).
     journal: Option<allocator_api2::boxed::Box<journal::Journal<A>, A>>,
+    /// `martd_redis_url`'s outbox, when on (see `outbox`).
+    outbox: Option<allocator_api2::boxed::Box<outbox::Outbox<A>, A>>,
 }
 
 impl<A: Allocator + Clone> Store<A> {
@@ -227,6 +233,7 @@ impl<A: Allocator + Clone> Store<A> {
             retired: Default::default(),
             events: None,
             journal: None,
+            outbox: None,
             alloc,
         }
     }

@@ -8,7 +8,7 @@
 //!   is gone) runs a writer thread. It copies what the journal holds (a short hold of the
 //!   lock), appends it to the file, syncs it (each time with `sync=always`, else at least
 //!   every `TIME`), and only then drops it from the journal and wakes the workers whose
-//!   `sync=always` publishes wait ([`held`]). A writer that dies leaves what it had not
+//!   `sync=always` publishes wait (`backend::held`). A writer that dies leaves what it had not
 //!   written for the next one. The worker's event loop never waits on the disk ([`writer`]).
 //! * The file is reached through its directory's descriptor, opened by the master
 //!   ([`files`]).
@@ -21,10 +21,8 @@
 //!   salt and the id counter, so ids stay strictly increasing and keys keep working.
 
 mod files;
-mod held;
 mod writer;
 
-pub use held::{answer_durable, answer_when_durable, refused};
 pub use writer::{exit_master, stop, tick};
 
 use std::io::Write;

@@ -5,15 +5,15 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use martd_core::persist::{encode, Reader, Record, VERSION};
 use martd_core::store::Store;
 use nginx_sys::{ngx_cycle_t, NGX_LOG_ERR, NGX_LOG_NOTICE, NGX_LOG_WARN};
 
-use super::{dir_of, files, master_log, now_ms, Level};
+use super::{dir_of, files, master_log, now_ms};
+use crate::backend::side::{self, Conf, Shared, SideThread};
 use crate::conf::MainConf;
 use crate::zone;
 
@@ -22,118 +22,36 @@ const COMPACT_MIN: u64 = 1 << 20;
 /// At most this much is taken out of the journal per write.
 const WRITE_CHUNK: usize = 4 << 20;
 
-/// The worker's main conf, handed to its writer thread.
-#[derive(Clone, Copy)]
-struct Conf(&'static MainConf);
-
-// SAFETY: the main conf lives as long as the worker's cycle, and the writer thread is joined
-// before the worker exits; the thread only reads it and reaches the zone through its lock.
-unsafe impl Send for Conf {}
-
-struct Shared {
-    stop: AtomicBool,
-    /// Lines for the worker to log (nginx's log is the event loop's).
-    logs: Mutex<Vec<(Level, String)>>,
-}
-
-impl Shared {
-    fn log(&self, level: Level, msg: String) {
-        if let Ok(mut l) = self.logs.lock() {
-            if l.len() < 64 {
-                l.push((level, msg));
-            }
-        }
-    }
-}
-
-struct Writer {
-    thread: Option<std::thread::JoinHandle<()>>,
-    shared: Arc<Shared>,
-}
-
 thread_local! {
-    static WRITER: std::cell::RefCell<Option<Writer>> = const { std::cell::RefCell::new(None) };
+    static WRITER: std::cell::RefCell<Option<SideThread>> = const { std::cell::RefCell::new(None) };
 }
 
-fn alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+fn lease(root: &mut crate::zone::ZoneRoot) -> &mut i32 {
+    &mut root.persister
 }
 
 /// A worker's tick (start, and once a second): takes the writer's lease if nobody holds it,
 /// and logs what its writer has to say.
 pub fn tick(mcf: &'static MainConf) {
     let Some(path) = dir_of(mcf) else { return };
-    let running = WRITER.with(|w| {
-        let w = w.borrow();
-        if let Some(w) = w.as_ref() {
-            let lines = w.shared.logs.lock().map(|mut l| std::mem::take(&mut *l));
-            for (level, msg) in lines.unwrap_or_default() {
-                master_log(level, &msg);
-            }
-            return true;
-        }
-        false
-    });
-    // SAFETY: reading nginx's per-process flags.
-    if running || unsafe { nginx_sys::ngx_exiting } != 0 {
-        return;
-    }
-    // SAFETY: nginx's pid of this process.
-    let pid = unsafe { nginx_sys::ngx_pid };
-    let taken = zone::lock(mcf).is_some_and(|mut z| {
-        let root = z.root();
-        if root.persister != 0 && root.persister != pid && alive(root.persister) {
-            return false;
-        }
-        root.persister = pid;
-        true
-    });
-    if !taken {
-        return;
-    }
-    let shared = Arc::new(Shared { stop: AtomicBool::new(false), logs: Mutex::new(Vec::new()) });
-    let conf = Conf(mcf);
-    let s = shared.clone();
-    let spawned =
-        std::thread::Builder::new().name("martd-persist".into()).spawn(move || run(conf, path, s));
-    match spawned {
-        Ok(t) => WRITER.with(|w| *w.borrow_mut() = Some(Writer { thread: Some(t), shared })),
-        Err(e) => {
-            master_log(NGX_LOG_ERR, &format!("martd_persist: no writer thread: {e}"));
-            if let Some(mut z) = zone::lock(mcf) {
-                z.root().persister = 0;
-            }
-        }
-    }
+    side::tick(&WRITER, mcf, lease, "martd-persist", move |conf, shared| run(conf, path, shared));
 }
 
 /// `exit_process`: the writer writes what is left and stops; the lease is given back. A
 /// worker without one writes what is left itself when nobody else holds the lease.
 pub fn stop(mcf: &'static MainConf) {
     let Some(path) = dir_of(mcf) else { return };
-    let writer = WRITER.with(|w| w.borrow_mut().take());
-    if let Some(mut w) = writer {
-        w.shared.stop.store(true, Ordering::Release);
-        if let Some(t) = w.thread.take() {
-            t.thread().unpark();
-            let _ = t.join();
-        }
-        if let Some(mut z) = zone::lock(mcf) {
-            z.root().persister = 0;
-        }
+    if side::stop(&WRITER, mcf, lease) || !side::lease_free(mcf, lease) {
         return;
     }
-    let free = zone::lock(mcf).is_some_and(|mut z| !alive(z.root().persister));
-    if free {
-        let shared = Shared { stop: AtomicBool::new(true), logs: Mutex::new(Vec::new()) };
-        match open(&path, mcf, &shared) {
-            Ok(mut f) => {
-                let _ = write_pending(mcf, &mut f, true, &shared);
-            }
-            Err(why) => master_log(NGX_LOG_ERR, &format!("martd_persist \"{path}\": {why}")),
+    let shared = Shared::new(true);
+    match open(&path, mcf, &shared) {
+        Ok(mut f) => {
+            let _ = write_pending(mcf, &mut f, true, &shared);
         }
+        Err(why) => master_log(NGX_LOG_ERR, &format!("martd_persist \"{path}\": {why}")),
     }
+    shared.flush_logs();
 }
 
 /// `exit_master`: what the workers left in the journal goes to disk.
@@ -143,18 +61,14 @@ pub extern "C" fn exit_master(cycle: *mut ngx_cycle_t) {
     if mcf.root.is_null() {
         return;
     }
-    let shared = Shared { stop: AtomicBool::new(true), logs: Mutex::new(Vec::new()) };
+    let shared = Shared::new(true);
     match open(&path, mcf, &shared) {
         Ok(mut f) => {
             let _ = write_pending(mcf, &mut f, true, &shared);
         }
         Err(why) => shared.log(NGX_LOG_ERR, format!("martd_persist \"{path}\": {why}")),
     }
-    if let Ok(lines) = shared.logs.into_inner() {
-        for (level, msg) in lines {
-            master_log(level, &msg);
-        }
-    }
+    shared.flush_logs();
 }
 
 /// Opens the file to append to: a damaged tail is cut off (logged), a new file gets its
@@ -276,7 +190,7 @@ fn run(conf: Conf, path: String, shared: Arc<Shared>) {
     let mut unsynced = false;
     let mut was_failing = false;
     loop {
-        let stopping = shared.stop.load(Ordering::Acquire);
+        let stopping = shared.stopping();
         if file.is_none() {
             match open(&path, mcf, &shared) {
                 Ok(f) => {

@@ -1,0 +1,135 @@
+//! `martd_redis_url`: two nginx nodes share channels through a real redis-server: a publish on
+//! either reaches listeners on both, ids are the same everywhere (a listener resumes on the
+//! other node with its `Etag`), 1,000 publishes alternating between the nodes keep their
+//! order, Redis killed and started again (append-only file, `appendfsync always`) loses no
+//! acknowledged message while publishes in between get `503`, and an unreachable Redis at
+//! start leaves nginx running with publishes answered `503`.
+
+use super::*;
+use harness::redis::Redis;
+
+fn node_conf(url: &str) -> Conf {
+    Conf::new(
+        "        location = /pub { martd_push; }
+        location = /sub { martd_listen; }",
+    )
+    .http(&format!("martd_redis_url {url}; martd_redis_namespace t;"))
+}
+
+fn etag(r: &Resp) -> String {
+    r.header("etag").expect("an Etag").to_string()
+}
+
+/// Publishes until Redis takes it (the node's thread connects at start), bounded.
+async fn publish_ok(c: &mut Conn, ch: &str, body: &str) -> Resp {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r =
+            c.send("POST", &format!("/pub?channel={ch}&size=1000"), &[], body.to_string()).await;
+        if r.status == 201 || r.status == 202 {
+            return r;
+        }
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(Instant::now() < deadline, "redis never took a publish: {}", r.text());
+        sleep_ms(50).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_channels_in_order() {
+    let redis = Redis::start();
+    let a = Nginx::start(node_conf(&redis.url()));
+    let b = Nginx::start(node_conf(&redis.url()));
+    let mut ca = Conn::open(a.port).await;
+    let mut cb = Conn::open(b.port).await;
+    publish_ok(&mut ca, "warm", "x").await;
+    publish_ok(&mut cb, "warm", "y").await;
+    // A listener on node b gets what node a publishes.
+    let l = Conn::open(b.port).await.spawn_get(
+        "/sub?channel=room",
+        &[("If-None-Match", "\"9000000000000000000\"")],
+        LONG,
+    );
+    cb.wait_listeners("room", 1).await;
+    publish_ok(&mut ca, "room", "hello").await;
+    let r = l.resp().await;
+    assert_eq!((r.status, r.text().as_str()), (200, "hello"));
+    let first = etag(&r);
+    // The same id on node a; a listener resumes on the other node.
+    let r = ca.get("/sub?channel=room", &[]).await;
+    assert_eq!((r.text().as_str(), etag(&r)), ("hello", first.clone()));
+    publish_ok(&mut cb, "room", "second").await;
+    let r = ca.get("/sub?channel=room", &[("If-None-Match", &first)]).await;
+    assert_eq!(r.text(), "second");
+    // 1,000 publishes alternating between the nodes: one order on both.
+    for i in 0..1000 {
+        let c = if i % 2 == 0 { &mut ca } else { &mut cb };
+        publish_ok(c, "order", &format!("{i}")).await;
+    }
+    for c in [&mut ca, &mut cb] {
+        let mut e = String::from("\"0\"");
+        for i in 0..1000 {
+            let r = c.get("/sub?channel=order", &[("If-None-Match", &e)]).await;
+            assert_eq!(r.text(), format!("{i}"));
+            e = etag(&r);
+        }
+    }
+    a.finish();
+    b.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_started_again_loses_nothing_acknowledged() {
+    let mut redis = Redis::start();
+    let mut a = Nginx::start(node_conf(&redis.url()));
+    let mut b = Nginx::start(node_conf(&redis.url()));
+    for ng in [&mut a, &mut b] {
+        ng.allow_log("martd_redis_url");
+    }
+    let mut ca = Conn::open(a.port).await;
+    for i in 0..20 {
+        publish_ok(&mut ca, "k", &format!("m{i}")).await;
+    }
+    // A listener waits on node b through the outage.
+    let l = Conn::open(b.port).await.spawn_get(
+        "/sub?channel=k",
+        &[("If-None-Match", "\"9000000000000000000\"")],
+        LONG,
+    );
+    redis.kill();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = ca.send("POST", "/pub?channel=k", &[], "lost?").await;
+        if r.status == 503 {
+            assert!(r.text().contains("cannot be reached"), "{}", r.text());
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {} with redis down", r.status);
+        sleep_ms(50).await;
+    }
+    redis.start_again();
+    publish_ok(&mut ca, "k", "after").await;
+    let r = l.resp().await;
+    assert_eq!(r.text(), "after");
+    // Node b restarted: it reads back everything from Redis (20 acknowledged, and "after").
+    b.restart();
+    let mut cb = Conn::open(b.port).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cb.info("k").await.map(|i| i.messages) != Some(21) {
+        assert!(Instant::now() < deadline, "node b did not load the channel");
+        sleep_ms(50).await;
+    }
+    a.finish();
+    b.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_redis_at_start_leaves_nginx_running() {
+    let mut ng = Nginx::start(node_conf("redis://127.0.0.1:1"));
+    ng.allow_log("martd_redis_url");
+    let mut c = Conn::open(ng.port).await;
+    let r = c.publish("x", "m").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("cannot be reached"), "{}", r.text());
+    ng.finish();
+}
