@@ -284,7 +284,17 @@ thread_local! {
 
 /// Wakes `targets` from a posted event: for a caller that may be inside the worker state
 /// ([`wake`] needs it), such as the zone guard publishing channel events as it unlocks.
-pub fn wake_later(targets: Vec<WakeTarget>) {
+pub fn wake_later(targets: Vec<WakeTarget>, nonce: u64) {
+    // A thread that is not the worker's (a side thread of `backend`): its own datagrams.
+    if WORKER.with(|w| w.try_borrow().is_ok_and(|s| s.is_none())) {
+        if let Ok(fd) = notify::sender() {
+            for t in &targets {
+                notify::send(fd, nonce, t.slot);
+            }
+            notify::close(fd);
+        }
+        return;
+    }
     // Outside the worker state (a worker exiting, a timer): at once.
     if WORKER.with(|w| w.try_borrow_mut().is_ok()) {
         wake(&targets);

@@ -140,6 +140,7 @@ impl Drop for Locked {
         // Channel events noted in this hold go out in it, in order (see
         // `martd_core::store::events`); the workers they wake are woken once it is released.
         let mut wake = Vec::new();
+        let nonce = self.root().nonce;
         if self.store().has_events() {
             self.store().flush_events(crate::worker::now_ms(), &mut wake);
         }
@@ -147,7 +148,7 @@ impl Drop for Locked {
         // SAFETY: the mutex was taken in `lock` by this process.
         unsafe { ngx_shmtx_unlock(&mut (*self.pool.as_ptr()).mutex) };
         if !wake.is_empty() {
-            crate::worker::wake_later(wake);
+            crate::worker::wake_later(wake, nonce);
         }
     }
 }

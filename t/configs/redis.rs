@@ -90,7 +90,13 @@ async fn redis_killed_and_started_again_loses_nothing_acknowledged() {
     for i in 0..20 {
         publish_ok(&mut ca, "k", &format!("m{i}")).await;
     }
-    // A listener waits on node b through the outage.
+    // A listener waits on node b through the outage (once b has the 20).
+    let mut cb = Conn::open(b.port).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cb.info("k").await.map(|i| i.messages) != Some(20) {
+        assert!(Instant::now() < deadline, "node b did not get the 20");
+        sleep_ms(20).await;
+    }
     let l = Conn::open(b.port).await.spawn_get(
         "/sub?channel=k",
         &[("If-None-Match", "\"9000000000000000000\"")],
@@ -132,4 +138,40 @@ async fn an_unreachable_redis_at_start_leaves_nginx_running() {
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("cannot be reached"), "{}", r.text());
     ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_events_of_messages_from_another_node_wake_their_listeners() {
+    let redis = Redis::start();
+    let a = Nginx::start(node_conf(&redis.url()));
+    let b = Nginx::start(
+        Conf::new(
+            "        location = /pub { martd_push; }
+        location = /ev { martd_listen eventsource; }",
+        )
+        .http(&format!(
+            "martd_redis_url {}; martd_redis_namespace t; martd_channel_events_channel ev;",
+            redis.url()
+        )),
+    );
+    let mut ca = Conn::open(a.port).await;
+    let mut cb = Conn::open(b.port).await;
+    publish_ok(&mut cb, "warm", "x").await;
+    let s = Streaming::open(
+        Conn::open(b.port).await,
+        "/ev?channel=ev&last_event_id=9000000000000000000",
+        &[("Accept", "text/event-stream")],
+        LONG,
+    )
+    .await;
+    assert_eq!(s.status, 200);
+    let mut events = s.events();
+    cb.wait_listeners("ev", 1).await;
+    // Node b's Redis thread makes the channel: its event reaches the listener at once.
+    publish_ok(&mut ca, "fresh", "m").await;
+    let e = events.next(Duration::from_secs(3)).await.expect("an event");
+    assert_eq!(e.event, "channel_created");
+    assert!(e.data.contains("\"fresh\""), "{}", e.data);
+    a.finish();
+    b.finish();
 }

@@ -69,7 +69,7 @@ impl<A: Allocator + Clone> Store<A> {
         now_ms: u64,
         wake: &mut Vec<WakeTarget>,
     ) -> Result<MultiListen<'_, A>, StoreError> {
-        let clamp = self.last_id;
+        let clamp = self.future_clamp(now_ms);
         let mut found: Vec<(usize, NonNull<Channel<A>>, MsgId)> = Vec::new();
         let mut existing: Vec<Option<NonNull<Channel<A>>>> = Vec::with_capacity(channels.len());
         for (i, &(name, resume)) in channels.iter().enumerate() {
@@ -114,7 +114,7 @@ impl<A: Allocator + Clone> Store<A> {
         wake: &mut Vec<WakeTarget>,
     ) -> Result<Vec<Parked>, StoreError> {
         self.wheel.observe(now_ms);
-        let clamp = self.last_id;
+        let clamp = self.future_clamp(now_ms);
         let counted = self.is_registered(opts.slot);
         let mut parked: Vec<Parked> = Vec::with_capacity(channels.len());
         for (&(name, resume), &found) in channels.iter().zip(existing) {
@@ -212,7 +212,7 @@ impl<A: Allocator + Clone> Store<A> {
     pub fn peek(&self, name: &[u8], since: Since, now_ms: u64) -> Option<&Message<A>> {
         // SAFETY: a live channel of the table, borrowed for as long as the store is.
         let ch = unsafe { self.channels.find(name)?.as_ref() };
-        let since_id = ch.since_id(since, self.last_id, now_ms);
+        let since_id = ch.since_id(since, self.future_clamp(now_ms), now_ms);
         ch.queue.next_after(since_id, now_ms, false)
     }
 
@@ -226,7 +226,7 @@ impl<A: Allocator + Clone> Store<A> {
             let Some(ch) = self.channels.find(name).map(|p| unsafe { p.as_ref() }) else {
                 continue;
             };
-            let since = ch.since_id(resume.since(), self.last_id, now_ms);
+            let since = ch.since_id(resume.since(), self.future_clamp(now_ms), now_ms);
             if ch.has_stored_after(since, now_ms) {
                 found.push((i, ch, since));
             }

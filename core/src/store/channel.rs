@@ -136,10 +136,11 @@ impl<A: Allocator + Clone> Channel<A> {
 
     /// The id a listener asking for `since` waits past here: `0` for everything stored, an
     /// id from the future (from before a clock step) clamped to `clamp` (the zone's last id).
-    pub(super) fn since_id(&self, since: Since, clamp: MsgId, now_ms: u64) -> MsgId {
+    pub(super) fn since_id(&self, since: Since, clamp: super::Clamp, now_ms: u64) -> MsgId {
         match since {
             Since::Oldest => 0,
-            Since::After(id) => id.min(clamp),
+            Since::After(id) if id <= clamp.last || id <= clamp.trust_upto => id,
+            Since::After(_) => clamp.last,
             Since::ModifiedSince(t) => self.queue.id_at_time(t, now_ms),
         }
     }

@@ -20,7 +20,7 @@ impl<A: Allocator + Clone> Store<A> {
         now_ms: u64,
         wake: &mut std::vec::Vec<WakeTarget>,
     ) -> Result<Listen<'_, A>, StoreError> {
-        let future_clamp = self.last_id;
+        let future_clamp = self.future_clamp(now_ms);
         let counted = self.is_registered(opts.slot);
         let found = self.retrying(now_ms, |s| {
             let (mut p, created) = if opts.create {
@@ -78,7 +78,7 @@ impl<A: Allocator + Clone> Store<A> {
         since: Since,
         opts: &ListenOpts,
         now_ms: u64,
-        future_clamp: MsgId,
+        future_clamp: super::Clamp,
         counted: bool,
     ) -> Result<Result<(Parked, bool), MsgId>, StoreError> {
         ch.last_requested_ms = now_ms.max(1);

@@ -115,6 +115,15 @@ pub struct WakeTarget {
     pub index: u32,
 }
 
+/// Ids a listener gives that are newer than the zone's last one (`last`) count as `last` (from
+/// before a clock step, or made up: the listener gets the next message), unless they are up to
+/// `trust_upto` (see `Store::future_clamp`).
+#[derive(Debug, Clone, Copy)]
+pub struct Clamp {
+    pub last: MsgId,
+    pub trust_upto: MsgId,
+}
+
 /// How a channel is published to, from the publishing location's configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct PublishOpts {

@@ -153,6 +153,17 @@ impl<A: Allocator + Clone> Store<A> {
         mine
     }
 
+    /// How ids past the zone's last one count (see [`super::Clamp`]). With the outbox on, an
+    /// id up to a minute ahead of the clock may be one another node has shown and this zone
+    /// has not stored yet: the listener waits for what follows it, never a message it had.
+    pub(super) fn future_clamp(&self, now_ms: u64) -> super::Clamp {
+        let trust_upto = match self.outbox {
+            Some(_) => now_ms.saturating_add(60_000).saturating_mul(1000),
+            None => 0,
+        };
+        super::Clamp { last: self.last_id, trust_upto }
+    }
+
     /// The last id channel `name` has here (`0`: none, or no such channel).
     pub fn channel_last_id(&self, name: &[u8]) -> MsgId {
         // SAFETY: a live channel of the table, only read here.

@@ -131,3 +131,30 @@ fn remote_messages_come_in_order_and_wake_the_listeners() {
     assert_eq!(got, vec![b"one".to_vec(), b"two".to_vec()]);
     s.check();
 }
+
+#[test]
+fn with_the_outbox_on_an_id_not_stored_yet_waits_for_what_follows_it() {
+    let (mut s, slots) = store_with_workers(1);
+    s.enable_outbox(1 << 16).unwrap();
+    let mut wake = vec![];
+    let m = |id, body: &'static [u8]| crate::persist::SavedMessage {
+        channel: b"c",
+        channel_timeout_ms: 300_000,
+        id,
+        time: T0 / 1000,
+        expires_ms: u64::MAX,
+        keep: 10,
+        content_type: b"",
+        event: b"",
+        body,
+    };
+    s.insert_remote(&m(T0 * 1000, b"one"), T0, &mut wake).unwrap();
+    // A listener that got id T0*1000+7 from another node, before this zone has it.
+    let since = Since::After(T0 * 1000 + 7);
+    let r = s.listen(b"c", since, &lopts(slots[0]), T0, &mut wake).unwrap();
+    assert!(matches!(r, Listen::Park(p) if p.since == T0 * 1000 + 7), "not answered with \"one\"");
+    // A made-up id far in the future still counts as the zone's last one.
+    let r = s.listen(b"c", Since::After(u64::MAX / 2), &lopts(slots[0]), T0, &mut wake).unwrap();
+    assert!(matches!(r, Listen::Park(p) if p.since == T0 * 1000));
+    s.check();
+}
