@@ -26,12 +26,16 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use martd_core::persist::{decode_one, Record};
+
+use self::streams::{fetch, load_all, post};
 use martd_core::store::Done;
 use nginx_sys::{NGX_LOG_ERR, NGX_LOG_NOTICE};
 
 use crate::backend::side::{self, Conf, Shared, SideThread};
 use crate::conf::MainConf;
 use crate::zone::{self, ZoneRoot};
+
+mod streams;
 
 /// The outbox's room: a sixteenth of the zone, between 64 KB and 16 MB.
 fn outbox_cap(mcf: &MainConf) -> usize {
@@ -41,7 +45,7 @@ fn outbox_cap(mcf: &MainConf) -> usize {
 /// Longest wait between two tries to reach Redis.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Entries read per `XRANGE`.
-const FETCH_BATCH: usize = 1000;
+pub(super) const FETCH_BATCH: usize = 1000;
 
 /// Gives a message its id, appends it to its channel's stream and announces the channel.
 /// KEYS: stream, last id. ARGV: maxlen, record, announce channel, channel name.
@@ -83,7 +87,7 @@ fn namespace(mcf: &MainConf) -> Vec<u8> {
     }
 }
 
-fn stream_key(ns: &[u8], ch: &[u8]) -> Vec<u8> {
+pub(super) fn stream_key(ns: &[u8], ch: &[u8]) -> Vec<u8> {
     [ns, b":{", ch, b"}:s"].concat()
 }
 
@@ -92,7 +96,7 @@ fn last_key(ns: &[u8], ch: &[u8]) -> Vec<u8> {
 }
 
 /// The channel a stream key names.
-fn channel_of(ns: &[u8], key: &[u8]) -> Option<Vec<u8>> {
+pub(super) fn channel_of(ns: &[u8], key: &[u8]) -> Option<Vec<u8>> {
     let rest = key.strip_prefix(ns)?.strip_prefix(b":{")?;
     Some(rest.strip_suffix(b"}:s")?.to_vec())
 }
@@ -127,7 +131,7 @@ pub fn stop(mcf: &'static MainConf) {
 }
 
 /// Sends wake-ups to worker slots.
-fn wake(nonce: u64, slots: impl IntoIterator<Item = u32>) {
+pub(super) fn wake(nonce: u64, slots: impl IntoIterator<Item = u32>) {
     if let Ok(fd) = crate::notify::sender() {
         for slot in slots {
             crate::notify::send(fd, nonce, slot);
@@ -189,7 +193,7 @@ fn set_down(mcf: &'static MainConf, down: bool) {
     wake(nonce, failed.iter().map(|o| o.slot));
 }
 
-type Conn = redis::aio::MultiplexedConnection;
+pub(super) type Conn = redis::aio::MultiplexedConnection;
 
 async fn session(
     mcf: &'static MainConf,
@@ -272,94 +276,4 @@ async fn publish_outbox(
         post(mcf, std::slice::from_ref(o), id);
     }
     Ok(())
-}
-
-/// Posts outcomes (`id` `0`: failed) and wakes their workers.
-fn post(mcf: &'static MainConf, items: &[martd_core::store::Outgoing], id: u64) {
-    let Some(mut z) = zone::lock(mcf) else { return };
-    let nonce = z.root().nonce;
-    let store = z.store();
-    for o in items {
-        let listeners = store.channel_listeners(&o.channel);
-        store.outbox_done(Done { seq: o.seq, slot: o.slot, id, listeners });
-    }
-    drop(z);
-    wake(nonce, items.iter().map(|o| o.slot));
-}
-
-/// Stores every message of channel `ch`'s stream newer than what this zone has.
-async fn fetch(
-    mcf: &'static MainConf,
-    conn: &mut Conn,
-    ns: &[u8],
-    ch: &[u8],
-) -> Result<(), String> {
-    let key = stream_key(ns, ch);
-    loop {
-        let last = match zone::lock(mcf) {
-            Some(mut z) => z.store().channel_last_id(ch),
-            None => return Ok(()),
-        };
-        let start = format!("({last}-0");
-        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg(&key)
-            .arg(&start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(FETCH_BATCH)
-            .query_async(conn)
-            .await
-            .map_err(|e| e.to_string())?;
-        let n = reply.ids.len();
-        store_entries(mcf, ch, reply);
-        if n < FETCH_BATCH {
-            return Ok(());
-        }
-    }
-}
-
-/// Stores stream entries in the zone and wakes the workers with listeners on the channel.
-fn store_entries(mcf: &'static MainConf, ch: &[u8], reply: redis::streams::StreamRangeReply) {
-    let now = crate::worker::now_ms();
-    let mut wake_targets = Vec::new();
-    let Some(mut z) = zone::lock(mcf) else { return };
-    let nonce = z.root().nonce;
-    for entry in reply.ids {
-        let id = entry.id.split('-').next().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
-        let Some(redis::Value::BulkString(bytes)) = entry.map.get("m") else { continue };
-        let Some(Record::Message(mut m)) = decode_one(&bytes[..]) else { continue };
-        if id == 0 || m.channel != ch {
-            continue;
-        }
-        m.id = id;
-        let _ = z.store().insert_remote(&m, now, &mut wake_targets);
-    }
-    drop(z);
-    wake(nonce, wake_targets.iter().map(|t| t.slot));
-}
-
-/// Reads every channel's stream (a node that starts, or comes back).
-async fn load_all(mcf: &'static MainConf, conn: &mut Conn, ns: &[u8]) -> Result<(), String> {
-    let pattern = [ns, b":{*}:s"].concat();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(500)
-            .query_async(conn)
-            .await
-            .map_err(|e| e.to_string())?;
-        for k in keys {
-            if let Some(ch) = channel_of(ns, &k) {
-                fetch(mcf, conn, ns, &ch).await?;
-            }
-        }
-        if next == 0 {
-            return Ok(());
-        }
-        cursor = next;
-    }
 }
