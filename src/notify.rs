@@ -29,6 +29,9 @@ use nginx_sys::{ngx_cycle_t, ngx_http_conf_ctx_t, ngx_http_module};
 
 use crate::conf::MainConf;
 
+/// The address of a node's engine thread (`martd_redis_url`), beside the workers' slots.
+pub const ENGINE_SLOT: u32 = u32::MAX;
+
 /// The abstract-namespace address of slot `slot` in the zone with nonce `nonce`.
 fn address(nonce: u64, slot: u32) -> (libc::sockaddr_un, libc::socklen_t) {
     // SAFETY: an all-zero `sockaddr_un` is a valid (empty) address.

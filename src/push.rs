@@ -267,14 +267,20 @@ fn publish_through_redis(
         if !z.store().admits(name, key.as_ref()) {
             return Err(StoreError::Forbidden);
         }
-        z.store().outbox_push(slot, name, &record)
+        let seq = z.store().outbox_push(slot, name, &record)?;
+        Ok((seq, z.store().outbox_signal()))
     });
     let seq = match queued {
         None => return NGX_ERROR as ngx_int_t,
         Some(Err(StoreError::Forbidden)) => return forbidden(r),
         Some(Err(StoreError::NoMemory)) => return zone_full(r, name),
         Some(Err(e)) => return held::refused(r, e),
-        Some(Ok(seq)) => seq,
+        Some(Ok((seq, signal))) => {
+            if signal {
+                crate::backend::redis::signal(mcf);
+            }
+            seq
+        }
     };
     let channel = name.to_vec();
     let answer = move |r: *mut ngx_http_request_t, done: Option<martd_core::store::Done>| {

@@ -275,6 +275,11 @@ pub fn wake(targets: &[WakeTarget]) {
     });
 }
 
+/// Sends one wake-up to address `slot` of this zone from the worker's socket (a worker only).
+pub fn send_to(slot: u32) -> Option<Sent> {
+    with(|st| if st.send_fd < 0 { Sent::Gone } else { notify::send(st.send_fd, st.nonce, slot) })
+}
+
 thread_local! {
     /// Wake-ups to send once the current handler is done (see [`wake_later`]), and the posted
     /// event that sends them.

@@ -9,6 +9,7 @@
 //! * [`info`]: the channel info bodies (plain text and JSON).
 //! * [`json`]: martd's JSON bodies (multi-channel replies, errors); [`key`]: channel keys.
 //! * [`api`]: parsing martd's API requests (attribute values, multi-channel listens).
+//! * [`redis`]: key names and announcements of the Redis mode.
 //! * [`stats`]: the stats counters and their JSON, text and Prometheus forms.
 //!
 //! Nothing here locks: the caller holds the zone's mutex around every call that takes the store.
@@ -22,6 +23,7 @@ pub mod listeners;
 pub mod msgid;
 pub mod persist;
 pub mod queue;
+pub mod redis;
 pub mod stats;
 pub mod store;
 pub mod transport;

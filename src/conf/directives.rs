@@ -8,9 +8,10 @@ use nginx_sys::{
     ngx_command_t, ngx_conf_enum_t, ngx_conf_log_error, ngx_conf_set_enum_slot,
     ngx_conf_set_flag_slot, ngx_conf_set_msec_slot, ngx_conf_set_num_slot, ngx_conf_set_size_slot,
     ngx_conf_set_str_slot, ngx_conf_t, ngx_http_conf_ctx_t, ngx_http_core_loc_conf_t,
-    ngx_http_core_module, ngx_http_set_complex_value_slot, ngx_parse_size, ngx_str_t, ngx_uint_t,
-    NGX_CONF_ANY, NGX_CONF_FLAG, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE2,
-    NGX_HTTP_LOC_CONF, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
+    ngx_http_core_module, ngx_http_set_complex_value_slot, ngx_int_t, ngx_msec_t, ngx_parse_size,
+    ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_ANY, NGX_CONF_FLAG, NGX_CONF_NOARGS,
+    NGX_CONF_TAKE1, NGX_CONF_TAKE2, NGX_HTTP_LOC_CONF, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF,
+    NGX_LOG_EMERG,
 };
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ngx_string;
@@ -42,7 +43,7 @@ static mut CONCURRENCY_VALUES: [ngx_conf_enum_t; 4] = [
 ];
 
 /// The directive table.
-pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 35] = [
+pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 37] = [
     command(
         ngx_string!("martd_shm_size"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
@@ -158,7 +159,7 @@ pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 35] = [
     ),
     command(
         ngx_string!("martd_redis_url"),
-        NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+        NGX_HTTP_MAIN_CONF | NGX_CONF_1MORE,
         cmd_redis_url,
         MAIN,
         0,
@@ -170,6 +171,22 @@ pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 35] = [
         ngx_conf_set_str_slot,
         MAIN,
         offset_of!(MainConf, redis_namespace),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_redis_cluster"),
+        NGX_HTTP_MAIN_CONF | NGX_CONF_FLAG,
+        ngx_conf_set_flag_slot,
+        MAIN,
+        offset_of!(MainConf, redis_cluster),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_redis_wait"),
+        NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1 | NGX_CONF_TAKE2,
+        cmd_redis_wait,
+        MAIN,
+        0,
         ptr::null_mut(),
     ),
     command(
@@ -369,7 +386,8 @@ unsafe extern "C" fn cmd_shm_size(
     NGX_CONF_OK
 }
 
-/// `martd_redis_url redis://[user:password@]host:port[/db];`
+/// `martd_redis_url redis://[user:password@]host:port[/db] [url...];` (several: seeds of a
+/// cluster).
 unsafe extern "C" fn cmd_redis_url(
     cf: *mut ngx_conf_t,
     _cmd: *mut ngx_command_t,
@@ -381,21 +399,51 @@ unsafe extern "C" fn cmd_redis_url(
         return c"is duplicate".as_ptr() as *mut c_char;
     }
     let a = args(cf);
-    let Some(url) = a.get(1) else { return NGX_CONF_ERROR };
-    let text = String::from_utf8_lossy(url).into_owned();
-    if let Err(why) = crate::backend::redis::check_url(&text) {
-        return conf_error(cf, &format!("invalid redis url \"{text}\": {why}"));
+    for url in &a[1..] {
+        let text = String::from_utf8_lossy(url).into_owned();
+        if let Err(why) = crate::backend::redis::check_url(&text) {
+            return conf_error(cf, &format!("invalid redis url \"{text}\": {why}"));
+        }
     }
+    let urls = a[1..].join(&b' ');
     // SAFETY: the configuration pool lives as long as the configuration.
     unsafe {
-        let data = nginx_sys::ngx_pnalloc((*cf).pool, url.len()) as *mut u8;
+        let data = nginx_sys::ngx_pnalloc((*cf).pool, urls.len()) as *mut u8;
         if data.is_null() {
             return NGX_CONF_ERROR;
         }
-        ptr::copy_nonoverlapping(url.as_ptr(), data, url.len());
-        mcf.redis_url = ngx_str_t { len: url.len(), data };
+        ptr::copy_nonoverlapping(urls.as_ptr(), data, urls.len());
+        mcf.redis_url = ngx_str_t { len: urls.len(), data };
     }
     mcf.used = true;
+    NGX_CONF_OK
+}
+
+/// `martd_redis_wait replicas [timeout];`: each publish is answered once that many replicas
+/// have it (Redis `WAIT`), or `503` after `timeout` (default 1s).
+unsafe extern "C" fn cmd_redis_wait(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: `conf` is this module's main conf, created by `create_main_conf`.
+    let mcf = unsafe { &mut *(conf as *mut MainConf) };
+    let a = args(cf);
+    let shown = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+    let n = std::str::from_utf8(&a[1]).ok().and_then(|s| s.parse::<u16>().ok());
+    let Some(n) = n else {
+        return conf_error(cf, &format!("invalid number of replicas \"{}\"", shown(&a[1])));
+    };
+    mcf.redis_wait_replicas = n as ngx_int_t;
+    if let Some(v) = a.get(2) {
+        let mut s = ngx_str_t { len: v.len(), data: v.as_ptr() as *mut u8 };
+        // SAFETY: `s` points at the argument, alive for the call; only read.
+        let ms = unsafe { nginx_sys::ngx_parse_time(&mut s, 0) };
+        if ms <= 0 {
+            return conf_error(cf, &format!("invalid timeout \"{}\"", shown(v)));
+        }
+        mcf.redis_wait_ms = ms as ngx_msec_t;
+    }
     NGX_CONF_OK
 }
 

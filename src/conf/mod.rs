@@ -65,9 +65,15 @@ pub struct MainConf {
     pub persist_dir_fd: libc::c_int,
     /// The workers' user, to own files the master makes (`uid_t::MAX`: not root).
     pub persist_user: libc::uid_t,
-    /// `martd_redis_url` (empty: off) and `martd_redis_namespace`.
+    /// `martd_redis_url` (empty: off; several urls: separated by spaces) and
+    /// `martd_redis_namespace`.
     pub redis_url: ngx_str_t,
     pub redis_namespace: ngx_str_t,
+    /// `martd_redis_cluster` (`NGX_CONF_UNSET` until read).
+    pub redis_cluster: ngx_flag_t,
+    /// `martd_redis_wait`: replicas each publish waits for (`0`: none) and how long.
+    pub redis_wait_replicas: ngx_int_t,
+    pub redis_wait_ms: ngx_msec_t,
 }
 
 /// What a location does.
@@ -181,6 +187,9 @@ pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             persist_user: libc::uid_t::MAX,
             redis_url: ngx_str_t { len: 0, data: ptr::null_mut() },
             redis_namespace: ngx_str_t { len: 0, data: ptr::null_mut() },
+            redis_cluster: UNSET,
+            redis_wait_replicas: 0,
+            redis_wait_ms: 1000,
         },
     )
 }
@@ -190,6 +199,9 @@ pub unsafe extern "C" fn init_main_conf(_cf: *mut ngx_conf_t, conf: *mut c_void)
     let mcf = unsafe { &mut *(conf as *mut MainConf) };
     if mcf.shm_size == UNSET_SIZE {
         mcf.shm_size = DEFAULT_SHM_SIZE;
+    }
+    if mcf.redis_cluster == UNSET {
+        mcf.redis_cluster = 0;
     }
     NGX_CONF_OK
 }

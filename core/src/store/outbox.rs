@@ -51,6 +51,8 @@ pub struct Outbox<A: Allocator> {
     pub down: bool,
     /// Outcomes that found no room (their publishers time out).
     pub lost: u64,
+    /// The engine thread was sent a wake-up it has not acted on (cleared when it takes).
+    signalled: bool,
 }
 
 impl<A: Allocator + Clone> Store<A> {
@@ -68,6 +70,7 @@ impl<A: Allocator + Clone> Store<A> {
             done: Vec::new_in(self.alloc.clone()),
             down: true,
             lost: 0,
+            signalled: false,
         };
         self.outbox =
             Some(Box::try_new_in(o, self.alloc.clone()).map_err(|_| StoreError::NoMemory)?);
@@ -119,9 +122,23 @@ impl<A: Allocator + Clone> Store<A> {
         Ok(seq)
     }
 
+    /// Whether the engine thread should be sent a wake-up for what was just queued: `true`
+    /// once until it takes the outbox (a burst of publishes costs one wake-up).
+    pub fn outbox_signal(&mut self) -> bool {
+        self.outbox.as_mut().is_some_and(|o| !std::mem::replace(&mut o.signalled, true))
+    }
+
+    /// The wake-up could not be sent (no engine thread listens): the next publish tries again.
+    pub fn outbox_unsignal(&mut self) {
+        if let Some(o) = self.outbox.as_mut() {
+            o.signalled = false;
+        }
+    }
+
     /// Takes every queued publish (the engine thread).
     pub fn outbox_take(&mut self) -> std::vec::Vec<Outgoing> {
         let Some(o) = self.outbox.as_mut() else { return std::vec::Vec::new() };
+        o.signalled = false;
         o.bytes = 0;
         o.items
             .drain(..)

@@ -158,3 +158,19 @@ fn with_the_outbox_on_an_id_not_stored_yet_waits_for_what_follows_it() {
     assert!(matches!(r, Listen::Park(p) if p.since == T0 * 1000));
     s.check();
 }
+
+#[test]
+fn the_outbox_asks_for_one_wake_up_per_burst() {
+    let (mut s, _) = store_with_workers(2);
+    s.enable_outbox(1 << 16).unwrap();
+    s.outbox_set_down(false);
+    s.outbox_push(0, b"a", b"r1").unwrap();
+    assert!(s.outbox_signal());
+    s.outbox_push(1, b"a", b"r2").unwrap();
+    assert!(!s.outbox_signal(), "one wake-up is on its way");
+    assert_eq!(s.outbox_take().len(), 2);
+    s.outbox_push(0, b"a", b"r3").unwrap();
+    assert!(s.outbox_signal(), "taken: the next publish wakes the thread again");
+    s.outbox_unsignal();
+    assert!(s.outbox_signal(), "a wake-up nobody received is sent again");
+}

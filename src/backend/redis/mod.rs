@@ -1,23 +1,25 @@
-//! `martd_redis_url`: several nginx nodes share channels through Redis.
+//! `martd_redis_url`: several nginx nodes share channels through Redis (a standalone server,
+//! or a Redis Cluster with `martd_redis_cluster on`).
 //!
 //! Listeners are served from the local zone only; Redis carries the messages. A message
 //! enters a node's zone only from that node's Redis thread, in the order of the channel's
 //! Redis stream, with the id Redis gave it, so ids are the same on every node and a listener
 //! can resume on any node with its `Etag`:
 //!
-//! 1. A worker's publish goes to the zone's outbox (`martd_core::store::Outbox`) and its
-//!    request is held (see `persist::held`).
+//! 1. A worker's publish goes to the zone's outbox (`martd_core::store::Outbox`), its request
+//!    is held (see `backend::held`), and the first publish of a burst sends the Redis thread
+//!    a datagram (its address is [`crate::notify::ENGINE_SLOT`]'s).
 //! 2. One worker per node (a lease in the zone root) runs the Redis thread: a tokio runtime
-//!    of its own with a multiplexed connection and a subscription, never the event loop. It
-//!    takes the outbox, and for each publish runs a script that gives the message its id
-//!    (larger than the channel's last one, from Redis's clock as martd makes ids), appends it
-//!    to the channel's stream (`MAXLEN ~`), and announces the channel on `NS:pub`.
-//! 3. On its own reply, or another node's announcement, the thread reads the channel's stream
-//!    after the last id this zone has and stores each message (`Store::insert_remote`), which
-//!    wakes the listeners of every worker; then it posts the publish's outcome and wakes the
-//!    publisher's worker, which answers `201`/`202`.
-//! 4. When the thread (re)connects it reads every channel's stream, so a node that starts or
-//!    comes back has what was published meanwhile.
+//!    of its own, never the event loop. It takes the whole outbox and publishes it pipelined
+//!    (see [`publish`]): a script gives each message its id (larger than the channel's last
+//!    one, from Redis's clock as martd makes ids), appends it to the channel's stream
+//!    (`MAXLEN ~`) and announces it on `NS:pub` with the id it follows.
+//! 3. A node whose zone has the id a message follows stores it at once (from its own reply,
+//!    or another node's announcement), `Store::insert_remote`, which wakes the listeners of
+//!    every worker; a node that missed something reads the channel's stream past its last id
+//!    (see [`streams`]). Then the publisher's worker is woken and answers `201`/`202`.
+//! 4. When the thread (re)connects it reads every channel's stream (every master's, in a
+//!    cluster), so a node that starts or comes back has what was published meanwhile.
 //! 5. Redis unreachable: publishes get `503` with a reason; listeners keep waiting; the thread
 //!    reconnects with a capped backoff and logs each change of state once.
 
@@ -25,16 +27,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use martd_core::persist::{decode_one, Record};
-
-use self::streams::{fetch, load_all, post};
 use martd_core::store::Done;
 use nginx_sys::{NGX_LOG_ERR, NGX_LOG_NOTICE};
+
+use self::link::Link;
+use self::publish::Publisher;
+use self::streams::{fetch, load_all};
 
 use crate::backend::side::{self, Conf, Shared, SideThread};
 use crate::conf::MainConf;
 use crate::zone::{self, ZoneRoot};
 
+mod link;
+mod publish;
 mod streams;
 
 /// The outbox's room: a sixteenth of the zone, between 64 KB and 16 MB.
@@ -47,21 +52,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Entries read per `XRANGE`.
 pub(super) const FETCH_BATCH: usize = 1000;
 
-/// Gives a message its id, appends it to its channel's stream and announces the channel.
-/// KEYS: stream, last id. ARGV: maxlen, record, announce channel, channel name.
-const PUBLISH_SCRIPT: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + math.floor(tonumber(t[2]) / 1000) * 1000
-local last = tonumber(redis.call('GET', KEYS[2]) or '0')
-local id = last + 1
-if now > id then id = now end
-local sid = string.format('%.0f', id)
-redis.call('SET', KEYS[2], sid)
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], sid .. '-0', 'm', ARGV[2])
-redis.call('PUBLISH', ARGV[3], ARGV[4])
-return sid
-";
-
 /// Checks a `martd_redis_url` value.
 pub fn check_url(url: &str) -> Result<(), String> {
     if url.starts_with("rediss://") {
@@ -73,9 +63,11 @@ pub fn check_url(url: &str) -> Result<(), String> {
     redis::Client::open(url).map(drop).map_err(|e| e.to_string())
 }
 
-fn url_of(mcf: &MainConf) -> Option<String> {
-    let u = crate::conf::conf_bytes(&mcf.redis_url);
-    (!u.is_empty()).then(|| String::from_utf8_lossy(u).into_owned())
+/// The configured urls (none: off).
+fn urls_of(mcf: &MainConf) -> Option<Vec<String>> {
+    let u = String::from_utf8_lossy(crate::conf::conf_bytes(&mcf.redis_url)).into_owned();
+    let urls: Vec<String> = u.split(' ').filter(|s| !s.is_empty()).map(String::from).collect();
+    (!urls.is_empty()).then_some(urls)
 }
 
 fn namespace(mcf: &MainConf) -> Vec<u8> {
@@ -87,23 +79,9 @@ fn namespace(mcf: &MainConf) -> Vec<u8> {
     }
 }
 
-pub(super) fn stream_key(ns: &[u8], ch: &[u8]) -> Vec<u8> {
-    [ns, b":{", ch, b"}:s"].concat()
-}
-
-fn last_key(ns: &[u8], ch: &[u8]) -> Vec<u8> {
-    [ns, b":{", ch, b"}:l"].concat()
-}
-
-/// The channel a stream key names.
-pub(super) fn channel_of(ns: &[u8], key: &[u8]) -> Option<Vec<u8>> {
-    let rest = key.strip_prefix(ns)?.strip_prefix(b":{")?;
-    Some(rest.strip_suffix(b"}:s")?.to_vec())
-}
-
 /// `init_zone` (the master): the outbox on or off for this configuration.
 pub fn configure(mcf: &MainConf, root: &mut ZoneRoot) -> Result<(), ()> {
-    if url_of(mcf).is_none() {
+    if urls_of(mcf).is_none() {
         root.store.disable_outbox();
         return Ok(());
     }
@@ -121,13 +99,23 @@ fn lease(root: &mut ZoneRoot) -> &mut i32 {
 /// A worker's tick (start, and once a second): takes the Redis lease if nobody holds it, and
 /// logs what its thread has to say.
 pub fn tick(mcf: &'static MainConf) {
-    let Some(url) = url_of(mcf) else { return };
-    side::tick(&THREAD, mcf, lease, "martd-redis", move |conf, shared| run(conf, url, shared));
+    let Some(urls) = urls_of(mcf) else { return };
+    side::tick(&THREAD, mcf, lease, "martd-redis", move |conf, shared| run(conf, urls, shared));
 }
 
 /// `exit_process`: the thread stops; the lease is given back.
 pub fn stop(mcf: &'static MainConf) {
     side::stop(&THREAD, mcf, lease);
+}
+
+/// A worker queued the first publish of a burst: wakes the Redis thread. If none listens, the
+/// next publish tries again (and the thread looks at the outbox every 100 ms anyway).
+pub fn signal(mcf: &'static MainConf) {
+    if crate::worker::send_to(crate::notify::ENGINE_SLOT) == Some(crate::notify::Sent::Gone) {
+        if let Some(mut z) = zone::lock(mcf) {
+            z.store().outbox_unsignal();
+        }
+    }
 }
 
 /// Sends wake-ups to worker slots.
@@ -140,7 +128,7 @@ pub(super) fn wake(nonce: u64, slots: impl IntoIterator<Item = u32>) {
     }
 }
 
-fn run(conf: Conf, url: String, shared: Arc<Shared>) {
+fn run(conf: Conf, urls: Vec<String>, shared: Arc<Shared>) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().enable_io().build();
     let rt = match rt {
         Ok(rt) => rt,
@@ -149,22 +137,55 @@ fn run(conf: Conf, url: String, shared: Arc<Shared>) {
             return;
         }
     };
-    rt.block_on(session_loop(conf.0, url, shared));
+    rt.block_on(session_loop(conf.0, urls, shared));
+}
+
+/// The thread's wake-up socket, at the engine's address of the zone.
+struct Waker {
+    sock: Option<tokio::net::UnixDatagram>,
+}
+
+impl Waker {
+    /// Binds the socket (it may still be bound by the thread of a worker that is exiting:
+    /// then later).
+    fn bind(&mut self, mcf: &'static MainConf) {
+        if self.sock.is_some() {
+            return;
+        }
+        let Some(nonce) = zone::lock(mcf).map(|mut z| z.root().nonce) else { return };
+        let Ok(fd) = crate::notify::bind(nonce, crate::notify::ENGINE_SLOT) else { return };
+        // SAFETY: `fd` is a non-blocking datagram socket just made and owned by nothing else.
+        let std = unsafe {
+            <std::os::unix::net::UnixDatagram as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        };
+        self.sock = tokio::net::UnixDatagram::from_std(std).ok();
+    }
+
+    /// Waits for a wake-up and drains the socket (never, unbound).
+    async fn woken(&self) {
+        let Some(sock) = &self.sock else { return std::future::pending().await };
+        let mut buf = [0u8; 16];
+        let _ = sock.recv(&mut buf).await;
+        while sock.try_recv(&mut buf).is_ok() {}
+    }
 }
 
 /// Connects, serves, and reconnects with a capped backoff until stopped.
-async fn session_loop(mcf: &'static MainConf, url: String, shared: Arc<Shared>) {
+async fn session_loop(mcf: &'static MainConf, urls: Vec<String>, shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(100);
     let mut was_up: Option<bool> = None;
+    let shown = urls.join(" ");
+    let mut waker = Waker { sock: None };
+    waker.bind(mcf);
     while !shared.stopping() {
-        let result = session(mcf, &url, &shared, &mut was_up).await;
+        let result = session(mcf, &urls, &shared, &mut was_up, &mut waker).await;
         if shared.stopping() {
             break;
         }
         set_down(mcf, true);
         if was_up != Some(false) {
             let why = result.err().unwrap_or_else(|| "connection closed".into());
-            shared.log(NGX_LOG_ERR, format!("martd_redis_url \"{url}\": unavailable: {why}"));
+            shared.log(NGX_LOG_ERR, format!("martd_redis_url \"{shown}\": unavailable: {why}"));
             was_up = Some(false);
         }
         tokio::time::sleep(backoff).await;
@@ -193,87 +214,52 @@ fn set_down(mcf: &'static MainConf, down: bool) {
     wake(nonce, failed.iter().map(|o| o.slot));
 }
 
-pub(super) type Conn = redis::aio::MultiplexedConnection;
-
 async fn session(
     mcf: &'static MainConf,
-    url: &str,
+    urls: &[String],
     shared: &Shared,
     was_up: &mut Option<bool>,
+    waker: &mut Waker,
 ) -> Result<(), String> {
-    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
-    let connect = client.get_multiplexed_async_connection();
-    let mut conn = tokio::time::timeout(Duration::from_secs(3), connect)
-        .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    let mut pubsub = client.get_async_pubsub().await.map_err(|e| e.to_string())?;
+    let cluster = mcf.redis_cluster == 1;
+    let mut link: Link = link::connect(urls, cluster).await?;
     let ns = namespace(mcf);
     let announce = [&ns[..], b":pub"].concat();
-    pubsub.subscribe(&announce).await.map_err(|e| e.to_string())?;
-    let script = redis::Script::new(PUBLISH_SCRIPT);
+    let mut pubsub = link::subscribe(urls, &announce).await?;
     // Everything published while this node was away.
-    load_all(mcf, &mut conn, &ns).await?;
+    load_all(mcf, &mut link, urls, &ns).await?;
     set_down(mcf, false);
     if *was_up != Some(true) {
-        shared.log(NGX_LOG_NOTICE, format!("martd_redis_url \"{url}\": connected"));
+        let shown = urls.join(" ");
+        shared.log(NGX_LOG_NOTICE, format!("martd_redis_url \"{shown}\": connected"));
         *was_up = Some(true);
     }
+    let publisher = Publisher {
+        ns: ns.clone(),
+        announce,
+        wait_replicas: mcf.redis_wait_replicas as i64,
+        wait_ms: mcf.redis_wait_ms as u64,
+    };
     let mut messages = pubsub.on_message();
-    let mut tick = tokio::time::interval(Duration::from_millis(2));
     loop {
         if shared.stopping() {
             return Ok(());
         }
+        // Without its socket the thread looks at the outbox often; with it, now and then
+        // (a wake-up lost to a full socket queue, a publish queued as the thread changed).
+        let every = if waker.sock.is_some() { 100 } else { 2 };
         tokio::select! {
             m = messages.next() => {
                 let Some(m) = m else { return Err("subscription closed".into()) };
-                let ch: Vec<u8> = m.get_payload_bytes().to_vec();
-                fetch(mcf, &mut conn, &ns, &ch).await?;
+                if let Some(ch) = publish::announced(mcf, m.get_payload_bytes()) {
+                    fetch(mcf, &mut link, &ns, &ch).await?;
+                }
             }
-            _ = tick.tick() => {
-                publish_outbox(mcf, &mut conn, &script, &ns, &announce).await?;
+            _ = waker.woken() => publish::outbox(mcf, &mut link, &publisher).await?,
+            _ = tokio::time::sleep(Duration::from_millis(every)) => {
+                waker.bind(mcf);
+                publish::outbox(mcf, &mut link, &publisher).await?;
             }
         }
     }
-}
-
-/// Publishes what the outbox holds, in order, and posts each outcome.
-async fn publish_outbox(
-    mcf: &'static MainConf,
-    conn: &mut Conn,
-    script: &redis::Script,
-    ns: &[u8],
-    announce: &[u8],
-) -> Result<(), String> {
-    let items = match zone::lock(mcf) {
-        Some(mut z) => z.store().outbox_take(),
-        None => return Ok(()),
-    };
-    for (i, o) in items.iter().enumerate() {
-        let keep = match decode_one(&o.record) {
-            Some(Record::Message(m)) => m.keep.max(1),
-            _ => 1,
-        };
-        let res: Result<String, _> = script
-            .key(stream_key(ns, &o.channel))
-            .key(last_key(ns, &o.channel))
-            .arg(keep)
-            .arg(&o.record[..])
-            .arg(announce)
-            .arg(&o.channel[..])
-            .invoke_async(conn)
-            .await;
-        let id = match res {
-            Ok(s) => s.parse::<u64>().unwrap_or(0),
-            Err(e) => {
-                // This one and the rest fail; the session starts again.
-                post(mcf, &items[i..], 0);
-                return Err(e.to_string());
-            }
-        };
-        fetch(mcf, conn, ns, &o.channel).await?;
-        post(mcf, std::slice::from_ref(o), id);
-    }
-    Ok(())
 }

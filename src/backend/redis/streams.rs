@@ -1,31 +1,19 @@
 //! Bringing Redis's streams into the zone: a channel's stream read past the zone's last id
-//! (`XRANGE`), every channel's on (re)connect, and the outcomes of publishes posted to their
-//! workers.
+//! (`XRANGE`), and every channel's on (re)connect.
 
 use martd_core::persist::{decode_one, Record};
-use martd_core::store::Done;
 
-use super::{channel_of, stream_key, wake, Conn, FETCH_BATCH};
+use super::link::{self, Link};
+use martd_core::redis::{channel_of, stream_key};
+
+use super::{wake, FETCH_BATCH};
 use crate::conf::MainConf;
 use crate::zone;
-
-/// Posts outcomes (`id` `0`: failed) and wakes their workers.
-pub(super) fn post(mcf: &'static MainConf, items: &[martd_core::store::Outgoing], id: u64) {
-    let Some(mut z) = zone::lock(mcf) else { return };
-    let nonce = z.root().nonce;
-    let store = z.store();
-    for o in items {
-        let listeners = store.channel_listeners(&o.channel);
-        store.outbox_done(Done { seq: o.seq, slot: o.slot, id, listeners });
-    }
-    drop(z);
-    wake(nonce, items.iter().map(|o| o.slot));
-}
 
 /// Stores every message of channel `ch`'s stream newer than what this zone has.
 pub(super) async fn fetch(
     mcf: &'static MainConf,
-    conn: &mut Conn,
+    link: &mut Link,
     ns: &[u8],
     ch: &[u8],
 ) -> Result<(), String> {
@@ -42,7 +30,7 @@ pub(super) async fn fetch(
             .arg("+")
             .arg("COUNT")
             .arg(FETCH_BATCH)
-            .query_async(conn)
+            .query_async(link)
             .await
             .map_err(|e| e.to_string())?;
         let n = reply.ids.len();
@@ -73,32 +61,37 @@ fn store_entries(mcf: &'static MainConf, ch: &[u8], reply: redis::streams::Strea
     wake(nonce, wake_targets.iter().map(|t| t.slot));
 }
 
-/// Reads every channel's stream (a node that starts, or comes back).
+/// Reads every channel's stream (a node that starts, or comes back): the keys of every
+/// server (each master of a cluster) that match the namespace's streams.
 pub(super) async fn load_all(
     mcf: &'static MainConf,
-    conn: &mut Conn,
+    link: &mut Link,
+    urls: &[String],
     ns: &[u8],
 ) -> Result<(), String> {
     let pattern = [ns, b":{*}:s"].concat();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(500)
-            .query_async(conn)
-            .await
-            .map_err(|e| e.to_string())?;
-        for k in keys {
-            if let Some(ch) = channel_of(ns, &k) {
-                fetch(mcf, conn, ns, &ch).await?;
+    for mut server in link::scan_targets(link, urls).await? {
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut server)
+                .await
+                .map_err(|e| e.to_string())?;
+            for k in keys {
+                if let Some(ch) = channel_of(ns, &k) {
+                    fetch(mcf, link, ns, &ch).await?;
+                }
             }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
         }
-        if next == 0 {
-            return Ok(());
-        }
-        cursor = next;
     }
+    Ok(())
 }

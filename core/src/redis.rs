@@ -1,0 +1,103 @@
+//! What martd's Redis mode writes and reads, without a connection: key names, the
+//! announcements nodes publish to each other, and `CLUSTER NODES` replies.
+//!
+//! Keys of namespace `NS` and channel `CH` share the hash tag `{CH}`, so a Redis Cluster keeps
+//! each channel's keys on one master: `NS:{CH}:s` (the stream of its messages) and `NS:{CH}:l`
+//! (its last id).
+
+pub fn stream_key(ns: &[u8], ch: &[u8]) -> Vec<u8> {
+    [ns, b":{", ch, b"}:s"].concat()
+}
+
+pub fn last_key(ns: &[u8], ch: &[u8]) -> Vec<u8> {
+    [ns, b":{", ch, b"}:l"].concat()
+}
+
+/// The channel a stream key names.
+pub fn channel_of(ns: &[u8], key: &[u8]) -> Option<Vec<u8>> {
+    let rest = key.strip_prefix(ns)?.strip_prefix(b":{")?;
+    Some(rest.strip_suffix(b"}:s")?.to_vec())
+}
+
+/// An announcement: the id the message follows, its id, its channel, and its record if small.
+pub type Announcement<'a> = (u64, u64, &'a [u8], Option<&'a [u8]>);
+
+/// `<prev> <id> <len> <channel>[ <record>]`.
+pub fn parse_announcement(payload: &[u8]) -> Option<Announcement<'_>> {
+    let mut rest = payload;
+    let mut num = || {
+        let sp = rest.iter().position(|&b| b == b' ')?;
+        let n = std::str::from_utf8(&rest[..sp]).ok()?.parse::<u64>().ok()?;
+        rest = &rest[sp + 1..];
+        Some(n)
+    };
+    let (prev, id, len) = (num()?, num()?, num()? as usize);
+    let ch = rest.get(..len)?;
+    let record = rest.get(len..).and_then(|r| r.strip_prefix(b" "));
+    Some((prev, id, ch, record))
+}
+
+/// The `host:port` of each master that is not failing, from `CLUSTER NODES`'s text.
+pub fn masters(nodes: &str) -> Vec<&str> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            let (address, flags) = (f.get(1)?, f.get(2)?);
+            let master = flags.split(',').any(|x| x == "master");
+            let failing = flags.split(',').any(|x| x == "fail" || x == "fail?");
+            let address = address.split(['@', ',']).next()?;
+            (master && !failing && !address.starts_with(':')).then_some(address)
+        })
+        .collect()
+}
+
+/// `seed` with its `host:port` replaced by `address` (scheme, credentials and db kept).
+pub fn with_address(seed: &str, address: &str) -> String {
+    let (scheme, rest) = seed.split_once("://").unwrap_or(("redis", seed));
+    let (auth, hostpath) = match rest.rsplit_once('@') {
+        Some((a, h)) => (format!("{a}@"), h),
+        None => (String::new(), rest),
+    };
+    let path = hostpath.find('/').map_or("", |i| &hostpath[i..]);
+    format!("{scheme}://{auth}{address}{path}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_their_channel() {
+        assert_eq!(stream_key(b"ns", b"a:b"), b"ns:{a:b}:s");
+        assert_eq!(last_key(b"ns", b"c"), b"ns:{c}:l");
+        assert_eq!(channel_of(b"ns", b"ns:{a:b}:s"), Some(b"a:b".to_vec()));
+        assert_eq!(channel_of(b"ns", b"nx:{a}:s"), None);
+    }
+
+    #[test]
+    fn announcements_parse() {
+        let p = parse_announcement;
+        assert_eq!(p(b"0 5 2 a  b"), Some((0, 5, &b"a "[..], Some(&b"b"[..]))));
+        assert_eq!(p(b"0 5 3 a b"), Some((0, 5, &b"a b"[..], None)));
+        assert_eq!(p(b"3 5 1 c"), Some((3, 5, &b"c"[..], None)));
+        assert_eq!(p(b"x 5 1 c"), None);
+        assert_eq!(p(b"1 5 9 c"), None);
+    }
+
+    #[test]
+    fn masters_of_cluster_nodes() {
+        let text = "a 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460\n\
+                    b 127.0.0.1:7001@17001,host master - 0 0 2 connected 5461-10922\n\
+                    c 127.0.0.1:7002@17002 master,fail - 0 0 3 disconnected\n\
+                    d 127.0.0.1:7003@17003 slave a 0 0 1 connected\n";
+        assert_eq!(masters(text), vec!["127.0.0.1:7000", "127.0.0.1:7001"]);
+    }
+
+    #[test]
+    fn address_replaced_keeping_credentials() {
+        let u = with_address("redis://u:p@h:1/2", "127.0.0.1:7001");
+        assert_eq!(u, "redis://u:p@127.0.0.1:7001/2");
+        assert_eq!(with_address("redis://h:1", "x:2"), "redis://x:2");
+    }
+}

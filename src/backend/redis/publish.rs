@@ -1,0 +1,219 @@
+//! Publishing through Redis, and what other nodes publish.
+//!
+//! The thread takes the whole outbox at once and sends it as pipelines, one per channel (a
+//! cluster routes each to the master of the channel's slot; a standalone server gets them
+//! all in one round trip). Each publish runs [`SCRIPT`], which gives the message its id,
+//! appends it to the channel's stream and announces it with the id it follows, and the
+//! message itself when it is small. A node whose zone has the id the message follows stores
+//! it straight from the reply or the announcement; any other node (it missed something)
+//! reads the channel's stream instead. With `martd_redis_wait`, each pipeline ends with
+//! `WAIT`, and its publishes are refused unless enough replicas had them in time.
+
+use std::collections::HashMap;
+
+use martd_core::persist::{decode_one, Record};
+use martd_core::store::{Done, Outgoing};
+use redis::Value;
+
+use super::link::Link;
+use super::streams::fetch;
+use martd_core::redis::{last_key, stream_key};
+
+use super::wake;
+use crate::conf::MainConf;
+use crate::zone;
+
+/// Gives a message its id (larger than the channel's last one, from Redis's clock as martd
+/// makes ids), appends it to the channel's stream and announces it.
+/// KEYS: stream, last id. ARGV: buffer length, record, announce channel, channel name.
+/// Announces `<previous id> <id> <channel length> <channel> [<record>]` (the record only up
+/// to 64 KB); returns `{id, previous id}`.
+const SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + math.floor(tonumber(t[2]) / 1000) * 1000
+local prev = redis.call('GET', KEYS[2]) or '0'
+local id = tonumber(prev) + 1
+if now > id then id = now end
+local sid = string.format('%.0f', id)
+redis.call('SET', KEYS[2], sid)
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], sid .. '-0', 'm', ARGV[2])
+local body = ''
+if string.len(ARGV[2]) <= 65536 then body = ' ' .. ARGV[2] end
+redis.call('PUBLISH', ARGV[3], prev .. ' ' .. sid .. ' ' .. string.len(ARGV[4]) .. ' ' .. ARGV[4] .. body)
+return {sid, prev}
+";
+
+/// The thread's view of the configuration.
+pub struct Publisher {
+    pub ns: Vec<u8>,
+    pub announce: Vec<u8>,
+    pub wait_replicas: i64,
+    pub wait_ms: u64,
+}
+
+/// A publish's place in Redis: its id and the id it follows (`None`: refused).
+type Placed = Option<(u64, u64)>;
+
+/// Publishes what the outbox holds and posts each outcome. An error of the connection fails
+/// every publish not answered yet (`503`) and ends the session.
+pub async fn outbox(mcf: &'static MainConf, link: &mut Link, p: &Publisher) -> Result<(), String> {
+    let items = match zone::lock(mcf) {
+        Some(mut z) => z.store().outbox_take(),
+        None => return Ok(()),
+    };
+    if items.is_empty() {
+        return Ok(());
+    }
+    // Per channel, in order.
+    let mut order: Vec<&[u8]> = Vec::new();
+    let mut by_channel: HashMap<&[u8], Vec<usize>> = HashMap::new();
+    for (i, o) in items.iter().enumerate() {
+        by_channel
+            .entry(&o.channel[..])
+            .or_insert_with(|| {
+                order.push(&o.channel[..]);
+                Vec::new()
+            })
+            .push(i);
+    }
+    let sends = order.iter().map(|ch| {
+        let idx = &by_channel[ch];
+        let mut link = link.clone();
+        let pipe = pipeline(p, ch, idx.iter().map(|&i| &items[i]));
+        async move { (idx, pipe.query_async::<Vec<Value>>(&mut link).await) }
+    });
+    let replies = futures_util::future::join_all(sends).await;
+    let mut placed: Vec<Placed> = vec![None; items.len()];
+    let mut failure = None;
+    for (idx, reply) in replies {
+        match reply {
+            Ok(values) => {
+                let confirmed = confirmed(p, values.get(idx.len()));
+                for (k, &i) in idx.iter().enumerate() {
+                    placed[i] = values.get(k).and_then(id_pair).filter(|_| confirmed);
+                }
+            }
+            Err(e) => failure = Some(e.to_string()),
+        }
+    }
+    let missed = store_own(mcf, &items, &placed);
+    for ch in &missed {
+        if let Err(e) = fetch(mcf, link, &p.ns, ch).await {
+            failure.get_or_insert(e);
+        }
+    }
+    post(mcf, &items, &placed);
+    failure.map_or(Ok(()), Err)
+}
+
+fn pipeline<'a>(
+    p: &Publisher,
+    ch: &[u8],
+    items: impl Iterator<Item = &'a Outgoing>,
+) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    let (stream, last) = (stream_key(&p.ns, ch), last_key(&p.ns, ch));
+    for o in items {
+        let keep = match decode_one(&o.record) {
+            Some(Record::Message(m)) => m.keep.max(1),
+            _ => 1,
+        };
+        pipe.cmd("EVAL").arg(SCRIPT).arg(2).arg(&stream).arg(&last);
+        pipe.arg(keep).arg(&o.record[..]).arg(&p.announce[..]).arg(ch);
+    }
+    if p.wait_replicas > 0 {
+        pipe.cmd("WAIT").arg(p.wait_replicas).arg(p.wait_ms);
+    }
+    pipe
+}
+
+/// Whether the pipeline's `WAIT` (if any) counted enough replicas.
+fn confirmed(p: &Publisher, wait: Option<&Value>) -> bool {
+    if p.wait_replicas <= 0 {
+        return true;
+    }
+    matches!(wait, Some(Value::Int(n)) if *n >= p.wait_replicas)
+}
+
+/// `{id, previous id}` from the script's reply.
+fn id_pair(v: &Value) -> Placed {
+    let Value::Array(a) = v else { return None };
+    let num = |v: Option<&Value>| match v {
+        Some(Value::BulkString(b)) => std::str::from_utf8(b).ok()?.parse::<u64>().ok(),
+        _ => None,
+    };
+    Some((num(a.first())?, num(a.get(1))?))
+}
+
+/// Stores this node's own publishes that follow what the zone has, in order, waking their
+/// listeners; the channels that missed something (another node published between), to be
+/// read from their streams.
+fn store_own(mcf: &'static MainConf, items: &[Outgoing], placed: &[Placed]) -> Vec<Vec<u8>> {
+    let now = crate::worker::now_ms();
+    let mut missed: Vec<Vec<u8>> = Vec::new();
+    let mut targets = Vec::new();
+    let Some(mut z) = zone::lock(mcf) else { return missed };
+    let nonce = z.root().nonce;
+    let store = z.store();
+    for (o, place) in items.iter().zip(placed) {
+        let Some((id, prev)) = *place else { continue };
+        if missed.contains(&o.channel) {
+            continue;
+        }
+        let last = store.channel_last_id(&o.channel);
+        if last >= id {
+            continue;
+        }
+        match decode_one(&o.record) {
+            Some(Record::Message(mut m)) if last == prev => {
+                m.id = id;
+                let _ = store.insert_remote(&m, now, &mut targets);
+            }
+            _ => missed.push(o.channel.clone()),
+        }
+    }
+    drop(z);
+    wake(nonce, targets.iter().map(|t| t.slot));
+    missed
+}
+
+/// Posts outcomes (refused ones: id `0`, answered `503`) and wakes their workers.
+fn post(mcf: &'static MainConf, items: &[Outgoing], placed: &[Placed]) {
+    let Some(mut z) = zone::lock(mcf) else { return };
+    let nonce = z.root().nonce;
+    let store = z.store();
+    for (o, place) in items.iter().zip(placed) {
+        let (id, listeners) = match place {
+            Some((id, _)) => (*id, store.channel_listeners(&o.channel)),
+            None => (0, 0),
+        };
+        store.outbox_done(Done { seq: o.seq, slot: o.slot, id, listeners });
+    }
+    drop(z);
+    wake(nonce, items.iter().map(|o| o.slot));
+}
+
+/// An announcement from the announce channel: stores the message if it follows what the zone
+/// has; the channel to read from its stream if this node missed something.
+pub fn announced(mcf: &'static MainConf, payload: &[u8]) -> Option<Vec<u8>> {
+    let (prev, id, ch, record) = martd_core::redis::parse_announcement(payload)?;
+    let now = crate::worker::now_ms();
+    let mut targets = Vec::new();
+    let mut z = zone::lock(mcf)?;
+    let nonce = z.root().nonce;
+    let store = z.store();
+    let last = store.channel_last_id(ch);
+    if last >= id {
+        return None;
+    }
+    match record.and_then(decode_one) {
+        Some(Record::Message(mut m)) if last == prev && m.channel == ch => {
+            m.id = id;
+            let _ = store.insert_remote(&m, now, &mut targets);
+        }
+        _ => return Some(ch.to_vec()),
+    }
+    drop(z);
+    wake(nonce, targets.iter().map(|t| t.slot));
+    None
+}
