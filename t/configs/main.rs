@@ -18,6 +18,7 @@ mod persist;
 mod realip;
 mod redirect;
 mod redis;
+mod redis_cluster;
 mod reload;
 mod stale_handle;
 mod streams;

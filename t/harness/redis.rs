@@ -116,3 +116,87 @@ impl Drop for Redis {
         self.kill();
     }
 }
+
+/// A Redis Cluster on loopback: `masters` masters with one replica each, made with
+/// `redis-cli --cluster create` (node timeout 1 s, so a killed master's replica takes over in
+/// a few seconds). Each node is a [`Redis`] with its own directory and append-only file.
+pub struct Cluster {
+    pub nodes: Vec<Redis>,
+}
+
+impl Cluster {
+    pub fn start(masters: usize) -> Cluster {
+        let args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "1000",
+        ];
+        let nodes: Vec<Redis> = (0..masters * 2).map(|_| Redis::start_with(&args)).collect();
+        let addresses: Vec<String> =
+            nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        let c = Cluster { nodes };
+        c.wait_ok();
+        c
+    }
+
+    /// Waits until every running node says `cluster_state:ok` and sees `masters` masters
+    /// with slots.
+    pub fn wait_ok(&self) {
+        let t0 = Instant::now();
+        let masters = self.nodes.len() / 2;
+        loop {
+            let ok = self.nodes.iter().filter(|n| n.running()).all(|n| {
+                n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
+                    && n.masters_with_slots().len() == masters
+            });
+            if ok {
+                return;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "the cluster did not settle");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Every node's url (seeds for martd).
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(Redis::url).collect()
+    }
+
+    /// The index of a node that is a master with slots now.
+    pub fn a_master(&self) -> usize {
+        let live = self.nodes.iter().find(|n| n.running()).expect("a live node");
+        let masters = live.masters_with_slots();
+        self.nodes.iter().position(|n| masters.contains(&n.port)).expect("a master")
+    }
+}
+
+impl Redis {
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Ports of the masters that serve slots and are not failing, as this node sees them.
+    pub fn masters_with_slots(&self) -> Vec<u16> {
+        self.cli(&["CLUSTER", "NODES"])
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                let flags = f.get(2)?;
+                let serving = flags.contains("master") && !flags.contains("fail") && f.len() > 8;
+                let port = f.get(1)?.split(['@', ',']).next()?.rsplit(':').next()?;
+                serving.then(|| port.parse().ok()).flatten()
+            })
+            .collect()
+    }
+}
