@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod conf;
 pub mod h2;
 pub mod http;
 pub mod json;
@@ -12,6 +13,8 @@ pub mod redis;
 pub mod stream;
 pub mod tls;
 
+#[allow(unused_imports)]
+pub use self::conf::*;
 pub use self::http::*;
 pub use self::nginx::*;
 pub use self::proto::*;
