@@ -92,6 +92,8 @@ pub struct ZoneRoot {
     pub persister: i32,
     /// The worker process that talks to `martd_redis_url`'s Redis (`0`: none).
     pub redis_owner: i32,
+    /// The master of a binary upgrade that took `martd_persist`'s file over (`0`: none).
+    pub successor: i32,
     pub store: Store<ShmAlloc>,
 }
 
@@ -211,6 +213,7 @@ pub unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
                 salt: nonce,
                 persister: 0,
                 redis_owner: 0,
+                successor: 0,
                 generation: 0,
                 last_gc_ms: 0,
                 created_ms: std::time::SystemTime::now()

@@ -123,7 +123,9 @@ pub fn refused(r: *mut ngx_http_request_t, e: StoreError) -> ngx_int_t {
                 "martd_persist cannot write to disk (see the error log); nothing was stored",
             )
         }
-        StoreError::Superseded => "nginx is reloading into a new zone: try again",
+        StoreError::Superseded => {
+            "nginx is moving to a new zone (a reload or a binary upgrade): try again"
+        }
         StoreError::Unavailable => {
             "redis (martd_redis_url) cannot be reached: nothing was published"
         }

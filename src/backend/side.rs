@@ -73,9 +73,13 @@ pub struct Conf(pub &'static MainConf);
 // before the worker exits; the thread only reads it and reaches the zone through its lock.
 unsafe impl Send for Conf {}
 
+/// Whether process `pid` exists (one of another user, such as a master running as root seen
+/// from a worker, answers `EPERM`: it exists).
 pub fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
-    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+    pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
 }
 
 /// Takes the lease `field` of the zone root if it is free or its holder is gone.

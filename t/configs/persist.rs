@@ -231,7 +231,7 @@ async fn reloads_in_the_middle_of_publishing_lose_nothing() {
             loop {
                 let Ok(mut c) = Conn::try_open(port).await else { continue };
                 let r = c.send("POST", "/pub?channel=r&size=1000", &[], format!("m{i}")).await;
-                if r.status == 503 && r.text().contains("reloading into a new zone") {
+                if r.status == 503 && r.text().contains("moving to a new zone") {
                     retried += 1;
                     assert!(retried < 10_000, "503 for too long");
                     continue;
@@ -283,5 +283,93 @@ async fn the_directory_works_under_a_path_the_workers_cannot_walk() {
     let mut c = Conn::open(ng.port).await;
     let r = c.get("/sub?channel=p", &[]).await;
     assert_eq!((r.status, r.text().as_str()), (200, "kept"));
+    ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_upgrade_in_the_middle_of_publishing_loses_nothing() {
+    let mut ng = Nginx::start(persist_conf("sync=1s").daemon());
+    // Publishers keep going through USR2, both generations taking requests, WINCH and QUIT
+    // of the old master: the old zone hands its journal over and then answers 503.
+    let port = ng.port;
+    let publisher = tokio::spawn(async move {
+        let mut retried = 0;
+        for i in 0..300 {
+            loop {
+                let Ok(mut c) = Conn::try_open(port).await else { continue };
+                let r = c.send("POST", "/pub?channel=u&size=1000", &[], format!("m{i}")).await;
+                if r.status == 503 && r.text().contains("moving to a new zone") {
+                    retried += 1;
+                    assert!(retried < 10_000, "503 for too long");
+                    continue;
+                }
+                assert!(r.status == 202 || r.status == 201, "{}", r.text());
+                break;
+            }
+            if i % 50 == 0 {
+                sleep_ms(20).await;
+            }
+        }
+        retried
+    });
+    sleep_ms(100).await;
+    ng.binary_upgrade(Duration::from_millis(300));
+    let retried = within(Duration::from_secs(60), "publishers", publisher).await.unwrap();
+    let log = ng.log();
+    assert!(log.contains("the running zone handed over"), "no hand-over:\n{}", ng.log_tail(30));
+    eprintln!("binary upgrade: {retried} publishes answered 503 and tried again");
+    // The new master's zone has all 300, in order, with increasing ids.
+    let mut c = Conn::open(ng.port).await;
+    let mut e = String::from("\"0\"");
+    let mut last = 0u64;
+    for i in 0..300 {
+        let r = c.get("/sub?channel=u", &[("If-None-Match", &e)]).await;
+        assert_eq!(r.text(), format!("m{i}"));
+        e = r.header("etag").expect("an Etag").to_string();
+        let id: u64 = e.trim_matches('"').parse().expect("a numeric Etag");
+        assert!(id > last, "ids increase");
+        last = id;
+    }
+    // And the file the two generations wrote restores them all.
+    ng.crash_and_start();
+    let mut c = Conn::open(ng.port).await;
+    assert_eq!(c.info("u").await.map(|i| i.messages), Some(300), "after a crash");
+    ng.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_upgrade_given_up_leaves_the_old_zone_publishing() {
+    let mut ng = Nginx::start(persist_conf("sync=1s").daemon());
+    ng.allow_log("that took the journal over is gone");
+    let mut c = Conn::open(ng.port).await;
+    assert_eq!(c.publish("g", "before").await.status, 202);
+    let new = ng.start_new_binary();
+    // Requests now reach either generation; the old workers' zone handed over (503).
+    let old_worker = ng.worker_pids();
+    let mut refused = false;
+    for _ in 0..200 {
+        let mut c = Conn::open(ng.port).await;
+        let r = c.publish("g", "during").await;
+        if r.status == 503
+            && old_worker.contains(&r.header("x-worker").unwrap_or("").parse().unwrap_or(0))
+        {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the old zone still took publishes after the hand-over");
+    ng.quit_new_binary(new);
+    // The old zone takes publishes again once the new master is gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut c = Conn::open(ng.port).await;
+        let r = c.publish("g", "after").await;
+        if r.status == 202 || r.status == 201 {
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(Instant::now() < deadline, "the old zone never took publishes again");
+        sleep_ms(20).await;
+    }
     ng.finish();
 }

@@ -16,6 +16,8 @@ pub struct Conf {
     pub http: String,
     pub server: String,
     pub load_module: bool,
+    /// `daemon on` (the master detaches; a binary upgrade needs it).
+    pub daemon: bool,
 }
 
 impl Conf {
@@ -27,6 +29,7 @@ impl Conf {
             http: String::new(),
             server: server.to_string(),
             load_module: true,
+            daemon: false,
         }
     }
 
@@ -38,6 +41,14 @@ impl Conf {
 
     pub fn workers(mut self, n: u32) -> Conf {
         self.workers = n;
+        self
+    }
+
+    /// `daemon on`: the master detaches from the harness, as in production (nginx takes a
+    /// binary upgrade's `USR2` only from a master whose parent is not the one that started
+    /// it).
+    pub fn daemon(mut self) -> Conf {
+        self.daemon = true;
         self
     }
 
@@ -61,7 +72,7 @@ impl Conf {
         }
         s += &format!(
             "worker_processes {w};
-daemon off;
+daemon {daemon};
 master_process on;
 error_log {p}/logs/error.log info;
 pid {p}/logs/nginx.pid;
@@ -90,6 +101,7 @@ http {{
 }}
 ",
             w = self.workers,
+            daemon = if self.daemon { "on" } else { "off" },
             main = self.main,
             http = self.http,
             server = self.server,

@@ -118,6 +118,46 @@ pub fn children_of(parent: u32) -> Vec<(u32, String)> {
     out
 }
 
+/// The master: the process the harness started, or the new master of a binary upgrade (a
+/// child of the old one, which has exited).
+enum Master {
+    Own(Child),
+    Adopted(u32),
+}
+
+impl Master {
+    fn id(&self) -> u32 {
+        match self {
+            Master::Own(c) => c.id(),
+            Master::Adopted(p) => *p,
+        }
+    }
+
+    /// How it exited, once it has.
+    fn exit_status(&mut self) -> Option<String> {
+        match self {
+            Master::Own(c) => c.try_wait().unwrap().map(|st| st.to_string()),
+            Master::Adopted(p) => (!alive(*p)).then(|| "gone".to_string()),
+        }
+    }
+
+    fn kill(&mut self) {
+        match self {
+            Master::Own(c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            Master::Adopted(p) => {
+                send_signal(*p, libc::SIGKILL);
+                let deadline = Instant::now() + NGINX_WAIT;
+                while alive(*p) && Instant::now() < deadline {
+                    sleep_ms(10);
+                }
+            }
+        }
+    }
+}
+
 /// Predicate accepting an otherwise forbidden error-log line.
 type LogFilter = Box<dyn Fn(&str) -> bool + Send>;
 
@@ -128,7 +168,7 @@ pub struct Nginx {
     prefix: PathBuf,
     pub port: u16,
     conf: Conf,
-    child: Option<Child>,
+    child: Option<Master>,
     allowed: Vec<LogFilter>,
     finished: bool,
 }
@@ -171,7 +211,10 @@ impl Nginx {
                 .stderr(stderr)
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot run {}: {e}", nginx_binary().display()));
-            self.child = Some(child);
+            self.child = Some(Master::Own(child));
+            if self.conf.daemon {
+                self.adopt_daemon();
+            }
             match self.wait_ready() {
                 Ok(()) => return,
                 Err(e) => {
@@ -196,10 +239,30 @@ impl Nginx {
         panic!("nginx could not bind a port after 5 attempts: {last_err}");
     }
 
+    /// `daemon on`: the process started exits once the master has detached; the master's pid
+    /// is in the pid file.
+    fn adopt_daemon(&mut self) {
+        let deadline = Instant::now() + NGINX_WAIT;
+        while self.child.as_mut().and_then(Master::exit_status).is_none() {
+            assert!(Instant::now() < deadline, "nginx did not detach");
+            sleep_ms(10);
+        }
+        let pid_file = self.prefix.join("logs/nginx.pid");
+        let pid = loop {
+            let pid = fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse().ok());
+            if let Some(pid) = pid.filter(|&p| alive(p)) {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "no master pid in {}", pid_file.display());
+            sleep_ms(10);
+        };
+        self.child = Some(Master::Adopted(pid));
+    }
+
     fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + NGINX_WAIT;
         loop {
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+            if let Some(st) = self.child.as_mut().unwrap().exit_status() {
                 return Err(format!("nginx exited with {st}"));
             }
             if self.worker_pids().len() == self.conf.workers as usize
@@ -332,7 +395,7 @@ impl Nginx {
         send_signal(child.id(), libc::SIGQUIT);
         let deadline = Instant::now() + NGINX_WAIT;
         loop {
-            if child.try_wait().unwrap().is_some() {
+            if child.exit_status().is_some() {
                 self.child = None;
                 return Ok(());
             }
@@ -352,6 +415,66 @@ impl Nginx {
         Err(format!(
             "nginx did not exit within {NGINX_WAIT:?} of SIGQUIT (processes left: {left:?})"
         ))
+    }
+
+    /// A binary upgrade, as an operator does it: `USR2` (the master starts a new master from
+    /// the same binary, which inherits the listening sockets and starts its workers), a pause
+    /// while both generations take requests, `WINCH` (the old workers finish), and `QUIT` to
+    /// the old master. The new master is this nginx's master from then on.
+    pub fn binary_upgrade(&mut self, overlap: Duration) {
+        let old = self.master_pid();
+        let new = self.start_new_binary();
+        std::thread::sleep(overlap);
+        send_signal(old, libc::SIGWINCH);
+        send_signal(old, libc::SIGQUIT);
+        let deadline = Instant::now() + NGINX_WAIT;
+        while self.child.as_mut().and_then(Master::exit_status).is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the old master did not exit\n{}",
+                self.log_tail(30)
+            );
+            sleep_ms(20);
+        }
+        self.child = Some(Master::Adopted(new));
+    }
+
+    /// `USR2`: waits for the new master and its workers; its pid.
+    pub fn start_new_binary(&mut self) -> u32 {
+        let old = self.master_pid();
+        send_signal(old, libc::SIGUSR2);
+        let deadline = Instant::now() + NGINX_WAIT;
+        loop {
+            let masters: Vec<u32> = children_of(old)
+                .into_iter()
+                .filter(|(_, t)| t.contains("master process"))
+                .map(|(p, _)| p)
+                .collect();
+            let ready = masters.first().is_some_and(|&m| {
+                let workers = children_of(m).iter().filter(|(_, t)| t.contains("worker")).count();
+                workers == self.conf.workers as usize
+            });
+            if ready {
+                return masters[0];
+            }
+            assert!(Instant::now() < deadline, "no new master after USR2\n{}", self.log_tail(30));
+            sleep_ms(20);
+        }
+    }
+
+    /// An upgrade given up: the new master `new` is sent `QUIT` and waited for; the old one
+    /// stays this nginx's master.
+    pub fn quit_new_binary(&mut self, new: u32) {
+        send_signal(new, libc::SIGQUIT);
+        let deadline = Instant::now() + NGINX_WAIT;
+        while alive(new) {
+            assert!(
+                Instant::now() < deadline,
+                "the new master did not exit\n{}",
+                self.log_tail(30)
+            );
+            sleep_ms(20);
+        }
     }
 
     /// Start again after `stop` (on the same prefix, a new shared zone).
@@ -377,8 +500,7 @@ impl Nginx {
     fn kill_all(&mut self) {
         if let Some(child) = self.child.as_mut() {
             let kids = children_of(child.id());
-            let _ = child.kill();
-            let _ = child.wait();
+            child.kill();
             for (p, _) in kids {
                 if alive(p) {
                     send_signal(p, libc::SIGKILL);

@@ -125,6 +125,13 @@ impl<A: Allocator + Clone> Store<A> {
         }
     }
 
+    /// The zone that took over is gone (a binary upgrade given up): publishes again.
+    pub fn journal_resume(&mut self) {
+        if let Some(j) = self.journal.as_mut() {
+            j.superseded = false;
+        }
+    }
+
     /// The writer could not write: publishes are refused until it can again.
     pub fn journal_failed(&mut self) {
         if let Some(j) = self.journal.as_mut() {

@@ -13,6 +13,8 @@ use crate::conf::MainConf;
 /// The journal's name in its directory, and the name a compaction writes first.
 const FILE: &str = "martd.journal";
 const COMPACTING: &str = "martd.journal.compact";
+/// A binary upgrade's request to the running zone (see `upgrade`): the new master's pid.
+const REQUEST: &str = "martd.handover";
 
 fn cname(name: &str) -> io::Result<CString> {
     CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
@@ -78,6 +80,27 @@ pub fn replace_journal(mcf: &MainConf, bytes: &[u8]) -> io::Result<()> {
     // SAFETY: our directory's descriptor.
     unsafe { libc::fsync(dir) };
     Ok(())
+}
+
+/// Writes the hand-over request (`pid`), replacing any left over.
+pub fn write_request(mcf: &MainConf, pid: i32) -> io::Result<()> {
+    let mut f = open_at(mcf, REQUEST, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC)?;
+    f.write_all(pid.to_string().as_bytes())
+}
+
+/// The pid in the hand-over request, if there is one.
+pub fn read_request(mcf: &MainConf) -> Option<i32> {
+    let mut f = open_at(mcf, REQUEST, libc::O_RDONLY).ok()?;
+    let mut s = String::new();
+    f.read_to_string(&mut s).ok()?;
+    s.trim().parse().ok()
+}
+
+/// Removes the hand-over request (answered, or given up).
+pub fn remove_request(mcf: &MainConf) {
+    let (Ok(dir), Ok(n)) = (dir_fd(mcf), cname(REQUEST)) else { return };
+    // SAFETY: a NUL-terminated name relative to our open directory.
+    unsafe { libc::unlinkat(dir, n.as_ptr(), 0) };
 }
 
 /// The master, at configuration: makes the directory, gives it to the workers' user `user`

@@ -18,9 +18,11 @@
 //!   what is left when it exits (a clean stop loses nothing).
 //! * When nginx starts with a new zone, the master replays the file into it before any
 //!   worker starts: every valid record up to the first damaged one (logged), with the key
-//!   salt and the id counter, so ids stay strictly increasing and keys keep working.
+//!   salt and the id counter, so ids stay strictly increasing and keys keep working. A binary
+//!   upgrade first has the running zone hand its journal over ([`upgrade`]).
 
 mod files;
+mod upgrade;
 mod writer;
 
 pub use writer::{exit_master, stop, tick};
@@ -76,6 +78,7 @@ pub fn configure(mcf: &mut MainConf, root: &mut ZoneRoot, fresh: bool) -> Result
         master_log(NGX_LOG_ERR, &format!("martd_persist \"{dir}\": {e}"));
     }
     if fresh {
+        upgrade::request(mcf);
         hand_over(mcf);
         restore(mcf, root);
     }

@@ -12,7 +12,7 @@ use martd_core::persist::{encode, Reader, Record, VERSION};
 use martd_core::store::Store;
 use nginx_sys::{ngx_cycle_t, NGX_LOG_ERR, NGX_LOG_NOTICE, NGX_LOG_WARN};
 
-use super::{dir_of, files, master_log, now_ms};
+use super::{dir_of, files, master_log, now_ms, upgrade};
 use crate::backend::side::{self, Conf, Shared, SideThread};
 use crate::conf::MainConf;
 use crate::zone;
@@ -206,6 +206,12 @@ fn run(conf: Conf, path: String, shared: Arc<Shared>) {
                     continue;
                 }
             }
+        }
+        let Some(f) = file.as_mut() else { continue };
+        let flush = || write_pending(mcf, f, true, &shared).is_ok();
+        if let upgrade::After::Reopen = upgrade::answer(mcf, &shared, flush) {
+            file = None;
+            continue;
         }
         let Some(f) = file.as_mut() else { continue };
         let sync_now =
