@@ -353,8 +353,7 @@ pub fn capacity_child(a: &Args) -> Result<u8, String> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// latency: listener on one worker, publisher on the other (redis-latency: the listener on
-// another node, `across`, that shares channels with `srv` through Redis)
+// latency: listener on one worker, publisher on the other
 
 pub(super) async fn latency(
     srv: &Server,
@@ -362,7 +361,6 @@ pub(super) async fn latency(
     rate: f64,
     seconds: f64,
     stream: bool,
-    across: Option<&Server>,
 ) -> Result<(), String> {
     out.params.insert("rate".into(), json!(rate));
     out.params.insert("seconds".into(), json!(seconds));
@@ -371,21 +369,13 @@ pub(super) async fn latency(
     }
     let count = (rate * seconds).round().max(1.0) as u64;
     let srcs = Sources::new(0);
-    let ((wp, mut pconn), (wl, lconn)) = match across {
-        None => {
-            if srv.workers < 2 {
-                return Err("latency needs 2 workers".into());
-            }
-            let mut conns = balanced(srv.addr, &srcs, 2, 1).await?;
-            let p = conns.pop().expect("two");
-            (p, conns.pop().expect("two"))
-        }
-        Some(b) => {
-            let p = balanced(srv.addr, &srcs, 1, 1).await?.pop().expect("one");
-            (p, balanced(b.addr, &srcs, 1, 1).await?.pop().expect("one"))
-        }
-    };
-    let mut ctl = control(across.unwrap_or(srv), &srcs).await?;
+    if srv.workers < 2 {
+        return Err("latency needs 2 workers".into());
+    }
+    let mut conns = balanced(srv.addr, &srcs, 2, 1).await?;
+    let (wp, mut pconn) = conns.pop().expect("two");
+    let (wl, lconn) = conns.pop().expect("two");
+    let mut ctl = control(srv, &srcs).await?;
     let fan = Fan::new(count, 64, out.errs.clone());
     let f2 = fan.clone();
     let ltask = tokio::spawn(async move {
@@ -417,7 +407,7 @@ pub(super) async fn latency(
         let (_, body) = http::message(64, i);
         match http::send(&mut pconn, http::post("/pub?channel=lat", body)).await {
             Ok(r) if r.status == 201 || r.status == 202 => {
-                if r.worker.as_deref() != Some(wp.as_str()) && across.is_none() {
+                if r.worker.as_deref() != Some(wp.as_str()) {
                     out.errs.add("publisher connection changed worker");
                 }
             }

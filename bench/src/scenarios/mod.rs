@@ -5,7 +5,7 @@
 //! and the results; `clients`: long-poll listeners and shared helpers; `fanout`: the fan-out
 //! rounds; `load`: publish, idle, capacity, latency; `multi`: multi-channel listeners
 //! (`--multi`); `streams`: EventSource and WebSocket subscribers (`--transport`); `redis`:
-//! redis-publish and redis-fanout (redis-latency is `latency` across the nodes).
+//! redis-latency, redis-publish and redis-fanout.
 
 mod clients;
 mod fanout;
@@ -349,10 +349,11 @@ pub fn run(cmd: &str, a: &Args) -> Result<u8, String> {
                     capacity(srv, &mut out, listeners, procs, channels, deadline).await
                 }
                 Params::Latency { rate, seconds, stream } => {
-                    latency(srv, &mut out, rate, seconds, stream, None).await
+                    latency(srv, &mut out, rate, seconds, stream).await
                 }
                 Params::RedisLatency { rate, seconds } => {
-                    latency(srv, &mut out, rate, seconds, false, Some(&nodes[1])).await
+                    let c = Cluster::new(&nodes, redis.as_ref())?;
+                    redis::latency(&c, &mut out, rate, seconds).await
                 }
                 Params::RedisPublish { publishers, channels, seconds, warmup, size } => {
                     let c = Cluster::new(&nodes, redis.as_ref())?;

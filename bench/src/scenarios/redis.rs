@@ -2,11 +2,16 @@
 //! share channels through one redis-server (martd: `martd_redis_url`; nchan:
 //! `nchan_redis_pass` to an upstream with `nchan_redis_server`). Every publish goes to node A.
 //!
+//! redis-latency: `latency` across the nodes: the listener waits on node B, the messages are
+//! published on node A at the given rate, and each message's publish → receive time is taken
+//! from its body. Unlike `latency`'s one publisher connection, which waits for each answer
+//! before the next publish, a few connections (on one worker of node A, so that the messages
+//! reach it in order) take turns, so that the rate holds when a publish takes longer than the
+//! period (martd answers a publish once its own node has the message back from Redis).
 //! redis-publish: `publish`'s publishers on node A, no listeners; the accepted publishes per
 //! second, and afterwards a check that node B sees every channel's last message.
 //! redis-fanout: long-poll listeners of one channel spread evenly over both nodes, rounds
 //! published on node A, as in `fanout`; every listener must get every message.
-//! (redis-latency is `latency` with the listener on node B: see `load::latency`.)
 //!
 //! How many listeners are waiting: martd's channel info counts the listeners of the node asked
 //! (the counts of A and B are added up), nchan's counts every node's (from Redis: the largest
@@ -44,6 +49,32 @@ impl<'a> Cluster<'a> {
         }
     }
 
+    /// Waits until every worker of both nodes publishes through Redis (a `2xx` to a publish on
+    /// the channel `ready`): a node connects to Redis after it starts (nchan: each worker), and
+    /// answers 503 until then.
+    async fn ready(&self, srcs: &Sources) -> Result<(), String> {
+        let t0 = Instant::now();
+        for node in [self.a, self.b] {
+            for mut s in control(node, srcs).await? {
+                loop {
+                    let r =
+                        http::send(&mut s, http::post("/pub?channel=ready", "r".into())).await?;
+                    if (200..300).contains(&r.status) {
+                        break;
+                    }
+                    if t0.elapsed() > Duration::from_secs(15) {
+                        return Err(format!(
+                            "{} does not publish through Redis after 15 s (status {})",
+                            node.addr, r.status
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// CPU time so far, in µs: node A's workers, node B's, redis-server's.
     fn cpu(&self) -> [u64; 3] {
         [self.a.cpu_us().0, self.b.cpu_us().0, self.redis.cpu_us()]
@@ -66,6 +97,118 @@ fn cpu_metrics(
 }
 
 // ---------------------------------------------------------------------------------------------
+// redis-latency
+
+/// Publisher connections of redis-latency that take turns.
+const LATENCY_PUBLISHERS: usize = 4;
+
+/// `k` connections to `srv` that all answer from the same worker (the first one's).
+async fn same_worker(
+    srv: &Server,
+    srcs: &Sources,
+    k: usize,
+) -> Result<(String, Vec<Sender>), String> {
+    let mut worker = None;
+    let mut conns = Vec::new();
+    for _ in 0..(k * 20 + 100) {
+        let mut s = http::connect_spawned(srv.addr, srcs.next()).await?;
+        let w = http::send(&mut s, http::get("/ret")).await?.worker.ok_or("no X-Worker header")?;
+        if worker.get_or_insert_with(|| w.clone()) == &w {
+            conns.push(s);
+            if conns.len() == k {
+                return Ok((w, conns));
+            }
+        }
+    }
+    Err(format!("could not get {k} connections on one worker of {}", srv.addr))
+}
+
+pub(super) async fn latency(
+    c: &Cluster<'_>,
+    out: &mut Outcome,
+    rate: f64,
+    seconds: f64,
+) -> Result<(), String> {
+    out.params.insert("rate".into(), json!(rate));
+    out.params.insert("seconds".into(), json!(seconds));
+    out.params.insert("publisher_connections".into(), json!(LATENCY_PUBLISHERS));
+    let count = (rate * seconds).round().max(1.0) as u64;
+    let srcs = Sources::new(0);
+    c.ready(&srcs).await?;
+    let (wp, mut free) = same_worker(c.a, &srcs, LATENCY_PUBLISHERS).await?;
+    let (wl, mut lconn) = same_worker(c.b, &srcs, 1).await?;
+    let lconn = lconn.pop().expect("one");
+    let mut ctl = control(c.b, &srcs).await?;
+    let fan = Fan::new(count, 64, out.errs.clone());
+    let f2 = fan.clone();
+    let ltask = tokio::spawn(async move {
+        let mut lconn = lconn;
+        if let Err(e) = listen_loop(&f2, &mut lconn, "/sub?channel=rlat").await {
+            f2.failed.fetch_add(1, Relaxed);
+            f2.errs.add(format!("listener on node B: {e}"));
+        }
+        f2.done.fetch_add(1, Relaxed);
+    });
+    wait_parked(&mut ctl, &["rlat".to_string()], || 1, Duration::from_secs(10)).await?;
+    let period = Duration::from_secs_f64(1.0 / rate);
+    let start = tokio::time::Instant::now();
+    // As in `latency`: a stall delays the schedule instead of bunching the missed messages.
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A publish in flight gives its connection back when answered.
+    let mut busy = JoinSet::new();
+    let errs = out.errs.clone();
+    let answered = |r: Result<(Sender, Result<u16, String>), _>| match r {
+        Ok((s, Ok(st))) if (200..300).contains(&st) => Ok(s),
+        Ok((s, Ok(st))) => {
+            errs.add(format!("publish to node A: status {st}"));
+            Ok(s)
+        }
+        Ok((_, Err(e))) => Err(format!("publish to node A: {e}")),
+        Err(e) => Err(format!("publisher task: {e}")),
+    };
+    for i in 0..count {
+        tick.tick().await;
+        while let Some(r) = busy.try_join_next() {
+            free.push(answered(r)?);
+        }
+        let mut s = match free.pop() {
+            Some(s) => s,
+            None => answered(busy.join_next().await.expect("busy"))?,
+        };
+        let (_, body) = http::message(64, i);
+        busy.spawn(async move {
+            let r = http::send(&mut s, http::post("/pub?channel=rlat", body)).await;
+            (s, r.map(|r| r.status))
+        });
+        if fan.done.load(Relaxed) > 0 {
+            break;
+        }
+    }
+    while let Some(r) = busy.join_next().await {
+        answered(r)?;
+    }
+    let sent_s = start.elapsed().as_secs_f64();
+    wait_until(Duration::from_secs(5), || fan.done.load(Relaxed) > 0 || fan.deliveries() >= count)
+        .await;
+    ltask.abort();
+    let got = fan.deliveries();
+    if got < count {
+        out.errs.add_n(count - got, format!("{} of {count} messages not delivered", count - got));
+    }
+    let lat = fan.sorted_latencies();
+    out.params.insert("listener_worker".into(), json!(wl));
+    out.params.insert("publisher_worker".into(), json!(wp));
+    out.metric("messages", got as f64);
+    out.metric("rate_per_s", count as f64 / sent_s);
+    out.metric("p50_us", percentile(&lat, 0.50));
+    out.metric("p90_us", percentile(&lat, 0.90));
+    out.metric("p99_us", percentile(&lat, 0.99));
+    out.metric("max_us", lat.last().map(|&v| v as f64).unwrap_or(f64::NAN));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // redis-publish
 
 pub(super) async fn publish(
@@ -83,6 +226,7 @@ pub(super) async fn publish(
     out.params.insert("size".into(), json!(size));
     let nch = nch.max(1);
     let srcs = Sources::new(0);
+    c.ready(&srcs).await?;
     let per_worker = publishers.div_ceil(c.a.workers.max(1));
     let conns = balanced(c.a.addr, &srcs, c.a.workers.max(1), per_worker).await?;
     let measuring = Arc::new(AtomicBool::new(false));
@@ -233,6 +377,7 @@ pub(super) async fn fanout(
     out.params.insert("listeners_b".into(), json!(n_b));
     let channels = Arc::new(vec!["rfan".to_string()]);
     let srcs = Arc::new(Sources::new(0));
+    c.ready(&srcs).await?;
     let errs = out.errs.clone();
     // One crowd per node, so that each node's deliveries are checked on their own.
     let (fa, fb) = (Fan::new(rounds, size, errs.clone()), Fan::new(rounds, size, errs.clone()));
