@@ -72,7 +72,8 @@ const VERSUS: &[(&str, &str, &str, Option<f64>)] = &[
 /// case's first word), or by case for the redis-* cases.
 fn key_metrics(scenario: &str) -> &'static [&'static str] {
     match scenario {
-        "redis-latency" => &["p50_us", "p99_us", "max_us"],
+        // rate_per_s: the publish rate held (the latencies are at that rate).
+        "redis-latency" => &["p50_us", "p99_us", "max_us", "rate_per_s"],
         "redis-publish" => &[
             "pubs_per_s",
             "server_us_per_pub",
