@@ -13,6 +13,7 @@ mod args;
 mod http;
 mod legacy;
 mod lockhold;
+mod redis_server;
 mod report;
 mod scenarios;
 mod server;
@@ -43,6 +44,19 @@ scenarios (each starts a fresh nginx, prints a table and a final JSON line):
   latency   --rate 1000 --seconds 10 [--transport eventsource: the listener is one
             EventSource stream]
   big       --listeners 1000 --size 65536 --rounds 10
+
+two nodes sharing channels through Redis (each starts one redis-server on a free 127.0.0.1 port,
+no persistence, and two nginx nodes A and B, 2 workers each, that use it: martd with
+martd_redis_url, nchan with nchan_redis_pass; every publish goes to node A):
+  redis-latency  --rate 1000 --seconds 10: latency with the listener on node B (4 publisher
+                 connections on one worker of node A take turns, so that the rate holds)
+  redis-publish  --publishers 16 --channels 100 --seconds 5 [--warmup 1] [--size 64]: the
+                 publishers on node A, no listeners; then node B must show every channel's last
+                 message
+  redis-fanout   --listeners 10000 --rounds 10 [--size 64]: listeners of one channel, half on
+                 each node, every round published on node A
+  [--redis-server PATH]  (default /usr/bin/redis-server); each case first waits until every
+                 worker of both nodes publishes through Redis (nchan answers 503 until then)
 
 in-process on martd-core (no nginx; no --server):
   lockhold  [--channels 1000000] [--seconds 30] [--publish-rate 50000] [--listen-rate 10000]
@@ -86,9 +100,8 @@ fn main() -> ExitCode {
         "capacity-child" => scenarios::capacity_child(&args),
         "lockhold" => lockhold::run(&args),
         "zonesize" => zonesize::run(&args),
-        "fanout" | "publish" | "idle" | "capacity" | "latency" | "big" => {
-            scenarios::run(&cmd, &args)
-        }
+        "fanout" | "publish" | "idle" | "capacity" | "latency" | "big" | "redis-latency"
+        | "redis-publish" | "redis-fanout" => scenarios::run(&cmd, &args),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;

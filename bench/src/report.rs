@@ -32,7 +32,11 @@ fn target(case: &str, metric: &str) -> Option<Target> {
         return None; // compared with the single-channel case instead (VERSUS)
     }
     // Streaming subscribers (EventSource, WebSocket); latency-stream has latency's target.
+    // Two nodes sharing channels through Redis.
     match (case, metric) {
+        ("redis-latency", "p99_us") => return Some(MartdMax(2000.0)),
+        ("redis-publish", "pubs_per_s") => return Some(RatioMin(1.5)),
+        _ if case.starts_with("redis-") => return None,
         ("idle-sse" | "idle-ws", "rss_per_listener_b") => return Some(RatioMax(0.5)),
         ("idle-sse" | "idle-ws", _) => return None,
         ("fanout-sse" | "fanout-ws", "round_ms") => return Some(RatioMax(1.0)),
@@ -64,9 +68,27 @@ const VERSUS: &[(&str, &str, &str, Option<f64>)] = &[
     ("idle-multi", "idle", "shmem_per_listener_b", None),
 ];
 
-/// The metrics shown in the summary table (every metric is in "Every run").
+/// The metrics shown in the summary table (every metric is in "Every run"), by scenario (the
+/// case's first word), or by case for the redis-* cases.
 fn key_metrics(scenario: &str) -> &'static [&'static str] {
     match scenario {
+        // rate_per_s: the publish rate held (the latencies are at that rate).
+        "redis-latency" => &["p50_us", "p99_us", "max_us", "rate_per_s"],
+        "redis-publish" => &[
+            "pubs_per_s",
+            "server_us_per_pub",
+            "node_a_us_per_pub",
+            "node_b_us_per_pub",
+            "redis_us_per_pub",
+        ],
+        "redis-fanout" => &[
+            "round_ms",
+            "round_b_ms",
+            "p50_us",
+            "p99_us",
+            "server_us_per_delivery",
+            "redis_us_per_delivery",
+        ],
         "fanout" => &["round_ms", "p50_us", "p99_us", "server_us_per_delivery"],
         "publish" => {
             &["pubs_per_s", "ret_per_s", "pub_over_ret", "server_us_per_pub", "server_us_per_ret"]
@@ -145,7 +167,10 @@ pub fn run(a: &Args) -> Result<u8, String> {
         } else {
             m.len().min(n.len())
         });
-        let scenario = case.split('-').next().unwrap_or(case);
+        let scenario = match case.split('-').next().unwrap_or(case) {
+            "redis" => case.as_str(),
+            s => s,
+        };
         let metrics: Vec<String> = key_metrics(scenario).iter().map(|m| m.to_string()).collect();
         let med = |runs: &[&Value], k: &str| {
             median(runs.iter().filter_map(|r| r["metrics"][k].as_f64()).collect())
@@ -313,7 +338,14 @@ pub fn run(a: &Args) -> Result<u8, String> {
              1,000 that each hold one message; the rounds publish to `hot`. idle-sse, idle-ws, \
              fanout-sse, fanout-ws, latency-stream: the same with streams that stay open (EventSource \
              or WebSocket on `/subs`: martd `martd_listen eventsource websocket stream`, nchan \
-             `nchan_subscriber eventsource websocket`) instead of long-polls. A row `A ÷ B` is the \
+             `nchan_subscriber eventsource websocket`) instead of long-polls. redis-latency, \
+             redis-publish, redis-fanout: two nginx nodes, A and B (2 workers each), sharing \
+             channels through one redis-server (martd: `martd_redis_url`; nchan: an upstream with \
+             `nchan_redis_server` and `nchan_redis_pass` in the publisher and subscriber \
+             locations), every publish on node A: redis-latency's listener waits on node B, \
+             redis-publish has no listeners (`server_us_per_pub` is both nodes' workers, \
+             `redis_us_per_pub` redis-server's CPU), redis-fanout's listeners are half on each \
+             node (`round_b_ms`: the round on node B alone). A row `A ÷ B` is the \
              ratio of case A's median to case B's, each server against itself in this invocation.\n",
         );
         s.push_str("\n## Every run\n\n| case | server | errors | elapsed s | other_cpu_pct | metrics |\n|---|---|---:|---:|---:|---|\n");

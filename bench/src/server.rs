@@ -38,6 +38,11 @@ pub struct ServerOpts {
     /// Also a streaming location, `/subs` (martd: `martd_listen eventsource websocket stream`;
     /// nchan: `nchan_subscriber eventsource websocket`): set by the stream scenarios alone.
     pub streams: bool,
+    /// The redis-* cases: every node of the run shares channels through this Redis (port,
+    /// namespace). martd: `martd_redis_url` and `martd_redis_namespace` at http level; nchan:
+    /// an `upstream { nchan_redis_server ..; nchan_redis_namespace ..; }` and
+    /// `nchan_redis_pass` in `/pub` and `/sub`.
+    pub redis: Option<(u16, String)>,
 }
 
 impl ServerOpts {
@@ -63,6 +68,7 @@ impl ServerOpts {
             keep: a.flag("keep"),
             multi: false,
             streams: false,
+            redis: None,
         })
     }
 }
@@ -103,6 +109,7 @@ fn config(
     port: u16,
     multi: bool,
     streams: bool,
+    redis: Option<&(u16, String)>,
 ) -> String {
     let (zone, locations) = match kind {
         Kind::Martd => (
@@ -119,6 +126,24 @@ fn config(
         ),
     };
     let mut locations = locations.to_string();
+    let mut zone = zone.to_string();
+    if let Some((port, ns)) = redis {
+        match kind {
+            Kind::Martd => {
+                zone.push_str(&format!(
+                    "\n    martd_redis_url redis://127.0.0.1:{port};\n    martd_redis_namespace {ns};"
+                ));
+            }
+            Kind::Nchan => {
+                zone.push_str(&format!(
+                    "\n    upstream bench_redis {{ nchan_redis_server \"redis://127.0.0.1:{port}\"; \
+                     nchan_redis_namespace {ns}; }}"
+                ));
+                // The channels of /pub and /sub (the only locations the redis cases use).
+                locations = locations.replace("; }", "; nchan_redis_pass bench_redis; }");
+            }
+        }
+    }
     if multi {
         locations.push_str(match kind {
             Kind::Martd => {
@@ -275,8 +300,8 @@ impl Server {
         let module = prefix.join(o.module.file_name().unwrap_or("module.so".as_ref()));
         fs::copy(&o.module, &module).map_err(|e| format!("copy {}: {e}", o.module.display()))?;
         let conf = prefix.join("nginx.conf");
-        fs::write(&conf, config(o.kind, &module, o.workers, port, o.multi, o.streams))
-            .map_err(|e| e.to_string())?;
+        let text = config(o.kind, &module, o.workers, port, o.multi, o.streams, o.redis.as_ref());
+        fs::write(&conf, text).map_err(|e| e.to_string())?;
         let stderr = fs::File::create(prefix.join("stderr")).map_err(|e| e.to_string())?;
         let mut prefix_arg = prefix.clone().into_os_string();
         prefix_arg.push("/");

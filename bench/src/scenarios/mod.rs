@@ -1,14 +1,17 @@
-//! The scenarios: fanout, publish, idle, capacity (+ its child processes), latency, big.
+//! The scenarios: fanout, publish, idle, capacity (+ its child processes), latency, big, and
+//! the redis-* cases (two nodes sharing channels through one redis-server).
 //!
-//! This file: the entry point (one run: start nginx, run the scenario, stop, report) and the
-//! results; `clients`: long-poll listeners and shared helpers; `fanout`: the fan-out rounds;
-//! `load`: publish, idle, capacity, latency; `multi`: multi-channel listeners (`--multi`);
-//! `streams`: EventSource and WebSocket subscribers (`--transport`).
+//! This file: the entry point (one run: start nginx (and Redis), run the scenario, stop, report)
+//! and the results; `clients`: long-poll listeners and shared helpers; `fanout`: the fan-out
+//! rounds; `load`: publish, idle, capacity, latency; `multi`: multi-channel listeners
+//! (`--multi`); `streams`: EventSource and WebSocket subscribers (`--transport`); `redis`:
+//! redis-latency, redis-publish and redis-fanout.
 
 mod clients;
 mod fanout;
 mod load;
 mod multi;
+mod redis;
 mod streams;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -18,11 +21,13 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 
 use crate::args::Args;
+use crate::redis_server::RedisServer;
 use crate::server::{self, Server, ServerOpts};
 use fanout::{fanout, fanout_floor, Variant};
 pub use load::capacity_child;
 use load::{capacity, idle, latency, publish};
 use multi::Multi;
+use redis::Cluster;
 use streams::{fanout_streams, idle_streams, Transport};
 
 /// CPU time of the capacity child processes (for `other_cpu_pct`).
@@ -159,6 +164,25 @@ enum Params {
         size: usize,
         rounds: u64,
     },
+    /// redis-latency: `latency` with the publisher on node A and the listener on node B.
+    RedisLatency {
+        rate: f64,
+        seconds: f64,
+    },
+    /// redis-publish: `publish`'s publishers, all on node A.
+    RedisPublish {
+        publishers: usize,
+        channels: u64,
+        seconds: f64,
+        warmup: f64,
+        size: usize,
+    },
+    /// redis-fanout: listeners of one channel on both nodes, the rounds published on node A.
+    RedisFanout {
+        listeners: u64,
+        rounds: u64,
+        size: usize,
+    },
 }
 
 fn shell_quote(s: &str) -> String {
@@ -187,6 +211,11 @@ pub fn run(cmd: &str, a: &Args) -> Result<u8, String> {
         }
     };
     opts.multi = multi.is_some();
+    let redis_case = cmd.starts_with("redis-");
+    if redis_case && opts.multi {
+        return Err(format!("--multi: not for {cmd}"));
+    }
+    let redis_bin = redis_case.then(|| a.string("redis-server", "/usr/bin/redis-server"));
     let transport = a.str_opt("transport").map(|v| Transport::parse(&v)).transpose()?;
     opts.streams = transport.is_some();
     if transport.is_some() {
@@ -239,6 +268,21 @@ pub fn run(cmd: &str, a: &Args) -> Result<u8, String> {
             size: a.num("size", 65_536)?,
             rounds: a.num("rounds", 10)?,
         },
+        "redis-latency" => {
+            Params::RedisLatency { rate: a.num("rate", 1000.0)?, seconds: a.num("seconds", 10.0)? }
+        }
+        "redis-publish" => Params::RedisPublish {
+            publishers: a.num("publishers", 16)?,
+            channels: a.num("channels", 100)?,
+            seconds: a.num("seconds", 5.0)?,
+            warmup: a.num("warmup", 1.0)?,
+            size: a.num("size", 64)?,
+        },
+        "redis-fanout" => Params::RedisFanout {
+            listeners: a.num("listeners", 10_000)?,
+            rounds: a.num("rounds", 10)?,
+            size: a.num("size", 64)?,
+        },
         _ => unreachable!(),
     };
     a.finish()?;
@@ -248,7 +292,17 @@ pub fn run(cmd: &str, a: &Args) -> Result<u8, String> {
         .join(" ");
 
     let t_start = Instant::now();
-    let srv = Server::start(&opts)?;
+    // The redis-* cases: one redis-server and two nodes (A, B) that share it.
+    let redis = match &redis_bin {
+        Some(bin) => Some(RedisServer::start(bin.as_ref(), opts.keep)?),
+        None => None,
+    };
+    opts.redis = redis.as_ref().map(|r| (r.port, r.namespace.clone()));
+    let mut nodes = vec![Server::start(&opts)?];
+    if redis.is_some() {
+        nodes.push(Server::start(&opts)?);
+    }
+    let srv = &nodes[0];
     let rt = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
     } else {
@@ -256,40 +310,61 @@ pub fn run(cmd: &str, a: &Args) -> Result<u8, String> {
     }
     .map_err(|e| format!("tokio runtime: {e}"))?;
     let mut out = Outcome::default();
+    if let Some(r) = &redis {
+        out.params.insert("nodes".into(), json!(nodes.len()));
+        out.params.insert("redis".into(), json!(r.version));
+    }
+    // CPU time of everything this run is made of: the nodes' workers, this client, Redis.
+    let ours_cpu = || {
+        let w: u64 = nodes.iter().map(|n| n.cpu_us().0).sum();
+        w + server::proc_cpu_us(std::process::id()) + redis.as_ref().map_or(0, |r| r.cpu_us())
+    };
     let machine0 = server::machine_cpu_us();
-    let ours0 = srv.cpu_us();
+    let ours0 = ours_cpu();
     let res = rt.block_on(async {
         let fut = async {
             match params {
                 Params::Fanout { listeners, rounds, floor: true, .. } => {
-                    fanout_floor(&srv, &mut out, listeners, rounds).await
+                    fanout_floor(srv, &mut out, listeners, rounds).await
                 }
                 Params::Fanout {
                     listeners, channels, rounds, size, transport: Some(t), ..
-                } => fanout_streams(&srv, &mut out, listeners, channels, rounds, size, t).await,
+                } => fanout_streams(srv, &mut out, listeners, channels, rounds, size, t).await,
                 Params::Fanout {
                     listeners, channels, rounds, size, floor: false, multi, ..
                 } => {
                     let v = multi.map_or(Variant::Plain, Variant::Multi);
-                    fanout(&srv, &mut out, listeners, channels, rounds, size, v).await
+                    fanout(srv, &mut out, listeners, channels, rounds, size, v).await
                 }
                 Params::Publish { publishers, channels, seconds, warmup, size } => {
-                    publish(&srv, &mut out, publishers, channels, seconds, warmup, size).await
+                    publish(srv, &mut out, publishers, channels, seconds, warmup, size).await
                 }
                 Params::Idle { listeners, channels, transport: Some(t), .. } => {
-                    idle_streams(&srv, &mut out, listeners, channels, t).await
+                    idle_streams(srv, &mut out, listeners, channels, t).await
                 }
                 Params::Idle { listeners, channels, keepalive, multi, .. } => {
-                    idle(&srv, &mut out, listeners, channels, keepalive, multi).await
+                    idle(srv, &mut out, listeners, channels, keepalive, multi).await
                 }
                 Params::Capacity { listeners, procs, channels } => {
-                    capacity(&srv, &mut out, listeners, procs, channels, deadline).await
+                    capacity(srv, &mut out, listeners, procs, channels, deadline).await
                 }
                 Params::Latency { rate, seconds, stream } => {
-                    latency(&srv, &mut out, rate, seconds, stream).await
+                    latency(srv, &mut out, rate, seconds, stream).await
+                }
+                Params::RedisLatency { rate, seconds } => {
+                    let c = Cluster::new(&nodes, redis.as_ref())?;
+                    redis::latency(&c, &mut out, rate, seconds).await
+                }
+                Params::RedisPublish { publishers, channels, seconds, warmup, size } => {
+                    let c = Cluster::new(&nodes, redis.as_ref())?;
+                    redis::publish(&c, &mut out, publishers, channels, seconds, warmup, size).await
+                }
+                Params::RedisFanout { listeners, rounds, size } => {
+                    let c = Cluster::new(&nodes, redis.as_ref())?;
+                    redis::fanout(&c, &mut out, listeners, rounds, size).await
                 }
                 Params::Big { listeners, size, rounds } => {
-                    fanout(&srv, &mut out, listeners, 1, rounds, size, Variant::Big).await
+                    fanout(srv, &mut out, listeners, 1, rounds, size, Variant::Big).await
                 }
             }
         };
@@ -299,8 +374,7 @@ pub fn run(cmd: &str, a: &Args) -> Result<u8, String> {
     });
     // CPU used by other processes during the run (builds, profilers...): a disturbed run.
     let machine1 = server::machine_cpu_us();
-    let ours1 = srv.cpu_us();
-    let ours = (ours1.0 + ours1.1 + CHILD_CPU_US.load(Relaxed)).saturating_sub(ours0.0 + ours0.1);
+    let ours = (ours_cpu() + CHILD_CPU_US.load(Relaxed)).saturating_sub(ours0);
     let other_cpu_pct = (machine1.0 - machine0.0).saturating_sub(ours) as f64
         / (machine1.1 - machine0.1).max(1) as f64
         * 100.0;
@@ -311,11 +385,21 @@ pub fn run(cmd: &str, a: &Args) -> Result<u8, String> {
     if fatal.is_some() {
         errs.count.fetch_add(1, Relaxed);
     }
-    let stop = srv.stop();
-    // Lines of the error log count as errors (worker crashes, "worker_connections are not enough").
-    errs.count.fetch_add(stop.alerts.len() as u64, Relaxed);
-    if stop.how != "quit" {
-        errs.add(format!("nginx did not stop on SIGQUIT within 10 s (needed {})", stop.how));
+    let mut alerts = Vec::new();
+    for node in nodes {
+        let stop = node.stop();
+        // Lines of the error log count as errors (worker crashes, "worker_connections are not
+        // enough").
+        errs.count.fetch_add(stop.alerts.len() as u64, Relaxed);
+        alerts.extend(stop.alerts);
+        if stop.how != "quit" {
+            errs.add(format!("nginx did not stop on SIGQUIT within 10 s (needed {})", stop.how));
+        }
+    }
+    if let Some(r) = redis {
+        if !r.stop() {
+            errs.add("redis-server did not stop on SIGTERM within 5 s");
+        }
     }
     let elapsed = t_start.elapsed().as_secs_f64();
 
@@ -337,7 +421,7 @@ pub fn run(cmd: &str, a: &Args) -> Result<u8, String> {
     if let Some(f) = &fatal {
         println!("run failed: {f}");
     }
-    for a in stop.alerts.iter().take(10) {
+    for a in alerts.iter().take(10) {
         println!("error log: {a}");
     }
     for s in errs.samples() {
@@ -355,7 +439,7 @@ pub fn run(cmd: &str, a: &Args) -> Result<u8, String> {
         "server": opts.kind.name(),
         "errors": errs.count(),
         "fatal": fatal,
-        "error_log": stop.alerts.iter().take(5).collect::<Vec<_>>(),
+        "error_log": alerts.iter().take(5).collect::<Vec<_>>(),
         "error_samples": errs.samples(),
         "metrics": metrics,
         "params": out.params,
