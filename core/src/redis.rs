@@ -19,10 +19,20 @@ pub fn channel_of(ns: &[u8], key: &[u8]) -> Option<Vec<u8>> {
     Some(rest.strip_suffix(b"}:s")?.to_vec())
 }
 
-/// An announcement: the id the message follows, its id, its channel, and its record if small.
-pub type Announcement<'a> = (u64, u64, &'a [u8], Option<&'a [u8]>);
+/// What a node announces of each message it publishes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Announcement<'a> {
+    /// The publishing node's session.
+    pub origin: u64,
+    /// The id the message follows in its channel, and its own.
+    pub prev: u64,
+    pub id: u64,
+    pub channel: &'a [u8],
+    /// The message record, when it is small enough to travel in the announcement.
+    pub record: Option<&'a [u8]>,
+}
 
-/// `<prev> <id> <len> <channel>[ <record>]`.
+/// `<origin> <prev> <id> <len> <channel>[ <record>]`.
 pub fn parse_announcement(payload: &[u8]) -> Option<Announcement<'_>> {
     let mut rest = payload;
     let mut num = || {
@@ -31,10 +41,10 @@ pub fn parse_announcement(payload: &[u8]) -> Option<Announcement<'_>> {
         rest = &rest[sp + 1..];
         Some(n)
     };
-    let (prev, id, len) = (num()?, num()?, num()? as usize);
-    let ch = rest.get(..len)?;
+    let (origin, prev, id, len) = (num()?, num()?, num()?, num()? as usize);
+    let channel = rest.get(..len)?;
     let record = rest.get(len..).and_then(|r| r.strip_prefix(b" "));
-    Some((prev, id, ch, record))
+    Some(Announcement { origin, prev, id, channel, record })
 }
 
 /// The `host:port` of each master that is not failing, from `CLUSTER NODES`'s text.
@@ -77,12 +87,15 @@ mod tests {
 
     #[test]
     fn announcements_parse() {
+        let a =
+            |origin, prev, id, channel, record| Announcement { origin, prev, id, channel, record };
         let p = parse_announcement;
-        assert_eq!(p(b"0 5 2 a  b"), Some((0, 5, &b"a "[..], Some(&b"b"[..]))));
-        assert_eq!(p(b"0 5 3 a b"), Some((0, 5, &b"a b"[..], None)));
-        assert_eq!(p(b"3 5 1 c"), Some((3, 5, &b"c"[..], None)));
-        assert_eq!(p(b"x 5 1 c"), None);
-        assert_eq!(p(b"1 5 9 c"), None);
+        assert_eq!(p(b"7 0 5 2 a  b"), Some(a(7, 0, 5, &b"a "[..], Some(&b"b"[..]))));
+        assert_eq!(p(b"7 0 5 3 a b"), Some(a(7, 0, 5, &b"a b"[..], None)));
+        assert_eq!(p(b"1 3 5 1 c"), Some(a(1, 3, 5, &b"c"[..], None)));
+        assert_eq!(p(b"1 x 5 1 c"), None);
+        assert_eq!(p(b"1 1 5 9 c"), None);
+        assert_eq!(p(b"1 1 5"), None);
     }
 
     #[test]

@@ -239,6 +239,7 @@ async fn session(
         announce,
         wait_replicas: mcf.redis_wait_replicas as i64,
         wait_ms: mcf.redis_wait_ms as u64,
+        origin: crate::notify::new_nonce(),
     };
     let mut messages = pubsub.on_message();
     loop {
@@ -251,7 +252,7 @@ async fn session(
         tokio::select! {
             m = messages.next() => {
                 let Some(m) = m else { return Err("subscription closed".into()) };
-                if let Some(ch) = publish::announced(mcf, m.get_payload_bytes()) {
+                if let Some(ch) = publish::announced(mcf, &publisher, m.get_payload_bytes()) {
                     fetch(mcf, &mut link, &ns, &ch).await?;
                 }
             }

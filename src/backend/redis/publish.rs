@@ -25,9 +25,9 @@ use crate::zone;
 
 /// Gives a message its id (larger than the channel's last one, from Redis's clock as martd
 /// makes ids), appends it to the channel's stream and announces it.
-/// KEYS: stream, last id. ARGV: buffer length, record, announce channel, channel name.
-/// Announces `<previous id> <id> <channel length> <channel> [<record>]` (the record only up
-/// to 64 KB); returns `{id, previous id}`.
+/// KEYS: stream, last id. ARGV: buffer length, record, announce channel, channel name, the
+/// publishing node's session. Announces `<session> <previous id> <id> <channel length>
+/// <channel> [<record>]` (the record only up to 64 KB); returns `{id, previous id}`.
 const SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + math.floor(tonumber(t[2]) / 1000) * 1000
@@ -39,7 +39,7 @@ redis.call('SET', KEYS[2], sid)
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], sid .. '-0', 'm', ARGV[2])
 local body = ''
 if string.len(ARGV[2]) <= 65536 then body = ' ' .. ARGV[2] end
-redis.call('PUBLISH', ARGV[3], prev .. ' ' .. sid .. ' ' .. string.len(ARGV[4]) .. ' ' .. ARGV[4] .. body)
+redis.call('PUBLISH', ARGV[3], ARGV[5] .. ' ' .. prev .. ' ' .. sid .. ' ' .. string.len(ARGV[4]) .. ' ' .. ARGV[4] .. body)
 return {sid, prev}
 ";
 
@@ -49,6 +49,8 @@ pub struct Publisher {
     pub announce: Vec<u8>,
     pub wait_replicas: i64,
     pub wait_ms: u64,
+    /// This session's mark on its announcements (it has stored its own already).
+    pub origin: u64,
 }
 
 /// A publish's place in Redis: its id and the id it follows (`None`: refused).
@@ -64,22 +66,26 @@ pub async fn outbox(mcf: &'static MainConf, link: &mut Link, p: &Publisher) -> R
     if items.is_empty() {
         return Ok(());
     }
-    // Per channel, in order.
-    let mut order: Vec<&[u8]> = Vec::new();
-    let mut by_channel: HashMap<&[u8], Vec<usize>> = HashMap::new();
-    for (i, o) in items.iter().enumerate() {
-        by_channel
-            .entry(&o.channel[..])
-            .or_insert_with(|| {
-                order.push(&o.channel[..]);
-                Vec::new()
-            })
-            .push(i);
-    }
-    let sends = order.iter().map(|ch| {
-        let idx = &by_channel[ch];
+    // A standalone server takes the whole batch as one pipeline; a cluster, one per channel
+    // (each goes to the master of its channel's slot). In order either way.
+    let groups: Vec<Vec<usize>> = match link {
+        Link::One(_) => vec![(0..items.len()).collect()],
+        Link::Cluster(_) => {
+            let mut by_channel: HashMap<&[u8], usize> = HashMap::new();
+            let mut groups: Vec<Vec<usize>> = Vec::new();
+            for (i, o) in items.iter().enumerate() {
+                let g = *by_channel.entry(&o.channel[..]).or_insert_with(|| {
+                    groups.push(Vec::new());
+                    groups.len() - 1
+                });
+                groups[g].push(i);
+            }
+            groups
+        }
+    };
+    let sends = groups.iter().map(|idx| {
         let mut link = link.clone();
-        let pipe = pipeline(p, ch, idx.iter().map(|&i| &items[i]));
+        let pipe = pipeline(p, idx.iter().map(|&i| &items[i]));
         async move { (idx, pipe.query_async::<Vec<Value>>(&mut link).await) }
     });
     let replies = futures_util::future::join_all(sends).await;
@@ -106,20 +112,17 @@ pub async fn outbox(mcf: &'static MainConf, link: &mut Link, p: &Publisher) -> R
     failure.map_or(Ok(()), Err)
 }
 
-fn pipeline<'a>(
-    p: &Publisher,
-    ch: &[u8],
-    items: impl Iterator<Item = &'a Outgoing>,
-) -> redis::Pipeline {
+fn pipeline<'a>(p: &Publisher, items: impl Iterator<Item = &'a Outgoing>) -> redis::Pipeline {
     let mut pipe = redis::pipe();
-    let (stream, last) = (stream_key(&p.ns, ch), last_key(&p.ns, ch));
     for o in items {
+        let ch = &o.channel[..];
+        let (stream, last) = (stream_key(&p.ns, ch), last_key(&p.ns, ch));
         let keep = match decode_one(&o.record) {
             Some(Record::Message(m)) => m.keep.max(1),
             _ => 1,
         };
         pipe.cmd("EVAL").arg(SCRIPT).arg(2).arg(&stream).arg(&last);
-        pipe.arg(keep).arg(&o.record[..]).arg(&p.announce[..]).arg(ch);
+        pipe.arg(keep).arg(&o.record[..]).arg(&p.announce[..]).arg(ch).arg(p.origin);
     }
     if p.wait_replicas > 0 {
         pipe.cmd("WAIT").arg(p.wait_replicas).arg(p.wait_ms);
@@ -195,8 +198,12 @@ fn post(mcf: &'static MainConf, items: &[Outgoing], placed: &[Placed]) {
 
 /// An announcement from the announce channel: stores the message if it follows what the zone
 /// has; the channel to read from its stream if this node missed something.
-pub fn announced(mcf: &'static MainConf, payload: &[u8]) -> Option<Vec<u8>> {
-    let (prev, id, ch, record) = martd_core::redis::parse_announcement(payload)?;
+pub fn announced(mcf: &'static MainConf, p: &Publisher, payload: &[u8]) -> Option<Vec<u8>> {
+    let a = martd_core::redis::parse_announcement(payload)?;
+    if a.origin == p.origin {
+        return None;
+    }
+    let (prev, id, ch, record) = (a.prev, a.id, a.channel, a.record);
     let now = crate::worker::now_ms();
     let mut targets = Vec::new();
     let mut z = zone::lock(mcf)?;
