@@ -43,7 +43,7 @@ static mut CONCURRENCY_VALUES: [ngx_conf_enum_t; 4] = [
 ];
 
 /// The directive table.
-pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 37] = [
+pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 38] = [
     command(
         ngx_string!("martd_shm_size"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
@@ -179,6 +179,14 @@ pub static mut NGX_HTTP_MARTD_COMMANDS: [ngx_command_t; 37] = [
         ngx_conf_set_flag_slot,
         MAIN,
         offset_of!(MainConf, redis_cluster),
+        ptr::null_mut(),
+    ),
+    command(
+        ngx_string!("martd_redis_trusted_certificate"),
+        NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+        cmd_redis_trusted_certificate,
+        MAIN,
+        0,
         ptr::null_mut(),
     ),
     command(
@@ -347,6 +355,20 @@ fn conf_error(cf: *mut ngx_conf_t, msg: &str) -> *mut c_char {
     NGX_CONF_ERROR
 }
 
+/// A copy of `bytes` in the configuration pool (it lives as long as the configuration).
+fn pool_copy(cf: *mut ngx_conf_t, bytes: &[u8]) -> Option<ngx_str_t> {
+    // SAFETY: during a directive handler `cf->pool` is the configuration's live pool; the
+    // copy is `bytes.len()` bytes into a fresh allocation of that size.
+    unsafe {
+        let data = nginx_sys::ngx_pnalloc((*cf).pool, bytes.len()) as *mut u8;
+        if data.is_null() {
+            return None;
+        }
+        ptr::copy_nonoverlapping(bytes.as_ptr(), data, bytes.len());
+        Some(ngx_str_t { len: bytes.len(), data })
+    }
+}
+
 /// The arguments of the directive being read, as bytes.
 fn args(cf: *mut ngx_conf_t) -> Vec<Vec<u8>> {
     // SAFETY: during a directive handler `cf->args` is an array of `ngx_str_t` whose data
@@ -405,17 +427,41 @@ unsafe extern "C" fn cmd_redis_url(
             return conf_error(cf, &format!("invalid redis url \"{text}\": {why}"));
         }
     }
-    let urls = a[1..].join(&b' ');
-    // SAFETY: the configuration pool lives as long as the configuration.
-    unsafe {
-        let data = nginx_sys::ngx_pnalloc((*cf).pool, urls.len()) as *mut u8;
-        if data.is_null() {
-            return NGX_CONF_ERROR;
-        }
-        ptr::copy_nonoverlapping(urls.as_ptr(), data, urls.len());
-        mcf.redis_url = ngx_str_t { len: urls.len(), data };
-    }
+    let Some(urls) = pool_copy(cf, &a[1..].join(&b' ')) else { return NGX_CONF_ERROR };
+    mcf.redis_url = urls;
     mcf.used = true;
+    NGX_CONF_OK
+}
+
+/// `martd_redis_trusted_certificate file;`: the certificates (PEM) that verify `rediss://`
+/// servers, read now (a relative name is under nginx's configuration prefix).
+unsafe extern "C" fn cmd_redis_trusted_certificate(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: `conf` is this module's main conf, created by `create_main_conf`.
+    let mcf = unsafe { &mut *(conf as *mut MainConf) };
+    if mcf.redis_ca.len != 0 {
+        return c"is duplicate".as_ptr() as *mut c_char;
+    }
+    // SAFETY: `cf->args` holds the directive and its one argument, kept for the read.
+    let mut name =
+        unsafe { *(*(*cf).args).as_slice::<ngx_str_t>().get(1).unwrap_or(&ngx_str_t::default()) };
+    // SAFETY: the cycle being configured; the full name is allocated in its pool.
+    if unsafe { nginx_sys::ngx_conf_full_name((*cf).cycle, &mut name, 1) } != 0 {
+        return NGX_CONF_ERROR;
+    }
+    let path = String::from_utf8_lossy(name.as_bytes()).into_owned();
+    let pem = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) => return conf_error(cf, &format!("cannot read \"{path}\": {e}")),
+    };
+    if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+        return conf_error(cf, &format!("no PEM certificate in \"{path}\""));
+    }
+    let Some(pem) = pool_copy(cf, &pem) else { return NGX_CONF_ERROR };
+    mcf.redis_ca = pem;
     NGX_CONF_OK
 }
 
@@ -480,15 +526,10 @@ unsafe extern "C" fn cmd_persist(
     let Some(path) = a.get(1) else {
         return c"needs a path".as_ptr() as *mut c_char;
     };
-    // SAFETY: the configuration pool lives as long as the configuration; the copy is made
-    // there (an absolute path is kept as given, a relative one is joined to the prefix).
+    let Some(mut name) = pool_copy(cf, path) else { return NGX_CONF_ERROR };
+    // SAFETY: the copy is in the configuration pool (an absolute path is kept as given, a
+    // relative one is joined to the prefix).
     let name = unsafe {
-        let data = nginx_sys::ngx_pnalloc((*cf).pool, path.len()) as *mut u8;
-        if data.is_null() {
-            return NGX_CONF_ERROR;
-        }
-        ptr::copy_nonoverlapping(path.as_ptr(), data, path.len());
-        let mut name = ngx_str_t { len: path.len(), data };
         if nginx_sys::ngx_conf_full_name((*cf).cycle, &mut name, 0) != 0 {
             return c"could not make a full path".as_ptr() as *mut c_char;
         }
@@ -620,12 +661,8 @@ unsafe extern "C" fn cmd_client_js(
         if lcf.role != Role::None {
             return conf_error(cf, &ConfError::RoleTwice.to_string());
         }
-        let p = nginx_sys::ngx_pnalloc((*cf).pool, script.len()) as *mut u8;
-        if p.is_null() {
-            return NGX_CONF_ERROR;
-        }
-        ptr::copy_nonoverlapping(script.as_ptr(), p, script.len());
-        lcf.client_js = ngx_str_t { len: script.len(), data: p };
+        let Some(js) = pool_copy(cf, &script) else { return NGX_CONF_ERROR };
+        lcf.client_js = js;
     }
     set_role(cf, conf, Role::ClientJs)
 }

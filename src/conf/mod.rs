@@ -74,6 +74,8 @@ pub struct MainConf {
     /// `martd_redis_wait`: replicas each publish waits for (`0`: none) and how long.
     pub redis_wait_replicas: ngx_int_t,
     pub redis_wait_ms: ngx_msec_t,
+    /// `martd_redis_trusted_certificate`: the file's certificates (PEM; empty: the system's).
+    pub redis_ca: ngx_str_t,
 }
 
 /// What a location does.
@@ -190,6 +192,7 @@ pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             redis_cluster: UNSET,
             redis_wait_replicas: 0,
             redis_wait_ms: 1000,
+            redis_ca: ngx_str_t { len: 0, data: ptr::null_mut() },
         },
     )
 }

@@ -175,3 +175,68 @@ async fn channel_events_of_messages_from_another_node_wake_their_listeners() {
     a.finish();
     b.finish();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_carries_channels_between_nodes_and_checks_the_certificate() {
+    let redis = Redis::start_tls();
+    let ca = redis.tls_ca.clone().expect("a CA");
+    let conf = || {
+        node_conf(&redis.url()).http(&format!(
+            "martd_redis_url {}; martd_redis_namespace t; martd_redis_trusted_certificate {};",
+            redis.url(),
+            ca.display()
+        ))
+    };
+    let a = Nginx::start(conf());
+    let b = Nginx::start(conf());
+    let mut ca_conn = Conn::open(a.port).await;
+    publish_ok(&mut ca_conn, "warm", "x").await;
+    let l = Conn::open(b.port).await.spawn_get(
+        "/sub?channel=tls",
+        &[("If-None-Match", "\"9000000000000000000\"")],
+        LONG,
+    );
+    let mut cb = Conn::open(b.port).await;
+    cb.wait_listeners("tls", 1).await;
+    publish_ok(&mut ca_conn, "tls", "over tls").await;
+    let r = l.resp().await;
+    assert_eq!((r.status, r.text().as_str()), (200, "over tls"));
+    a.finish();
+    b.finish();
+    // Without the CA, the server's certificate is not trusted: nothing is published.
+    let mut c = Nginx::start(node_conf(&redis.url()));
+    c.allow_log("martd_redis_url");
+    let mut cc = Conn::open(c.port).await;
+    let r = cc.publish("x", "m").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !c.log().contains("unavailable") {
+        assert!(Instant::now() < deadline, "no log line:\n{}", c.log_tail(10));
+        sleep_ms(50).await;
+    }
+    assert!(
+        c.log().contains("certificate") || c.log().contains("Certificate"),
+        "{}",
+        c.log_tail(5)
+    );
+    c.finish();
+}
+
+#[test]
+fn bad_redis_directives_are_configuration_errors() {
+    let base = |http: &str| Conf::new("        location = /pub { martd_push; }").http(http);
+    let e = expect_config_error(&base("martd_redis_url http://x;"));
+    assert!(e.stderr.contains("not a redis:// or rediss:// url"), "{}", e.stderr);
+    let e = expect_config_error(&base(
+        "martd_redis_url rediss://x:1; martd_redis_trusted_certificate /nonexistent.pem;",
+    ));
+    assert!(e.stderr.contains("cannot read \"/nonexistent.pem\""), "{}", e.stderr);
+    let e = expect_config_error(&base("martd_redis_url redis://x:1; martd_redis_wait many;"));
+    assert!(e.stderr.contains("invalid number of replicas \"many\""), "{}", e.stderr);
+    let e = expect_config_error(&base("martd_redis_url redis://x:1; martd_redis_wait 1 soon;"));
+    assert!(e.stderr.contains("invalid timeout \"soon\""), "{}", e.stderr);
+    expect_config_ok(&base(
+        "martd_redis_url redis://127.0.0.1:1 redis://127.0.0.1:2; martd_redis_cluster on; \
+         martd_redis_wait 1 500ms;",
+    ));
+}

@@ -18,6 +18,8 @@ pub struct Redis {
     child: Option<Child>,
     /// Extra `redis-server` arguments (e.g. `--cluster-enabled yes`).
     extra: Vec<String>,
+    /// Served over TLS only: the CA certificate that verifies it.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Redis {
@@ -34,7 +36,34 @@ impl Redis {
             dir,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            tls_ca: None,
         };
+        r.launch();
+        r
+    }
+
+    /// A standalone server that takes TLS only (a certificate for `localhost` signed by a
+    /// throw-away CA, see [`super::tls::make_cert`]).
+    pub fn start_tls() -> Redis {
+        let dir = tempfile::Builder::new().prefix("martd-redis-").tempdir().expect("tempdir");
+        let (ca, cert, key) = super::tls::make_cert(dir.path());
+        let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+        let port = free_port();
+        let extra = vec![
+            "--port".to_string(),
+            "0".to_string(),
+            "--tls-port".to_string(),
+            port.to_string(),
+            "--tls-cert-file".to_string(),
+            path(&cert),
+            "--tls-key-file".to_string(),
+            path(&key),
+            "--tls-ca-cert-file".to_string(),
+            path(&ca),
+            "--tls-auth-clients".to_string(),
+            "no".to_string(),
+        ];
+        let mut r = Redis { port, dir, child: None, extra, tls_ca: Some(ca) };
         r.launch();
         r
     }
@@ -43,9 +72,12 @@ impl Redis {
         self.dir.path().to_path_buf()
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT` (`rediss://localhost:PORT` over TLS).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match self.tls_ca {
+            Some(_) => format!("rediss://localhost:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     fn launch(&mut self) {
@@ -87,8 +119,13 @@ impl Redis {
 
     /// Runs `redis-cli -p PORT args...` and gives its output ("" if it failed).
     pub fn cli(&self, args: &[&str]) -> String {
+        let tls: Vec<String> = match &self.tls_ca {
+            Some(ca) => vec!["--tls".into(), "--cacert".into(), ca.to_string_lossy().into_owned()],
+            None => Vec::new(),
+        };
         Command::new("redis-cli")
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&tls)
             .args(args)
             .stdin(Stdio::null())
             .output()

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, Value};
+use redis::{Cmd, Pipeline, RedisFuture, TlsCertificates, Value};
 
 /// How long a connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -56,17 +56,50 @@ async fn timed<T, E: std::fmt::Display>(
         .map_err(|e| e.to_string())
 }
 
-/// Connects to `urls` (a standalone server: the first that answers; a cluster: any of them as
-/// seeds).
-pub async fn connect(urls: &[String], cluster: bool) -> Result<Link, String> {
-    if cluster {
-        let client =
-            redis::cluster::ClusterClient::new(urls.to_vec()).map_err(|e| e.to_string())?;
+/// What `martd_redis_url`, `martd_redis_cluster` and `martd_redis_trusted_certificate` say.
+pub struct Servers {
+    pub urls: Vec<String>,
+    pub cluster: bool,
+    /// The certificates (PEM) that verify a `rediss://` server (`None`: the system's).
+    pub ca: Option<Vec<u8>>,
+}
+
+impl Servers {
+    /// The urls, for log lines.
+    pub fn shown(&self) -> String {
+        self.urls.join(" ")
+    }
+
+    fn certificates(&self) -> TlsCertificates {
+        TlsCertificates { client_tls: None, root_cert: self.ca.clone() }
+    }
+
+    fn client(&self, url: &str) -> Result<redis::Client, String> {
+        match &self.ca {
+            Some(_) if url.starts_with("rediss://") => {
+                redis::Client::build_with_tls(url, self.certificates())
+            }
+            _ => redis::Client::open(url),
+        }
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// Connects to the servers (a standalone server: the first url that answers; a cluster: any
+/// of them as seeds).
+pub async fn connect(servers: &Servers) -> Result<Link, String> {
+    let urls = &servers.urls;
+    if servers.cluster {
+        let mut b = redis::cluster::ClusterClient::builder(urls.to_vec());
+        if servers.ca.is_some() {
+            b = b.certs(servers.certificates());
+        }
+        let client = b.build().map_err(|e| e.to_string())?;
         return Ok(Link::Cluster(timed(client.get_async_connection()).await?));
     }
     let mut why = String::from("no url");
     for url in urls {
-        let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
+        let client = servers.client(url)?;
         match timed(client.get_multiplexed_async_connection()).await {
             Ok(c) => return Ok(Link::One(c)),
             Err(e) => why = e,
@@ -75,11 +108,11 @@ pub async fn connect(urls: &[String], cluster: bool) -> Result<Link, String> {
     Err(why)
 }
 
-/// A subscription to `channel` on the first of `urls` that answers.
-pub async fn subscribe(urls: &[String], channel: &[u8]) -> Result<redis::aio::PubSub, String> {
+/// A subscription to `channel` on the first server that answers.
+pub async fn subscribe(servers: &Servers, channel: &[u8]) -> Result<redis::aio::PubSub, String> {
     let mut why = String::from("no url");
-    for url in urls {
-        let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
+    for url in &servers.urls {
+        let client = servers.client(url)?;
         match timed(client.get_async_pubsub()).await {
             Ok(mut p) => {
                 p.subscribe(channel).await.map_err(|e| e.to_string())?;
@@ -93,17 +126,17 @@ pub async fn subscribe(urls: &[String], channel: &[u8]) -> Result<redis::aio::Pu
 
 /// Connections to every server whose keys a full read must scan: the standalone server, or
 /// each master of the cluster (from `CLUSTER NODES`, with the first url's credentials).
-pub async fn scan_targets(link: &mut Link, urls: &[String]) -> Result<Vec<Link>, String> {
+pub async fn scan_targets(link: &mut Link, servers: &Servers) -> Result<Vec<Link>, String> {
     if let Link::One(_) = link {
         return Ok(vec![link.clone()]);
     }
     let nodes: String =
         redis::cmd("CLUSTER").arg("NODES").query_async(link).await.map_err(|e| e.to_string())?;
-    let seed = urls.first().map(String::as_str).unwrap_or("redis://127.0.0.1");
+    let seed = servers.urls.first().map(String::as_str).unwrap_or("redis://127.0.0.1");
     let mut out = Vec::new();
     for address in martd_core::redis::masters(&nodes) {
         let url = martd_core::redis::with_address(seed, address);
-        let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
+        let client = servers.client(&url)?;
         out.push(Link::One(timed(client.get_multiplexed_async_connection()).await?));
     }
     Ok(out)

@@ -30,7 +30,7 @@ use futures_util::StreamExt;
 use martd_core::store::Done;
 use nginx_sys::{NGX_LOG_ERR, NGX_LOG_NOTICE};
 
-use self::link::Link;
+use self::link::{Link, Servers};
 use self::publish::Publisher;
 use self::streams::{fetch, load_all};
 
@@ -54,20 +54,19 @@ pub(super) const FETCH_BATCH: usize = 1000;
 
 /// Checks a `martd_redis_url` value.
 pub fn check_url(url: &str) -> Result<(), String> {
-    if url.starts_with("rediss://") {
-        return Err("rediss:// (TLS) is not supported by this build".into());
-    }
-    if !url.starts_with("redis://") {
-        return Err("not a redis:// url".into());
+    if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+        return Err("not a redis:// or rediss:// url".into());
     }
     redis::Client::open(url).map(drop).map_err(|e| e.to_string())
 }
 
-/// The configured urls (none: off).
-fn urls_of(mcf: &MainConf) -> Option<Vec<String>> {
+/// The configured servers (none: off).
+fn servers_of(mcf: &MainConf) -> Option<Servers> {
     let u = String::from_utf8_lossy(crate::conf::conf_bytes(&mcf.redis_url)).into_owned();
     let urls: Vec<String> = u.split(' ').filter(|s| !s.is_empty()).map(String::from).collect();
-    (!urls.is_empty()).then_some(urls)
+    let ca = crate::conf::conf_bytes(&mcf.redis_ca);
+    let ca = (!ca.is_empty()).then(|| ca.to_vec());
+    (!urls.is_empty()).then_some(Servers { urls, cluster: mcf.redis_cluster == 1, ca })
 }
 
 fn namespace(mcf: &MainConf) -> Vec<u8> {
@@ -81,7 +80,7 @@ fn namespace(mcf: &MainConf) -> Vec<u8> {
 
 /// `init_zone` (the master): the outbox on or off for this configuration.
 pub fn configure(mcf: &MainConf, root: &mut ZoneRoot) -> Result<(), ()> {
-    if urls_of(mcf).is_none() {
+    if servers_of(mcf).is_none() {
         root.store.disable_outbox();
         return Ok(());
     }
@@ -99,8 +98,8 @@ fn lease(root: &mut ZoneRoot) -> &mut i32 {
 /// A worker's tick (start, and once a second): takes the Redis lease if nobody holds it, and
 /// logs what its thread has to say.
 pub fn tick(mcf: &'static MainConf) {
-    let Some(urls) = urls_of(mcf) else { return };
-    side::tick(&THREAD, mcf, lease, "martd-redis", move |conf, shared| run(conf, urls, shared));
+    let Some(servers) = servers_of(mcf) else { return };
+    side::tick(&THREAD, mcf, lease, "martd-redis", move |conf, shared| run(conf, servers, shared));
 }
 
 /// `exit_process`: the thread stops; the lease is given back.
@@ -128,7 +127,7 @@ pub(super) fn wake(nonce: u64, slots: impl IntoIterator<Item = u32>) {
     }
 }
 
-fn run(conf: Conf, urls: Vec<String>, shared: Arc<Shared>) {
+fn run(conf: Conf, servers: Servers, shared: Arc<Shared>) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().enable_io().build();
     let rt = match rt {
         Ok(rt) => rt,
@@ -137,7 +136,7 @@ fn run(conf: Conf, urls: Vec<String>, shared: Arc<Shared>) {
             return;
         }
     };
-    rt.block_on(session_loop(conf.0, urls, shared));
+    rt.block_on(session_loop(conf.0, servers, shared));
 }
 
 /// The thread's wake-up socket, at the engine's address of the zone.
@@ -171,14 +170,14 @@ impl Waker {
 }
 
 /// Connects, serves, and reconnects with a capped backoff until stopped.
-async fn session_loop(mcf: &'static MainConf, urls: Vec<String>, shared: Arc<Shared>) {
+async fn session_loop(mcf: &'static MainConf, servers: Servers, shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(100);
     let mut was_up: Option<bool> = None;
-    let shown = urls.join(" ");
+    let shown = servers.shown();
     let mut waker = Waker { sock: None };
     waker.bind(mcf);
     while !shared.stopping() {
-        let result = session(mcf, &urls, &shared, &mut was_up, &mut waker).await;
+        let result = session(mcf, &servers, &shared, &mut was_up, &mut waker).await;
         if shared.stopping() {
             break;
         }
@@ -216,21 +215,20 @@ fn set_down(mcf: &'static MainConf, down: bool) {
 
 async fn session(
     mcf: &'static MainConf,
-    urls: &[String],
+    servers: &Servers,
     shared: &Shared,
     was_up: &mut Option<bool>,
     waker: &mut Waker,
 ) -> Result<(), String> {
-    let cluster = mcf.redis_cluster == 1;
-    let mut link: Link = link::connect(urls, cluster).await?;
+    let mut link: Link = link::connect(servers).await?;
     let ns = namespace(mcf);
     let announce = [&ns[..], b":pub"].concat();
-    let mut pubsub = link::subscribe(urls, &announce).await?;
+    let mut pubsub = link::subscribe(servers, &announce).await?;
     // Everything published while this node was away.
-    load_all(mcf, &mut link, urls, &ns).await?;
+    load_all(mcf, &mut link, servers, &ns).await?;
     set_down(mcf, false);
     if *was_up != Some(true) {
-        let shown = urls.join(" ");
+        let shown = servers.shown();
         shared.log(NGX_LOG_NOTICE, format!("martd_redis_url \"{shown}\": connected"));
         *was_up = Some(true);
     }

@@ -3,7 +3,7 @@
 
 use martd_core::persist::{decode_one, Record};
 
-use super::link::{self, Link};
+use super::link::{self, Link, Servers};
 use martd_core::redis::{channel_of, stream_key};
 
 use super::{wake, FETCH_BATCH};
@@ -66,11 +66,11 @@ fn store_entries(mcf: &'static MainConf, ch: &[u8], reply: redis::streams::Strea
 pub(super) async fn load_all(
     mcf: &'static MainConf,
     link: &mut Link,
-    urls: &[String],
+    servers: &Servers,
     ns: &[u8],
 ) -> Result<(), String> {
     let pattern = [ns, b":{*}:s"].concat();
-    for mut server in link::scan_targets(link, urls).await? {
+    for mut server in link::scan_targets(link, servers).await? {
         let mut cursor: u64 = 0;
         loop {
             let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
