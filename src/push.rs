@@ -120,6 +120,9 @@ pub unsafe extern "C" fn push_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     };
     let mcf = main_conf(r);
     let now = now_ms();
+    if m == NGX_HTTP_DELETE as usize && mcf.redis_url.len > 0 {
+        return delete_through_redis(r, lcf, &name, key.as_deref(), now);
+    }
     let mut wake = Vec::new();
     let info = zone::lock(mcf).map(|mut z| {
         if m == NGX_HTTP_GET as usize {
@@ -287,6 +290,14 @@ fn publish_through_redis(
         let Some(d) = done.filter(|d| d.id > 0) else {
             return held::refused(r, StoreError::Unavailable);
         };
+        if d.unconfirmed {
+            return response::error(
+                r,
+                503,
+                "redis did not confirm the message on enough replicas (martd_redis_wait) in \
+                 time: it may still be delivered",
+            );
+        }
         vars::set_message_id(r, d.id);
         if lcf.json {
             return response::json(r, 200, &martd_core::json::published(d.id, d.listeners), None);
@@ -296,6 +307,57 @@ fn publish_through_redis(
             Some(info) => info_response(r, lcf, if d.listeners > 0 { 201 } else { 202 }, &info),
             None => response::error(r, if d.listeners > 0 { 201 } else { 202 }, "published"),
         }
+    };
+    let wait = held::Wait::Redis { seq, deadline_ms: now.saturating_add(REDIS_ANSWER_MS) };
+    held::hold(r, wait, Box::new(answer))
+}
+
+/// `martd_redis_url`: a delete goes to Redis through the outbox (the channel's stream is
+/// dropped and every node deletes the channel); answered with the channel as it was here.
+fn delete_through_redis(
+    r: *mut ngx_http_request_t,
+    lcf: &'static LocConf,
+    name: &[u8],
+    key: Option<&[u8]>,
+    now: u64,
+) -> ngx_int_t {
+    let mcf = main_conf(r);
+    let Some(slot) = worker::with(|st| st.slot).flatten() else {
+        return response::error(r, 503, "this worker takes no deletes (shutting down)");
+    };
+    let mut record = Vec::new();
+    martd_core::persist::encode(
+        &martd_core::persist::Record::Delete { channel: name },
+        &mut record,
+    );
+    let queued = zone::lock(mcf).map(|mut z| {
+        let key = key.map(|k| hash_key(z.root().salt, k));
+        let store = z.store();
+        if !store.admits(name, key.as_ref()) {
+            return Err(StoreError::Forbidden);
+        }
+        let Some(info) = store.info(name, now) else { return Ok(None) };
+        let seq = store.outbox_push(slot, name, &record)?;
+        Ok(Some((seq, store.outbox_signal(), info)))
+    });
+    let (seq, info) = match queued {
+        None => return NGX_ERROR as ngx_int_t,
+        Some(Err(StoreError::Forbidden)) => return forbidden(r),
+        Some(Err(StoreError::NoMemory)) => return zone_full(r, name),
+        Some(Err(e)) => return held::refused(r, e),
+        Some(Ok(None)) => return response::error(r, 404, "no such channel"),
+        Some(Ok(Some((seq, signal, info)))) => {
+            if signal {
+                crate::backend::redis::signal(mcf);
+            }
+            (seq, info)
+        }
+    };
+    let answer = move |r: *mut ngx_http_request_t, done: Option<martd_core::store::Done>| match done
+        .filter(|d| d.id > 0)
+    {
+        Some(_) => info_response(r, lcf, 200, &info),
+        None => held::refused(r, StoreError::Unavailable),
     };
     let wait = held::Wait::Redis { seq, deadline_ms: now.saturating_add(REDIS_ANSWER_MS) };
     held::hold(r, wait, Box::new(answer))
@@ -408,8 +470,24 @@ fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
     let attributes_only = body.is_empty() && (lcf.json || attrs.any());
     let spec = (!attributes_only).then_some(&spec);
     let now = now_ms();
-    if let (Some(spec), true) = (spec, mcf.redis_url.len > 0) {
-        return publish_through_redis(r, lcf, &name, &attrs, spec, &opts, now);
+    if mcf.redis_url.len > 0 {
+        let u = &attrs.update;
+        let channel_wide = attrs.key.is_some()
+            || attrs.token.is_some()
+            || u.one2one.is_some()
+            || u.use_sessions.is_some();
+        return match spec {
+            Some(spec) if !channel_wide => {
+                publish_through_redis(r, lcf, &name, &attrs, spec, &opts, now)
+            }
+            _ => response::error(
+                r,
+                400,
+                "with martd_redis_url, channel attributes other than size and message life \
+                 (key, one-to-one, sessions, tokens, attribute-only pushes) are not shared \
+                 between nodes and not accepted",
+            ),
+        };
     }
     let mut wake = Vec::new();
     let result = zone::lock(mcf).map(|mut z| {

@@ -30,21 +30,31 @@ pub struct Announcement<'a> {
     pub channel: &'a [u8],
     /// The message record, when it is small enough to travel in the announcement.
     pub record: Option<&'a [u8]>,
+    /// The channel was deleted (no message: `prev` and `id` are `0`).
+    pub delete: bool,
 }
 
-/// `<origin> <prev> <id> <len> <channel>[ <record>]`.
+/// `<origin> <prev> <id> <len> <channel>[ <record>]`, or `<origin> delete <len> <channel>`.
 pub fn parse_announcement(payload: &[u8]) -> Option<Announcement<'_>> {
     let mut rest = payload;
-    let mut num = || {
+    let mut word = || {
         let sp = rest.iter().position(|&b| b == b' ')?;
-        let n = std::str::from_utf8(&rest[..sp]).ok()?.parse::<u64>().ok()?;
+        let w = &rest[..sp];
         rest = &rest[sp + 1..];
-        Some(n)
+        Some(w)
     };
-    let (origin, prev, id, len) = (num()?, num()?, num()?, num()? as usize);
+    let num = |w: &[u8]| std::str::from_utf8(w).ok()?.parse::<u64>().ok();
+    let origin = num(word()?)?;
+    let second = word()?;
+    let delete = second == b"delete";
+    let (prev, id) = if delete { (0, 0) } else { (num(second)?, num(word()?)?) };
+    let len = num(word()?)? as usize;
     let channel = rest.get(..len)?;
     let record = rest.get(len..).and_then(|r| r.strip_prefix(b" "));
-    Some(Announcement { origin, prev, id, channel, record })
+    if delete && record.is_some() {
+        return None;
+    }
+    Some(Announcement { origin, prev, id, channel, record, delete })
 }
 
 /// The `host:port` of each master that is not failing, from `CLUSTER NODES`'s text.
@@ -87,8 +97,14 @@ mod tests {
 
     #[test]
     fn announcements_parse() {
-        let a =
-            |origin, prev, id, channel, record| Announcement { origin, prev, id, channel, record };
+        let a = |origin, prev, id, channel, record| Announcement {
+            origin,
+            prev,
+            id,
+            channel,
+            record,
+            delete: false,
+        };
         let p = parse_announcement;
         assert_eq!(p(b"7 0 5 2 a  b"), Some(a(7, 0, 5, &b"a "[..], Some(&b"b"[..]))));
         assert_eq!(p(b"7 0 5 3 a b"), Some(a(7, 0, 5, &b"a b"[..], None)));
@@ -96,6 +112,10 @@ mod tests {
         assert_eq!(p(b"1 x 5 1 c"), None);
         assert_eq!(p(b"1 1 5 9 c"), None);
         assert_eq!(p(b"1 1 5"), None);
+        let d = p(b"4 delete 3 a b").expect("a delete");
+        assert!(d.delete);
+        assert_eq!((d.origin, d.channel, d.record), (4, &b"a b"[..], None));
+        assert_eq!(p(b"4 delete 1 a b"), None);
     }
 
     #[test]

@@ -240,3 +240,81 @@ fn bad_redis_directives_are_configuration_errors() {
          martd_redis_wait 1 500ms;",
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_on_one_node_deletes_the_channel_on_every_node() {
+    let redis = Redis::start();
+    let a = Nginx::start(node_conf(&redis.url()));
+    let b = Nginx::start(node_conf(&redis.url()));
+    let mut ca = Conn::open(a.port).await;
+    let mut cb = Conn::open(b.port).await;
+    for i in 0..3 {
+        publish_ok(&mut ca, "gone", &format!("old{i}")).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cb.info("gone").await.map(|i| i.messages) != Some(3) {
+        assert!(Instant::now() < deadline, "node b did not get the 3");
+        sleep_ms(20).await;
+    }
+    // A listener waiting on node b is told the channel is gone.
+    let l = Conn::open(b.port).await.spawn_get(
+        "/sub?channel=gone",
+        &[("If-None-Match", "\"9000000000000000000\"")],
+        LONG,
+    );
+    cb.wait_listeners("gone", 1).await;
+    let r = ca.send("DELETE", "/pub?channel=gone", &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(l.resp().await.status, 410);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cb.info("gone").await.is_some() {
+        assert!(Instant::now() < deadline, "node b kept the channel");
+        sleep_ms(20).await;
+    }
+    assert!(ca.info("gone").await.is_none());
+    // Published again: only the new message, on both nodes, with a larger id.
+    publish_ok(&mut cb, "gone", "new").await;
+    for c in [&mut ca, &mut cb] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.info("gone").await.map(|i| i.messages) != Some(1) {
+            assert!(Instant::now() < deadline, "old messages came back, or the new one is missing");
+            sleep_ms(20).await;
+        }
+        let r = c.get("/sub?channel=gone", &[("If-None-Match", "\"0\"")]).await;
+        assert_eq!(r.text(), "new");
+    }
+    // Channel-wide attributes are not shared between nodes: refused, not applied on one.
+    for q in ["key=k1", "one2one=1", "token=t1"] {
+        let r = ca.send("POST", &format!("/pub?channel=locked&{q}"), &[], "m").await;
+        assert_eq!(r.status, 400, "{q}: {}", r.text());
+        assert!(r.text().contains("not shared between nodes"), "{}", r.text());
+    }
+    let r = ca.send("POST", "/pub?channel=locked&size=5", &[], "").await;
+    assert_eq!(r.status, 400, "an attribute-only push: {}", r.text());
+    assert_eq!(ca.send("DELETE", "/pub?channel=nothing", &[], "").await.status, 404);
+    a.finish();
+    b.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn martd_redis_wait_without_enough_replicas_answers_503() {
+    // A standalone server has no replica: WAIT 1 never counts one.
+    let redis = Redis::start();
+    let ng = Nginx::start(node_conf(&redis.url()).http(&format!(
+        "martd_redis_url {}; martd_redis_namespace t; martd_redis_wait 1 100ms;",
+        redis.url()
+    )));
+    let mut c = Conn::open(ng.port).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = c.send("POST", "/pub?channel=w", &[], "m").await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        if r.text().contains("did not confirm the message on enough replicas") {
+            break;
+        }
+        assert!(r.text().contains("cannot be reached"), "{}", r.text());
+        assert!(Instant::now() < deadline, "never connected");
+        sleep_ms(50).await;
+    }
+    ng.finish();
+}

@@ -20,6 +20,8 @@ pub struct Done {
     pub id: MsgId,
     /// Listeners of this node waiting on the channel when it was stored here.
     pub listeners: u32,
+    /// Stored, but fewer replicas than `martd_redis_wait` asks confirmed it in time.
+    pub unconfirmed: bool,
 }
 
 /// A publish taken out of the outbox.

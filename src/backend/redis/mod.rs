@@ -207,7 +207,13 @@ fn set_down(mcf: &'static MainConf, down: bool) {
     }
     let failed = store.outbox_take();
     for o in &failed {
-        store.outbox_done(Done { seq: o.seq, slot: o.slot, id: 0, listeners: 0 });
+        store.outbox_done(Done {
+            seq: o.seq,
+            slot: o.slot,
+            id: 0,
+            listeners: 0,
+            unconfirmed: false,
+        });
     }
     drop(z);
     wake(nonce, failed.iter().map(|o| o.slot));

@@ -43,6 +43,15 @@ redis.call('PUBLISH', ARGV[3], ARGV[5] .. ' ' .. prev .. ' ' .. sid .. ' ' .. st
 return {sid, prev}
 ";
 
+/// Deletes a channel's stream (its last id stays, so ids keep growing) and announces it.
+/// KEYS: stream. ARGV: announce channel, channel name, the node's session. Returns
+/// `{1, 0}` (done; no message).
+const DELETE_SCRIPT: &str = r"
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[1], ARGV[3] .. ' delete ' .. string.len(ARGV[2]) .. ' ' .. ARGV[2])
+return {'1', '0'}
+";
+
 /// The thread's view of the configuration.
 pub struct Publisher {
     pub ns: Vec<u8>,
@@ -53,8 +62,9 @@ pub struct Publisher {
     pub origin: u64,
 }
 
-/// A publish's place in Redis: its id and the id it follows (`None`: refused).
-type Placed = Option<(u64, u64)>;
+/// A publish's place in Redis: its id, the id it follows, and whether enough replicas
+/// confirmed it (`None`: refused).
+type Placed = Option<(u64, u64, bool)>;
 
 /// Publishes what the outbox holds and posts each outcome. An error of the connection fails
 /// every publish not answered yet (`503`) and ends the session.
@@ -96,7 +106,8 @@ pub async fn outbox(mcf: &'static MainConf, link: &mut Link, p: &Publisher) -> R
             Ok(values) => {
                 let confirmed = confirmed(p, values.get(idx.len()));
                 for (k, &i) in idx.iter().enumerate() {
-                    placed[i] = values.get(k).and_then(id_pair).filter(|_| confirmed);
+                    placed[i] =
+                        values.get(k).and_then(id_pair).map(|(id, prev)| (id, prev, confirmed));
                 }
             }
             Err(e) => failure = Some(e.to_string()),
@@ -119,6 +130,11 @@ fn pipeline<'a>(p: &Publisher, items: impl Iterator<Item = &'a Outgoing>) -> red
         let (stream, last) = (stream_key(&p.ns, ch), last_key(&p.ns, ch));
         let keep = match decode_one(&o.record) {
             Some(Record::Message(m)) => m.keep.max(1),
+            Some(Record::Delete { .. }) => {
+                pipe.cmd("EVAL").arg(DELETE_SCRIPT).arg(1).arg(&stream);
+                pipe.arg(&p.announce[..]).arg(ch).arg(p.origin);
+                continue;
+            }
             _ => 1,
         };
         pipe.cmd("EVAL").arg(SCRIPT).arg(2).arg(&stream).arg(&last);
@@ -139,7 +155,7 @@ fn confirmed(p: &Publisher, wait: Option<&Value>) -> bool {
 }
 
 /// `{id, previous id}` from the script's reply.
-fn id_pair(v: &Value) -> Placed {
+fn id_pair(v: &Value) -> Option<(u64, u64)> {
     let Value::Array(a) = v else { return None };
     let num = |v: Option<&Value>| match v {
         Some(Value::BulkString(b)) => std::str::from_utf8(b).ok()?.parse::<u64>().ok(),
@@ -159,15 +175,19 @@ fn store_own(mcf: &'static MainConf, items: &[Outgoing], placed: &[Placed]) -> V
     let nonce = z.root().nonce;
     let store = z.store();
     for (o, place) in items.iter().zip(placed) {
-        let Some((id, prev)) = *place else { continue };
+        let Some((id, prev, _)) = *place else { continue };
         if missed.contains(&o.channel) {
             continue;
         }
         let last = store.channel_last_id(&o.channel);
-        if last >= id {
+        let is_delete = matches!(decode_one(&o.record), Some(Record::Delete { .. }));
+        if last >= id && !is_delete {
             continue;
         }
         match decode_one(&o.record) {
+            Some(Record::Delete { channel }) => {
+                let _ = store.delete(channel, None, now, &mut targets);
+            }
             Some(Record::Message(mut m)) if last == prev => {
                 m.id = id;
                 let _ = store.insert_remote(&m, now, &mut targets);
@@ -186,11 +206,11 @@ fn post(mcf: &'static MainConf, items: &[Outgoing], placed: &[Placed]) {
     let nonce = z.root().nonce;
     let store = z.store();
     for (o, place) in items.iter().zip(placed) {
-        let (id, listeners) = match place {
-            Some((id, _)) => (*id, store.channel_listeners(&o.channel)),
-            None => (0, 0),
+        let (id, listeners, unconfirmed) = match place {
+            Some((id, _, confirmed)) => (*id, store.channel_listeners(&o.channel), !confirmed),
+            None => (0, 0, false),
         };
-        store.outbox_done(Done { seq: o.seq, slot: o.slot, id, listeners });
+        store.outbox_done(Done { seq: o.seq, slot: o.slot, id, listeners, unconfirmed });
     }
     drop(z);
     wake(nonce, items.iter().map(|o| o.slot));
@@ -209,6 +229,12 @@ pub fn announced(mcf: &'static MainConf, p: &Publisher, payload: &[u8]) -> Optio
     let mut z = zone::lock(mcf)?;
     let nonce = z.root().nonce;
     let store = z.store();
+    if a.delete {
+        let _ = store.delete(ch, None, now, &mut targets);
+        drop(z);
+        wake(nonce, targets.iter().map(|t| t.slot));
+        return None;
+    }
     let last = store.channel_last_id(ch);
     if last >= id {
         return None;
