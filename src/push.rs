@@ -231,14 +231,16 @@ fn read_body(r: *mut ngx_http_request_t, limit: u64) -> Result<Vec<u8>, BodyErro
     Ok(out)
 }
 
-/// `martd_redis_url`: the message goes to Redis through the zone's outbox; the publisher is
-/// answered once Redis gave it its id and this node stored it (see `backend::redis`).
+/// `martd_redis_url`: the message (and the channel's attributes, if the push names any) go to
+/// Redis through the zone's outbox; the publisher is answered once Redis took them and this
+/// node stored the message (see `backend::redis`). Attributes are applied here at once and
+/// every other node restores the channel's whole attributes from Redis.
 fn publish_through_redis(
     r: *mut ngx_http_request_t,
     lcf: &'static LocConf,
     name: &[u8],
     attrs: &attrs::PushAttrs,
-    spec: &MessageSpec<'_>,
+    spec: Option<&MessageSpec<'_>>,
     opts: &PublishOpts,
     now: u64,
 ) -> ngx_int_t {
@@ -246,39 +248,54 @@ fn publish_through_redis(
     let Some(slot) = worker::with(|st| st.slot).flatten() else {
         return response::error(r, 503, "this worker takes no publishes (shutting down)");
     };
-    let life = attrs.expire_ms.or(attrs.update.life_ms).unwrap_or(opts.timeout_ms);
-    let keep = if opts.store {
-        attrs.update.size.map_or(opts.buffer_len, |s| (s as usize).min(opts.buffer_max))
-    } else {
-        0
-    };
-    let message = martd_core::persist::SavedMessage {
-        channel: name,
-        channel_timeout_ms: opts.channel_timeout_ms,
-        id: 0,
-        time: now / 1000,
-        expires_ms: if life == 0 { u64::MAX } else { now.saturating_add(life) },
-        keep: keep.min(u32::MAX as usize) as u32,
-        content_type: spec.content_type,
-        event: spec.event,
-        body: spec.body,
-    };
-    let mut record = Vec::new();
-    martd_core::persist::encode(&martd_core::persist::Record::Message(message), &mut record);
+    let mut wake = Vec::new();
     let queued = zone::lock(mcf).map(|mut z| {
-        let key = attrs.hashed(z.root().salt).key;
-        if !z.store().admits(name, key.as_ref()) {
+        let update = attrs.hashed(z.root().salt);
+        let store = z.store();
+        if !store.admits(name, update.key.as_ref()) {
             return Err(StoreError::Forbidden);
         }
-        let seq = z.store().outbox_push(slot, name, &record)?;
-        Ok((seq, z.store().outbox_signal()))
+        let mut attrs_record = Vec::new();
+        if attrs.any() {
+            store.publish(name, None, &update, opts, now, &mut wake)?;
+            store.attrs_record(name, &mut attrs_record);
+        }
+        // The message travels with the buffer length and life it gets here.
+        let mut record = Vec::new();
+        if let Some(spec) = spec {
+            let (len, channel_life) = store.effective(name, &update, opts);
+            let life = attrs.expire_ms.unwrap_or(channel_life);
+            let keep = if opts.store { len } else { 0 };
+            let message = martd_core::persist::SavedMessage {
+                channel: name,
+                channel_timeout_ms: opts.channel_timeout_ms,
+                id: 0,
+                time: now / 1000,
+                expires_ms: if life == 0 { u64::MAX } else { now.saturating_add(life) },
+                keep: keep.min(u32::MAX as usize) as u32,
+                content_type: spec.content_type,
+                event: spec.event,
+                body: spec.body,
+            };
+            let rec = martd_core::persist::Record::Message(message);
+            martd_core::persist::encode(&rec, &mut record);
+        }
+        let mut seq = None;
+        for rec in [&attrs_record, &record] {
+            if !rec.is_empty() {
+                seq = Some(store.outbox_push(slot, name, rec)?);
+            }
+        }
+        Ok(seq.map(|seq| (seq, store.outbox_signal())))
     });
+    worker::wake(&wake);
     let seq = match queued {
         None => return NGX_ERROR as ngx_int_t,
         Some(Err(StoreError::Forbidden)) => return forbidden(r),
         Some(Err(StoreError::NoMemory)) => return zone_full(r, name),
         Some(Err(e)) => return held::refused(r, e),
-        Some(Ok((seq, signal))) => {
+        Some(Ok(None)) => return response::error(r, 400, "nothing to publish"),
+        Some(Ok(Some((seq, signal)))) => {
             if signal {
                 crate::backend::redis::signal(mcf);
             }
@@ -286,6 +303,7 @@ fn publish_through_redis(
         }
     };
     let channel = name.to_vec();
+    let has_spec = spec.is_some();
     let answer = move |r: *mut ngx_http_request_t, done: Option<martd_core::store::Done>| {
         let Some(d) = done.filter(|d| d.id > 0) else {
             return held::refused(r, StoreError::Unavailable);
@@ -298,11 +316,23 @@ fn publish_through_redis(
                  time: it may still be delivered",
             );
         }
+        let info = zone::lock(main_conf(r)).and_then(|mut z| z.store().info(&channel, now_ms()));
+        if !has_spec {
+            return match info {
+                Some(info) if lcf.json => response::json(
+                    r,
+                    200,
+                    &martd_core::json::published(info.last_message_id, info.listeners),
+                    None,
+                ),
+                Some(info) => info_response(r, lcf, 200, &info),
+                None => response::error(r, 200, "attributes set"),
+            };
+        }
         vars::set_message_id(r, d.id);
         if lcf.json {
             return response::json(r, 200, &martd_core::json::published(d.id, d.listeners), None);
         }
-        let info = zone::lock(main_conf(r)).and_then(|mut z| z.store().info(&channel, now_ms()));
         match info {
             Some(info) => info_response(r, lcf, if d.listeners > 0 { 201 } else { 202 }, &info),
             None => response::error(r, if d.listeners > 0 { 201 } else { 202 }, "published"),
@@ -471,23 +501,15 @@ fn publish(r: *mut ngx_http_request_t) -> ngx_int_t {
     let spec = (!attributes_only).then_some(&spec);
     let now = now_ms();
     if mcf.redis_url.len > 0 {
-        let u = &attrs.update;
-        let channel_wide = attrs.key.is_some()
-            || attrs.token.is_some()
-            || u.one2one.is_some()
-            || u.use_sessions.is_some();
-        return match spec {
-            Some(spec) if !channel_wide => {
-                publish_through_redis(r, lcf, &name, &attrs, spec, &opts, now)
-            }
-            _ => response::error(
+        if attrs.token.is_some() {
+            return response::error(
                 r,
                 400,
-                "with martd_redis_url, channel attributes other than size and message life \
-                 (key, one-to-one, sessions, tokens, attribute-only pushes) are not shared \
-                 between nodes and not accepted",
-            ),
-        };
+                "with martd_redis_url, channel tokens are not shared between nodes and not \
+                 accepted",
+            );
+        }
+        return publish_through_redis(r, lcf, &name, &attrs, spec, &opts, now);
     }
     let mut wake = Vec::new();
     let result = zone::lock(mcf).map(|mut z| {

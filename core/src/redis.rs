@@ -13,6 +13,17 @@ pub fn last_key(ns: &[u8], ch: &[u8]) -> Vec<u8> {
     [ns, b":{", ch, b"}:l"].concat()
 }
 
+/// The channel's attributes (an attributes record, see [`crate::persist`]).
+pub fn attrs_key(ns: &[u8], ch: &[u8]) -> Vec<u8> {
+    [ns, b":{", ch, b"}:a"].concat()
+}
+
+/// The channel an attributes key names.
+pub fn channel_of_attrs(ns: &[u8], key: &[u8]) -> Option<Vec<u8>> {
+    let rest = key.strip_prefix(ns)?.strip_prefix(b":{")?;
+    Some(rest.strip_suffix(b"}:a")?.to_vec())
+}
+
 /// The channel a stream key names.
 pub fn channel_of(ns: &[u8], key: &[u8]) -> Option<Vec<u8>> {
     let rest = key.strip_prefix(ns)?.strip_prefix(b":{")?;
@@ -28,13 +39,25 @@ pub struct Announcement<'a> {
     pub prev: u64,
     pub id: u64,
     pub channel: &'a [u8],
-    /// The message record, when it is small enough to travel in the announcement.
+    /// The message record, when it is small enough to travel in the announcement; the
+    /// attributes record of [`Kind::Attrs`].
     pub record: Option<&'a [u8]>,
-    /// The channel was deleted (no message: `prev` and `id` are `0`).
-    pub delete: bool,
+    pub kind: Kind,
 }
 
-/// `<origin> <prev> <id> <len> <channel>[ <record>]`, or `<origin> delete <len> <channel>`.
+/// What an announcement is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Message,
+    /// The channel was deleted (`prev` and `id` are `0`, no record).
+    Delete,
+    /// The channel's attributes changed (`prev` and `id` are `0`; the record is its whole
+    /// attributes).
+    Attrs,
+}
+
+/// `<origin> <prev> <id> <len> <channel>[ <record>]`, `<origin> delete <len> <channel>`, or
+/// `<origin> attrs <len> <channel> <record>`.
 pub fn parse_announcement(payload: &[u8]) -> Option<Announcement<'_>> {
     let mut rest = payload;
     let mut word = || {
@@ -46,15 +69,23 @@ pub fn parse_announcement(payload: &[u8]) -> Option<Announcement<'_>> {
     let num = |w: &[u8]| std::str::from_utf8(w).ok()?.parse::<u64>().ok();
     let origin = num(word()?)?;
     let second = word()?;
-    let delete = second == b"delete";
-    let (prev, id) = if delete { (0, 0) } else { (num(second)?, num(word()?)?) };
+    let kind = match second {
+        b"delete" => Kind::Delete,
+        b"attrs" => Kind::Attrs,
+        _ => Kind::Message,
+    };
+    let (prev, id) = match kind {
+        Kind::Message => (num(second)?, num(word()?)?),
+        _ => (0, 0),
+    };
     let len = num(word()?)? as usize;
     let channel = rest.get(..len)?;
     let record = rest.get(len..).and_then(|r| r.strip_prefix(b" "));
-    if delete && record.is_some() {
-        return None;
+    match (kind, record) {
+        (Kind::Delete, Some(_)) | (Kind::Attrs, None) => return None,
+        _ => {}
     }
-    Some(Announcement { origin, prev, id, channel, record, delete })
+    Some(Announcement { origin, prev, id, channel, record, kind })
 }
 
 /// The `host:port` of each master that is not failing, from `CLUSTER NODES`'s text.
@@ -83,6 +114,18 @@ pub fn with_address(seed: &str, address: &str) -> String {
     format!("{scheme}://{auth}{address}{path}")
 }
 
+/// The salt of key and token hashes shared by every node of namespace `ns` (each zone draws
+/// its own otherwise, and a key set through one node must verify on all).
+pub fn shared_salt(ns: &[u8]) -> u64 {
+    // FNV-1a: stable across builds and machines.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in b"martd-redis-salt:".iter().chain(ns) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,6 +136,9 @@ mod tests {
         assert_eq!(last_key(b"ns", b"c"), b"ns:{c}:l");
         assert_eq!(channel_of(b"ns", b"ns:{a:b}:s"), Some(b"a:b".to_vec()));
         assert_eq!(channel_of(b"ns", b"nx:{a}:s"), None);
+        assert_eq!(attrs_key(b"ns", b"c"), b"ns:{c}:a");
+        assert_eq!(channel_of_attrs(b"ns", b"ns:{c}:a"), Some(b"c".to_vec()));
+        assert_eq!(channel_of_attrs(b"ns", b"ns:{c}:s"), None);
     }
 
     #[test]
@@ -103,7 +149,7 @@ mod tests {
             id,
             channel,
             record,
-            delete: false,
+            kind: Kind::Message,
         };
         let p = parse_announcement;
         assert_eq!(p(b"7 0 5 2 a  b"), Some(a(7, 0, 5, &b"a "[..], Some(&b"b"[..]))));
@@ -113,9 +159,12 @@ mod tests {
         assert_eq!(p(b"1 1 5 9 c"), None);
         assert_eq!(p(b"1 1 5"), None);
         let d = p(b"4 delete 3 a b").expect("a delete");
-        assert!(d.delete);
+        assert_eq!(d.kind, Kind::Delete);
         assert_eq!((d.origin, d.channel, d.record), (4, &b"a b"[..], None));
         assert_eq!(p(b"4 delete 1 a b"), None);
+        let t = p(b"4 attrs 1 a r").expect("attributes");
+        assert_eq!((t.kind, t.channel, t.record), (Kind::Attrs, &b"a"[..], Some(&b"r"[..])));
+        assert_eq!(p(b"4 attrs 1 a"), None, "attributes without their record");
     }
 
     #[test]
@@ -125,6 +174,12 @@ mod tests {
                     c 127.0.0.1:7002@17002 master,fail - 0 0 3 disconnected\n\
                     d 127.0.0.1:7003@17003 slave a 0 0 1 connected\n";
         assert_eq!(masters(text), vec!["127.0.0.1:7000", "127.0.0.1:7001"]);
+    }
+
+    #[test]
+    fn the_shared_salt_depends_on_the_namespace_only() {
+        assert_eq!(shared_salt(b"chat"), shared_salt(b"chat"));
+        assert_ne!(shared_salt(b"chat"), shared_salt(b"chat2"));
     }
 
     #[test]

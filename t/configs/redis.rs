@@ -242,7 +242,7 @@ fn bad_redis_directives_are_configuration_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delete_on_one_node_deletes_the_channel_on_every_node() {
+async fn deletes_and_channel_attributes_reach_every_node() {
     let redis = Redis::start();
     let a = Nginx::start(node_conf(&redis.url()));
     let b = Nginx::start(node_conf(&redis.url()));
@@ -283,14 +283,54 @@ async fn a_delete_on_one_node_deletes_the_channel_on_every_node() {
         let r = c.get("/sub?channel=gone", &[("If-None-Match", "\"0\"")]).await;
         assert_eq!(r.text(), "new");
     }
-    // Channel-wide attributes are not shared between nodes: refused, not applied on one.
-    for q in ["key=k1", "one2one=1", "token=t1"] {
-        let r = ca.send("POST", &format!("/pub?channel=locked&{q}"), &[], "m").await;
-        assert_eq!(r.status, 400, "{q}: {}", r.text());
-        assert!(r.text().contains("not shared between nodes"), "{}", r.text());
+    // A key set through node a holds on node b (the nodes share the hash salt), for
+    // publishes and deletes; tokens are not shared: refused.
+    let r = ca.send("POST", "/pub?channel=locked&key=k1", &[], "m").await;
+    assert!(r.status == 201 || r.status == 202, "{}", r.text());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = cb.send("POST", "/pub?channel=locked", &[], "no key").await;
+        if r.status == 403 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node b never had the key: {}", r.status);
+        sleep_ms(20).await;
     }
-    let r = ca.send("POST", "/pub?channel=locked&size=5", &[], "").await;
-    assert_eq!(r.status, 400, "an attribute-only push: {}", r.text());
+    assert_eq!(cb.send("DELETE", "/pub?channel=locked", &[], "").await.status, 403);
+    let r = cb.send("POST", "/pub?channel=locked&key=k1", &[], "with key").await;
+    assert!(r.status == 201 || r.status == 202, "{}", r.text());
+    // An attribute-only push on node b (a buffer of 1) reaches node a: what a publishes
+    // next is kept alone, on both nodes.
+    let r = cb.send("POST", "/pub?channel=locked&key=k1&size=1", &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = ca.send("POST", "/pub?channel=locked&key=k1", &[], "alone").await;
+        assert!(r.status == 201 || r.status == 202, "{}", r.text());
+        let (ia, ib) = (ca.info("locked").await, cb.info("locked").await);
+        if ia.map(|i| i.messages) == Some(1) && ib.map(|i| i.messages) == Some(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the size did not reach node a");
+        sleep_ms(50).await;
+    }
+    let r = ca.send("POST", "/pub?channel=locked&token=t1&key=k1", &[], "m").await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("not shared between nodes"), "{}", r.text());
+    // A node that starts later gets the key from Redis.
+    let late = Nginx::start(node_conf(&redis.url()));
+    let mut cl = Conn::open(late.port).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = cl.send("POST", "/pub?channel=locked", &[], "no key").await;
+        if r.status == 403 {
+            break;
+        }
+        assert_eq!(r.status, 503, "the late node published without the key: {}", r.text());
+        assert!(Instant::now() < deadline, "the late node never connected");
+        sleep_ms(50).await;
+    }
+    late.finish();
     assert_eq!(ca.send("DELETE", "/pub?channel=nothing", &[], "").await.status, 404);
     a.finish();
     b.finish();

@@ -257,6 +257,23 @@ impl<A: Allocator + Clone> Store<A> {
         Ok(inserted)
     }
 
+    /// Channel `name`'s whole attributes as a record (what other nodes restore), if it has any.
+    pub fn attrs_record(&self, name: &[u8], out: &mut std::vec::Vec<u8>) -> bool {
+        let Some(p) = self.channels.find(name) else { return false };
+        // SAFETY: a live channel of the table, only read here.
+        let ch = unsafe { p.as_ref() };
+        if ch.attrs.is_none() {
+            return false;
+        }
+        let rec = Record::Attrs {
+            channel: &ch.name,
+            channel_timeout_ms: ch.channel_timeout_ms,
+            attrs: saved_attrs(ch),
+        };
+        encode(&rec, out);
+        true
+    }
+
     /// Every channel's attributes and stored messages as records, after a header with
     /// `salt` (what a compaction writes).
     pub fn dump(&self, salt: u64, now_ms: u64, out: &mut std::vec::Vec<u8>) {

@@ -183,6 +183,25 @@ impl<A: Allocator + Clone> Store<A> {
         super::Clamp { last: self.last_id, trust_upto }
     }
 
+    /// The buffer length and message life a push with `update` gets on channel `name` (its
+    /// attributes, else the location's defaults), as [`Store::publish`] computes them.
+    pub fn effective(
+        &self,
+        name: &[u8],
+        update: &super::AttrUpdate,
+        opts: &super::PublishOpts,
+    ) -> (usize, u64) {
+        match self.channels.find(name) {
+            // SAFETY: a live channel of the table, only read here.
+            Some(p) => unsafe { p.as_ref() }.effective(update, opts),
+            None => {
+                let len =
+                    update.size.map_or(opts.buffer_len, |s| (s as usize).min(opts.buffer_max));
+                (len, update.life_ms.unwrap_or(opts.timeout_ms))
+            }
+        }
+    }
+
     /// The last id channel `name` has here (`0`: none, or no such channel).
     pub fn channel_last_id(&self, name: &[u8]) -> MsgId {
         // SAFETY: a live channel of the table, only read here.

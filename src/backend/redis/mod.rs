@@ -84,6 +84,8 @@ pub fn configure(mcf: &MainConf, root: &mut ZoneRoot) -> Result<(), ()> {
         root.store.disable_outbox();
         return Ok(());
     }
+    // Keys and tokens hash alike on every node of the namespace.
+    root.salt = martd_core::redis::shared_salt(&namespace(mcf));
     root.store.enable_outbox(outbox_cap(mcf)).map_err(drop)
 }
 

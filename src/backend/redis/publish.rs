@@ -17,7 +17,7 @@ use redis::Value;
 
 use super::link::Link;
 use super::streams::fetch;
-use martd_core::redis::{last_key, stream_key};
+use martd_core::redis::{attrs_key, last_key, stream_key, Kind};
 
 use super::wake;
 use crate::conf::MainConf;
@@ -43,12 +43,21 @@ redis.call('PUBLISH', ARGV[3], ARGV[5] .. ' ' .. prev .. ' ' .. sid .. ' ' .. st
 return {sid, prev}
 ";
 
-/// Deletes a channel's stream (its last id stays, so ids keep growing) and announces it.
-/// KEYS: stream. ARGV: announce channel, channel name, the node's session. Returns
-/// `{1, 0}` (done; no message).
+/// Deletes a channel's stream and attributes (its last id stays, so ids keep growing) and
+/// announces it. KEYS: stream, attributes. ARGV: announce channel, channel name, the node's
+/// session. Returns `{1, 0}` (done; no message).
 const DELETE_SCRIPT: &str = r"
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('PUBLISH', ARGV[1], ARGV[3] .. ' delete ' .. string.len(ARGV[2]) .. ' ' .. ARGV[2])
+return {'1', '0'}
+";
+
+/// Keeps a channel's whole attributes and announces them.
+/// KEYS: attributes. ARGV: record, announce channel, channel name, the node's session.
+/// Returns `{1, 0}` (done; no message).
+const ATTRS_SCRIPT: &str = r"
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[4] .. ' attrs ' .. string.len(ARGV[3]) .. ' ' .. ARGV[3] .. ' ' .. ARGV[1])
 return {'1', '0'}
 ";
 
@@ -131,8 +140,13 @@ fn pipeline<'a>(p: &Publisher, items: impl Iterator<Item = &'a Outgoing>) -> red
         let keep = match decode_one(&o.record) {
             Some(Record::Message(m)) => m.keep.max(1),
             Some(Record::Delete { .. }) => {
-                pipe.cmd("EVAL").arg(DELETE_SCRIPT).arg(1).arg(&stream);
+                pipe.cmd("EVAL").arg(DELETE_SCRIPT).arg(2).arg(&stream).arg(attrs_key(&p.ns, ch));
                 pipe.arg(&p.announce[..]).arg(ch).arg(p.origin);
+                continue;
+            }
+            Some(Record::Attrs { .. }) => {
+                pipe.cmd("EVAL").arg(ATTRS_SCRIPT).arg(1).arg(attrs_key(&p.ns, ch));
+                pipe.arg(&o.record[..]).arg(&p.announce[..]).arg(ch).arg(p.origin);
                 continue;
             }
             _ => 1,
@@ -185,6 +199,8 @@ fn store_own(mcf: &'static MainConf, items: &[Outgoing], placed: &[Placed]) -> V
             continue;
         }
         match decode_one(&o.record) {
+            // Applied here when it was pushed.
+            Some(Record::Attrs { .. }) => {}
             Some(Record::Delete { channel }) => {
                 let _ = store.delete(channel, None, now, &mut targets);
             }
@@ -229,11 +245,22 @@ pub fn announced(mcf: &'static MainConf, p: &Publisher, payload: &[u8]) -> Optio
     let mut z = zone::lock(mcf)?;
     let nonce = z.root().nonce;
     let store = z.store();
-    if a.delete {
-        let _ = store.delete(ch, None, now, &mut targets);
-        drop(z);
-        wake(nonce, targets.iter().map(|t| t.slot));
-        return None;
+    match a.kind {
+        Kind::Delete => {
+            let _ = store.delete(ch, None, now, &mut targets);
+            drop(z);
+            wake(nonce, targets.iter().map(|t| t.slot));
+            return None;
+        }
+        Kind::Attrs => {
+            if let Some(rec @ Record::Attrs { channel, .. }) = record.and_then(decode_one) {
+                if channel == ch {
+                    let _ = store.restore(&rec, now);
+                }
+            }
+            return None;
+        }
+        Kind::Message => {}
     }
     let last = store.channel_last_id(ch);
     if last >= id {

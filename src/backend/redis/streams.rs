@@ -4,7 +4,7 @@
 use martd_core::persist::{decode_one, Record};
 
 use super::link::{self, Link, Servers};
-use martd_core::redis::{channel_of, stream_key};
+use martd_core::redis::{attrs_key, channel_of, channel_of_attrs, stream_key};
 
 use super::{wake, FETCH_BATCH};
 use crate::conf::MainConf;
@@ -61,15 +61,16 @@ fn store_entries(mcf: &'static MainConf, ch: &[u8], reply: redis::streams::Strea
     wake(nonce, wake_targets.iter().map(|t| t.slot));
 }
 
-/// Reads every channel's stream (a node that starts, or comes back): the keys of every
-/// server (each master of a cluster) that match the namespace's streams.
+/// Reads every channel's attributes and stream (a node that starts, or comes back): the keys
+/// of every server (each master of a cluster) that match the namespace's streams and
+/// attributes.
 pub(super) async fn load_all(
     mcf: &'static MainConf,
     link: &mut Link,
     servers: &Servers,
     ns: &[u8],
 ) -> Result<(), String> {
-    let pattern = [ns, b":{*}:s"].concat();
+    let pattern = [ns, b":{*}:[sa]"].concat();
     for mut server in link::scan_targets(link, servers).await? {
         let mut cursor: u64 = 0;
         loop {
@@ -85,12 +86,37 @@ pub(super) async fn load_all(
             for k in keys {
                 if let Some(ch) = channel_of(ns, &k) {
                     fetch(mcf, link, ns, &ch).await?;
+                } else if let Some(ch) = channel_of_attrs(ns, &k) {
+                    fetch_attrs(mcf, link, ns, &ch).await?;
                 }
             }
             if next == 0 {
                 break;
             }
             cursor = next;
+        }
+    }
+    Ok(())
+}
+
+/// Restores channel `ch`'s attributes as Redis keeps them.
+async fn fetch_attrs(
+    mcf: &'static MainConf,
+    link: &mut Link,
+    ns: &[u8],
+    ch: &[u8],
+) -> Result<(), String> {
+    let rec: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(attrs_key(ns, ch))
+        .query_async(link)
+        .await
+        .map_err(|e| e.to_string())?;
+    let Some(rec) = rec else { return Ok(()) };
+    if let Some(r @ Record::Attrs { channel, .. }) = decode_one(&rec) {
+        if channel == ch {
+            if let Some(mut z) = zone::lock(mcf) {
+                let _ = z.store().restore(&r, crate::worker::now_ms());
+            }
         }
     }
     Ok(())
