@@ -119,14 +119,39 @@ pub fn signal(mcf: &'static MainConf) {
     }
 }
 
-/// Sends wake-ups to worker slots.
+thread_local! {
+    /// The Redis thread's socket to send wake-ups from (made once; a socket per wake-up
+    /// costs more than the rest of a publish).
+    static SENDER: std::cell::Cell<libc::c_int> = const { std::cell::Cell::new(-1) };
+}
+
+/// Sends one wake-up to each of the worker slots named (once each).
 pub(super) fn wake(nonce: u64, slots: impl IntoIterator<Item = u32>) {
-    if let Ok(fd) = crate::notify::sender() {
-        for slot in slots {
+    let mut sent: Vec<u32> = Vec::new();
+    let fd = SENDER.with(|s| {
+        if s.get() < 0 {
+            s.set(crate::notify::sender().unwrap_or(-1));
+        }
+        s.get()
+    });
+    if fd < 0 {
+        return;
+    }
+    for slot in slots {
+        if !sent.contains(&slot) {
+            sent.push(slot);
             crate::notify::send(fd, nonce, slot);
         }
-        crate::notify::close(fd);
     }
+}
+
+/// Closes the thread's wake-up socket (the thread ends).
+fn close_sender() {
+    SENDER.with(|s| {
+        if s.get() >= 0 {
+            crate::notify::close(s.replace(-1));
+        }
+    });
 }
 
 fn run(conf: Conf, servers: Servers, shared: Arc<Shared>) {
@@ -139,6 +164,7 @@ fn run(conf: Conf, servers: Servers, shared: Arc<Shared>) {
         }
     };
     rt.block_on(session_loop(conf.0, servers, shared));
+    close_sender();
 }
 
 /// The thread's wake-up socket, at the engine's address of the zone.
@@ -240,7 +266,9 @@ async fn session(
         shared.log(NGX_LOG_NOTICE, format!("martd_redis_url \"{shown}\": connected"));
         *was_up = Some(true);
     }
+    let sha = publish::load_script(&mut link).await?;
     let publisher = Publisher {
+        sha,
         ns: ns.clone(),
         announce,
         wait_replicas: mcf.redis_wait_replicas as i64,

@@ -69,6 +69,25 @@ pub struct Publisher {
     pub wait_ms: u64,
     /// This session's mark on its announcements (it has stored its own already).
     pub origin: u64,
+    /// The publish script's SHA-1, loaded on every server when the session starts (a server
+    /// that lost it, say a replica promoted since, answers `NOSCRIPT`: the pipeline fails and
+    /// the session starts again, loading it).
+    pub sha: String,
+}
+
+/// Loads the publish script on every server (each node of a cluster); its SHA-1.
+pub async fn load_script(link: &mut Link) -> Result<String, String> {
+    let sha: redis::Value = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(SCRIPT)
+        .query_async(link)
+        .await
+        .map_err(|e| e.to_string())?;
+    match sha {
+        Value::BulkString(b) => String::from_utf8(b).map_err(|e| e.to_string()),
+        Value::SimpleString(s) => Ok(s),
+        other => Err(format!("SCRIPT LOAD answered {other:?}")),
+    }
 }
 
 /// A publish's place in Redis: its id, the id it follows, and whether enough replicas
@@ -122,13 +141,19 @@ pub async fn outbox(mcf: &'static MainConf, link: &mut Link, p: &Publisher) -> R
             Err(e) => failure = Some(e.to_string()),
         }
     }
-    let missed = store_own(mcf, &items, &placed);
-    for ch in &missed {
-        if let Err(e) = fetch(mcf, link, &p.ns, ch).await {
-            failure.get_or_insert(e);
+    let missed = settle(mcf, &items, &placed);
+    if !missed.is_empty() {
+        for ch in &missed {
+            if let Err(e) = fetch(mcf, link, &p.ns, ch).await {
+                failure.get_or_insert(e);
+            }
         }
+        let Some(mut z) = zone::lock(mcf) else { return failure.map_or(Ok(()), Err) };
+        let nonce = z.root().nonce;
+        post(z.store(), &items, &placed);
+        drop(z);
+        wake(nonce, items.iter().map(|o| o.slot));
     }
-    post(mcf, &items, &placed);
     failure.map_or(Ok(()), Err)
 }
 
@@ -151,7 +176,7 @@ fn pipeline<'a>(p: &Publisher, items: impl Iterator<Item = &'a Outgoing>) -> red
             }
             _ => 1,
         };
-        pipe.cmd("EVAL").arg(SCRIPT).arg(2).arg(&stream).arg(&last);
+        pipe.cmd("EVALSHA").arg(&p.sha).arg(2).arg(&stream).arg(&last);
         pipe.arg(keep).arg(&o.record[..]).arg(&p.announce[..]).arg(ch).arg(p.origin);
     }
     if p.wait_replicas > 0 {
@@ -178,10 +203,11 @@ fn id_pair(v: &Value) -> Option<(u64, u64)> {
     Some((num(a.first())?, num(a.get(1))?))
 }
 
-/// Stores this node's own publishes that follow what the zone has, in order, waking their
-/// listeners; the channels that missed something (another node published between), to be
-/// read from their streams.
-fn store_own(mcf: &'static MainConf, items: &[Outgoing], placed: &[Placed]) -> Vec<Vec<u8>> {
+/// Stores this node's own publishes that follow what the zone has, in order, and wakes their
+/// listeners; unless a channel missed something, posts every outcome in the same hold of the
+/// lock. The channels that missed something (another node published between), to be read
+/// from their streams (their outcomes are posted after).
+fn settle(mcf: &'static MainConf, items: &[Outgoing], placed: &[Placed]) -> Vec<Vec<u8>> {
     let now = crate::worker::now_ms();
     let mut missed: Vec<Vec<u8>> = Vec::new();
     let mut targets = Vec::new();
@@ -211,16 +237,22 @@ fn store_own(mcf: &'static MainConf, items: &[Outgoing], placed: &[Placed]) -> V
             _ => missed.push(o.channel.clone()),
         }
     }
+    let posted = missed.is_empty();
+    if posted {
+        post(store, items, placed);
+    }
     drop(z);
-    wake(nonce, targets.iter().map(|t| t.slot));
+    let publishers = items.iter().map(|o| o.slot).filter(|_| posted);
+    wake(nonce, targets.iter().map(|t| t.slot).chain(publishers));
     missed
 }
 
-/// Posts outcomes (refused ones: id `0`, answered `503`) and wakes their workers.
-fn post(mcf: &'static MainConf, items: &[Outgoing], placed: &[Placed]) {
-    let Some(mut z) = zone::lock(mcf) else { return };
-    let nonce = z.root().nonce;
-    let store = z.store();
+/// Posts outcomes (refused ones: id `0`, answered `503`) for their workers.
+fn post(
+    store: &mut martd_core::store::Store<crate::zone::ShmAlloc>,
+    items: &[Outgoing],
+    placed: &[Placed],
+) {
     for (o, place) in items.iter().zip(placed) {
         let (id, listeners, unconfirmed) = match place {
             Some((id, _, confirmed)) => (*id, store.channel_listeners(&o.channel), !confirmed),
@@ -228,8 +260,6 @@ fn post(mcf: &'static MainConf, items: &[Outgoing], placed: &[Placed]) {
         };
         store.outbox_done(Done { seq: o.seq, slot: o.slot, id, listeners, unconfirmed });
     }
-    drop(z);
-    wake(nonce, items.iter().map(|o| o.slot));
 }
 
 /// An announcement from the announce channel: stores the message if it follows what the zone
