@@ -302,7 +302,6 @@ fn publish_through_redis(
             seq
         }
     };
-    let channel = name.to_vec();
     let has_spec = spec.is_some();
     let answer = move |r: *mut ngx_http_request_t, done: Option<martd_core::store::Done>| {
         let Some(d) = done.filter(|d| d.id > 0) else {
@@ -316,7 +315,7 @@ fn publish_through_redis(
                  time: it may still be delivered",
             );
         }
-        let info = zone::lock(main_conf(r)).and_then(|mut z| z.store().info(&channel, now_ms()));
+        let info = d.info;
         if !has_spec {
             return match info {
                 Some(info) if lcf.json => response::json(

@@ -20,6 +20,8 @@ pub struct Done {
     pub id: MsgId,
     /// Listeners of this node waiting on the channel when it was stored here.
     pub listeners: u32,
+    /// The channel here once it was stored (the publisher's answer).
+    pub info: Option<crate::info::ChannelInfo>,
     /// Stored, but fewer replicas than `martd_redis_wait` asks confirmed it in time.
     pub unconfirmed: bool,
 }

@@ -240,6 +240,7 @@ fn set_down(mcf: &'static MainConf, down: bool) {
             slot: o.slot,
             id: 0,
             listeners: 0,
+            info: None,
             unconfirmed: false,
         });
     }

@@ -253,12 +253,14 @@ fn post(
     items: &[Outgoing],
     placed: &[Placed],
 ) {
+    let now = crate::worker::now_ms();
     for (o, place) in items.iter().zip(placed) {
-        let (id, listeners, unconfirmed) = match place {
-            Some((id, _, confirmed)) => (*id, store.channel_listeners(&o.channel), !confirmed),
-            None => (0, 0, false),
+        let (id, info, unconfirmed) = match place {
+            Some((id, _, confirmed)) => (*id, store.info(&o.channel, now), !confirmed),
+            None => (0, None, false),
         };
-        store.outbox_done(Done { seq: o.seq, slot: o.slot, id, listeners, unconfirmed });
+        let listeners = info.map_or(0, |i| i.listeners);
+        store.outbox_done(Done { seq: o.seq, slot: o.slot, id, listeners, info, unconfirmed });
     }
 }
 
