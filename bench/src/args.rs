@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
 
 /// Options that take no value.
-const FLAGS: &[&str] = &["strict", "keep", "keepalive", "floor"];
+const FLAGS: &[&str] = &["strict", "keep", "keepalive", "floor", "tls"];
 
 pub struct Args {
     values: BTreeMap<String, Vec<String>>,

@@ -57,6 +57,10 @@ martd_redis_url, nchan with nchan_redis_pass; every publish goes to node A):
                  each node, every round published on node A
   [--redis-server PATH]  (default /usr/bin/redis-server); each case first waits until every
                  worker of both nodes publishes through Redis (nchan answers 503 until then)
+  [--tls]        martd only (case redis-publish-tls: redis-publish --tls): redis-server
+                 serves TLS only (a certificate for localhost from a throw-away CA, made with
+                 openssl) and martd connects with rediss://localhost:PORT and
+                 martd_redis_trusted_certificate
 
 in-process on martd-core (no nginx; no --server):
   lockhold  [--channels 1000000] [--seconds 30] [--publish-rate 50000] [--listen-rate 10000]

@@ -1,6 +1,10 @@
 //! One redis-server for the redis-* cases: a free 127.0.0.1 port, the run's temporary
 //! directory, no persistence (`--save '' --appendonly no`), stopped at the end of the run.
 //!
+//! With `tls`, it serves TLS only (`--port 0 --tls-port P`) with a certificate for `localhost`
+//! (and 127.0.0.1) signed by a throw-away CA, both made with the `openssl` command in that
+//! directory; clients are not asked for certificates.
+//!
 //! It is bounded in time twice over: the run stops it (SIGTERM, then SIGKILL), and it gets
 //! SIGKILL if this process dies first (PR_SET_PDEATHSIG), so it never outlives the run.
 
@@ -20,6 +24,8 @@ pub struct RedisServer {
     /// nchan_redis_namespace): unique per run.
     pub namespace: String,
     pub version: String,
+    /// TLS only: the CA certificate that verifies the server (`ca.pem` in its directory).
+    pub ca: Option<PathBuf>,
     dir: PathBuf,
     child: Option<Child>,
     keep: bool,
@@ -36,8 +42,54 @@ fn ping(addr: SocketAddr) -> bool {
         && s.read(&mut buf).map(|n| buf[..n].starts_with(b"+PONG")).unwrap_or(false)
 }
 
+/// `PING` over TLS with `redis-cli` (next to `binary`, else on the PATH); true on `PONG`.
+fn ping_tls(binary: &Path, port: u16, ca: &Path) -> bool {
+    let cli = binary.with_file_name("redis-cli");
+    let cli = if cli.exists() { cli } else { PathBuf::from("redis-cli") };
+    Command::new(cli)
+        .args(["--tls", "--cacert"])
+        .arg(ca)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "PING"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "PONG")
+        .unwrap_or(false)
+}
+
+/// A throw-away CA (`ca.pem`, `ca.key`) and a certificate for `localhost` and 127.0.0.1 that
+/// it signs (`cert.pem`, `key.pem`), EC P-256 keys, valid 2 days, made in `dir`.
+fn make_certificates(dir: &Path) -> Result<(), String> {
+    let openssl = |args: &[&str]| -> Result<(), String> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("openssl: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!("openssl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)))
+        }
+    };
+    let key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let ca = ["req", "-x509", "-days", "2", "-subj", "/CN=martd-bench CA"];
+    openssl(&[&ca[..], &key, &["-keyout", "ca.key", "-out", "ca.pem"]].concat())?;
+    let leaf = ["req", "-x509", "-CA", "ca.pem", "-CAkey", "ca.key", "-days", "2"];
+    let ext = [
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        "-addext",
+        "basicConstraints=CA:FALSE",
+    ];
+    openssl(&[&leaf[..], &key, &ext, &["-keyout", "key.pem", "-out", "cert.pem"]].concat())
+}
+
 impl RedisServer {
-    pub fn start(binary: &Path, keep: bool) -> Result<RedisServer, String> {
+    pub fn start(binary: &Path, keep: bool, tls: bool) -> Result<RedisServer, String> {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| format!("bind 127.0.0.1:0: {e}"))?
@@ -49,8 +101,27 @@ impl RedisServer {
         fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let log = fs::File::create(dir.join("redis.log")).map_err(|e| e.to_string())?;
         let err = log.try_clone().map_err(|e| e.to_string())?;
+        let ca = if tls {
+            make_certificates(&dir)?;
+            Some(dir.join("ca.pem"))
+        } else {
+            None
+        };
         let mut cmd = Command::new(binary);
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+        if tls {
+            let f = |name: &str| dir.join(name).into_os_string();
+            cmd.args(["--port", "0", "--tls-port", &port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(f("cert.pem"))
+                .arg("--tls-key-file")
+                .arg(f("key.pem"))
+                .arg("--tls-ca-cert-file")
+                .arg(f("ca.pem"))
+                .args(["--tls-auth-clients", "no"]);
+        } else {
+            cmd.args(["--port", &port.to_string()]);
+        }
+        cmd.args(["--bind", "127.0.0.1", "--save", ""])
             .args(["--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes"])
             .arg("--dir")
             .arg(&dir)
@@ -76,13 +147,18 @@ impl RedisServer {
             port,
             namespace: format!("mb{}x{nanos}", std::process::id()),
             version,
+            ca,
             dir,
             child: Some(child),
             keep,
         };
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let t0 = Instant::now();
-        while !ping(addr) {
+        let up = |r: &RedisServer| match &r.ca {
+            Some(ca) => ping_tls(binary, port, ca),
+            None => ping(addr),
+        };
+        while !up(&r) {
             if let Some(st) = r.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 r.child = None;
                 let log = fs::read_to_string(r.dir.join("redis.log")).unwrap_or_default();
@@ -94,8 +170,9 @@ impl RedisServer {
             std::thread::sleep(Duration::from_millis(20));
         }
         eprintln!(
-            "martd-bench: redis-server {} on 127.0.0.1:{port} (pid {}, dir {}, namespace {})",
+            "martd-bench: redis-server {} on 127.0.0.1:{port}{} (pid {}, dir {}, namespace {})",
             r.version,
+            if r.ca.is_some() { " (TLS only)" } else { "" },
             r.pid(),
             r.dir.display(),
             r.namespace

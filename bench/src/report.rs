@@ -66,6 +66,9 @@ const VERSUS: &[(&str, &str, &str, Option<f64>)] = &[
     ("idle-multi", "idle", "rss_per_listener_b", None),
     ("idle-multi", "idle", "anon_per_listener_b", None),
     ("idle-multi", "idle", "shmem_per_listener_b", None),
+    // The cost of TLS to Redis (martd only: nchan's column stays empty).
+    ("redis-publish-tls", "redis-publish", "pubs_per_s", None),
+    ("redis-publish-tls", "redis-publish", "server_us_per_pub", None),
 ];
 
 /// The metrics shown in the summary table (every metric is in "Every run"), by scenario (the
@@ -74,7 +77,7 @@ fn key_metrics(scenario: &str) -> &'static [&'static str] {
     match scenario {
         // rate_per_s: the publish rate held (the latencies are at that rate).
         "redis-latency" => &["p50_us", "p99_us", "max_us", "rate_per_s"],
-        "redis-publish" => &[
+        "redis-publish" | "redis-publish-tls" => &[
             "pubs_per_s",
             "server_us_per_pub",
             "node_a_us_per_pub",
@@ -345,7 +348,10 @@ pub fn run(a: &Args) -> Result<u8, String> {
              locations), every publish on node A: redis-latency's listener waits on node B, \
              redis-publish has no listeners (`server_us_per_pub` is both nodes' workers, \
              `redis_us_per_pub` redis-server's CPU), redis-fanout's listeners are half on each \
-             node (`round_b_ms`: the round on node B alone). A row `A ÷ B` is the \
+             node (`round_b_ms`: the round on node B alone). redis-publish-tls (martd only): \
+             redis-publish with redis-server serving TLS only (a certificate from a throw-away \
+             CA) and martd connecting with `rediss://` and `martd_redis_trusted_certificate`. \
+             A row `A ÷ B` is the \
              ratio of case A's median to case B's, each server against itself in this invocation.\n",
         );
         s.push_str("\n## Every run\n\n| case | server | errors | elapsed s | other_cpu_pct | metrics |\n|---|---|---:|---:|---:|---|\n");

@@ -38,11 +38,21 @@ pub struct ServerOpts {
     /// Also a streaming location, `/subs` (martd: `martd_listen eventsource websocket stream`;
     /// nchan: `nchan_subscriber eventsource websocket`): set by the stream scenarios alone.
     pub streams: bool,
-    /// The redis-* cases: every node of the run shares channels through this Redis (port,
-    /// namespace). martd: `martd_redis_url` and `martd_redis_namespace` at http level; nchan:
-    /// an `upstream { nchan_redis_server ..; nchan_redis_namespace ..; }` and
-    /// `nchan_redis_pass` in `/pub` and `/sub`.
-    pub redis: Option<(u16, String)>,
+    /// The redis-* cases: every node of the run shares channels through this Redis. martd:
+    /// `martd_redis_url` and `martd_redis_namespace` at http level; nchan: an
+    /// `upstream { nchan_redis_server ..; nchan_redis_namespace ..; }` and `nchan_redis_pass`
+    /// in `/pub` and `/sub`.
+    pub redis: Option<RedisLink>,
+}
+
+/// Where the nodes of a redis-* run find their Redis.
+pub struct RedisLink {
+    pub port: u16,
+    /// The key prefix the nodes share.
+    pub namespace: String,
+    /// TLS only (martd alone): the CA certificate that verifies the server; martd then uses
+    /// `rediss://localhost:PORT` and `martd_redis_trusted_certificate`.
+    pub ca: Option<PathBuf>,
 }
 
 impl ServerOpts {
@@ -109,7 +119,7 @@ fn config(
     port: u16,
     multi: bool,
     streams: bool,
-    redis: Option<&(u16, String)>,
+    redis: Option<&RedisLink>,
 ) -> String {
     let (zone, locations) = match kind {
         Kind::Martd => (
@@ -127,14 +137,22 @@ fn config(
     };
     let mut locations = locations.to_string();
     let mut zone = zone.to_string();
-    if let Some((port, ns)) = redis {
-        match kind {
-            Kind::Martd => {
+    if let Some(RedisLink { port, namespace: ns, ca }) = redis {
+        match (kind, ca) {
+            (Kind::Martd, None) => {
                 zone.push_str(&format!(
                     "\n    martd_redis_url redis://127.0.0.1:{port};\n    martd_redis_namespace {ns};"
                 ));
             }
-            Kind::Nchan => {
+            (Kind::Martd, Some(ca)) => {
+                zone.push_str(&format!(
+                    "\n    martd_redis_url rediss://localhost:{port};\n    \
+                     martd_redis_trusted_certificate {};\n    martd_redis_namespace {ns};",
+                    ca.display()
+                ));
+            }
+            // TLS to Redis is measured for martd only (refused before a node starts).
+            (Kind::Nchan, _) => {
                 zone.push_str(&format!(
                     "\n    upstream bench_redis {{ nchan_redis_server \"redis://127.0.0.1:{port}\"; \
                      nchan_redis_namespace {ns}; }}"

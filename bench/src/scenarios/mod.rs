@@ -22,7 +22,7 @@ use serde_json::{json, Map, Value};
 
 use crate::args::Args;
 use crate::redis_server::RedisServer;
-use crate::server::{self, Server, ServerOpts};
+use crate::server::{self, Kind, RedisLink, Server, ServerOpts};
 use fanout::{fanout, fanout_floor, Variant};
 pub use load::capacity_child;
 use load::{capacity, idle, latency, publish};
@@ -216,6 +216,14 @@ pub fn run(cmd: &str, a: &Args) -> Result<u8, String> {
         return Err(format!("--multi: not for {cmd}"));
     }
     let redis_bin = redis_case.then(|| a.string("redis-server", "/usr/bin/redis-server"));
+    // --tls: redis-server serves TLS only and martd connects with rediss:// (redis-publish-tls).
+    let tls = a.flag("tls");
+    if tls && !redis_case {
+        return Err(format!("--tls: not for {cmd} (redis-* cases only)"));
+    }
+    if tls && opts.kind == Kind::Nchan {
+        return Err(format!("--tls: martd only ({cmd} over TLS is not measured for nchan)"));
+    }
     let transport = a.str_opt("transport").map(|v| Transport::parse(&v)).transpose()?;
     opts.streams = transport.is_some();
     if transport.is_some() {
@@ -294,10 +302,14 @@ pub fn run(cmd: &str, a: &Args) -> Result<u8, String> {
     let t_start = Instant::now();
     // The redis-* cases: one redis-server and two nodes (A, B) that share it.
     let redis = match &redis_bin {
-        Some(bin) => Some(RedisServer::start(bin.as_ref(), opts.keep)?),
+        Some(bin) => Some(RedisServer::start(bin.as_ref(), opts.keep, tls)?),
         None => None,
     };
-    opts.redis = redis.as_ref().map(|r| (r.port, r.namespace.clone()));
+    opts.redis = redis.as_ref().map(|r| RedisLink {
+        port: r.port,
+        namespace: r.namespace.clone(),
+        ca: r.ca.clone(),
+    });
     let mut nodes = vec![Server::start(&opts)?];
     if redis.is_some() {
         nodes.push(Server::start(&opts)?);
@@ -313,6 +325,9 @@ pub fn run(cmd: &str, a: &Args) -> Result<u8, String> {
     if let Some(r) = &redis {
         out.params.insert("nodes".into(), json!(nodes.len()));
         out.params.insert("redis".into(), json!(r.version));
+        if r.ca.is_some() {
+            out.params.insert("tls".into(), json!(true));
+        }
     }
     // CPU time of everything this run is made of: the nodes' workers, this client, Redis.
     let ours_cpu = || {

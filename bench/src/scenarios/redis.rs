@@ -10,6 +10,8 @@
 //! period (martd answers a publish once its own node has the message back from Redis).
 //! redis-publish: `publish`'s publishers on node A, no listeners; the accepted publishes per
 //! second, and afterwards a check that node B sees every channel's last message.
+//! redis-publish-tls (`redis-publish --tls`, martd only): the same with redis-server serving TLS
+//! only and the nodes connecting with `rediss://` (see `redis_server`): the cost of TLS.
 //! redis-fanout: long-poll listeners of one channel spread evenly over both nodes, rounds
 //! published on node A, as in `fanout`; every listener must get every message.
 //!
