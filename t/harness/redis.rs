@@ -112,7 +112,10 @@ impl Redis {
         self.child = Some(child);
         let t0 = Instant::now();
         while self.cli(&["PING"]).trim() != "PONG" {
-            assert!(t0.elapsed() < REDIS_WAIT, "redis-server on {} did not start", self.port);
+            if t0.elapsed() >= REDIS_WAIT {
+                let log = std::fs::read_to_string(self.dir.path().join("redis.log"));
+                panic!("redis-server on {} did not start: {}", self.port, log.unwrap_or_default());
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -171,7 +174,14 @@ impl Cluster {
             "--cluster-node-timeout",
             "1000",
         ];
-        let nodes: Vec<Redis> = (0..masters * 2).map(|_| Redis::start_with(&args)).collect();
+        // The cluster bus on a port of its own, checked free like the node's (the default,
+        // port + 10000, may be some test connection's ephemeral port).
+        let nodes: Vec<Redis> = (0..masters * 2)
+            .map(|_| {
+                let bus = free_port().to_string();
+                Redis::start_with(&[&args[..], &["--cluster-port", &bus]].concat())
+            })
+            .collect();
         let addresses: Vec<String> =
             nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         let out = Command::new("redis-cli")
